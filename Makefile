@@ -1,0 +1,30 @@
+# Quick start: `make demo` and `make test`. Each target creates .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch/torchvision come first, pinned to the builds that lie on this machine's disk (see README).
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test bench install clean
+
+$(STAMP): setup.py
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e .[dev]
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/varitok demo --workdir demo-run
+
+test: $(STAMP)
+	DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	DS_ACCELERATOR=cpu $(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) demo-run .pytest_cache

@@ -1,0 +1,109 @@
+"""``save_pretrained`` / ``from_pretrained`` directories: ``config.json`` + ``model.safetensors``.
+
+No pickle anywhere: weights are safetensors, the config is JSON validated against the model's
+config schema. Loading is strict: a missing or unexpected tensor is an error that lists the names.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.config import ConfigBase
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def config_hash(config: ConfigBase | Mapping[str, Any]) -> str:
+    """Stable sha256 of a config's canonical JSON (key-sorted)."""
+    values = config.to_dict() if isinstance(config, ConfigBase) else dict(config)
+    blob = json.dumps(values, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path,
+                    metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (temp file in the same directory, then rename).
+
+    Tied / shared tensors are cloned so that safetensors accepts them.
+    """
+    path = Path(path)
+    seen: dict[int, str] = {}
+    tensors = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu()
+        key = tensor.untyped_storage().data_ptr() if tensor.numel() else -1
+        tensors[name] = tensor.clone().contiguous() if key in seen else tensor.contiguous()
+        if key != -1:
+            seen.setdefault(key, name)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class PretrainedMixin:
+    """Adds ``save_pretrained(dir)`` and ``from_pretrained(dir)`` to an ``nn.Module``.
+
+    The class sets ``config_class`` (a ConfigBase dataclass) and keeps its config in ``self.config``.
+    """
+
+    config_class: ClassVar[type[ConfigBase]]
+    config: ConfigBase
+
+    def save_pretrained(self, directory: str | Path, state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (``state_dict`` defaults to the module's)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = state_dict if state_dict is not None else self.state_dict()  # type: ignore[attr-defined]
+        save_state_dict(state, directory / WEIGHTS_NAME, metadata={"format": "pt", "class": type(self).__name__})
+        config_json = json.dumps({"class": type(self).__name__, **self.config.to_dict()}, indent=2, sort_keys=True)
+        (directory / CONFIG_NAME).write_text(config_json + "\n")
+        return directory
+
+    @classmethod
+    def load_config(cls, directory: str | Path) -> ConfigBase:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {directory} is not a save_pretrained directory "
+                                    f"(expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+        values = json.loads(path.read_text())
+        saved_class = values.pop("class", cls.__name__)
+        if saved_class != cls.__name__:
+            raise ValueError(f"{directory} holds a {saved_class}, not a {cls.__name__}")
+        return cls.config_class.from_dict(values)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu", **overrides: Any):
+        """Build the model from ``directory/config.json`` and load ``model.safetensors`` strictly."""
+        directory = Path(directory)
+        config = cls.load_config(directory)
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} not found")
+        model = cls(config, **overrides)  # type: ignore[call-arg]
+        state = load_file(str(weights), device=str(map_location))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{weights} does not match {cls.__name__}({directory / CONFIG_NAME}): "
+                             f"missing {sorted(missing)[:10]}, unexpected {sorted(unexpected)[:10]}")
+        return model

@@ -1,0 +1,119 @@
+"""Stage configs: the sections every stage shares, loading with overrides, saving the resolved config.
+
+A stage config is a dataclass with the top-level sections ``run``, ``data``, ``model``, ``loss``,
+``optim``, ``train``, ``logging`` (see DESIGN.md). The shared sections live here; ``model`` and
+``loss`` schemas come from the model packages. Load with::
+
+    cfg = load_config(TokenizerStageConfig, "configs/tokenizer/tiny.yaml", ["optim.lr=1e-4"])
+
+Errors (unknown key, wrong type, bad value) are :class:`ConfigError` naming the key path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Iterable, Optional, TypeVar
+
+from models.config import ConfigBase, ConfigError, check_choice
+
+__all__ = ["ConfigError", "RunConfig", "OptimConfig", "TrainConfig", "LoggingConfig", "load_config",
+           "save_resolved_config", "config_search_path"]
+
+C = TypeVar("C", bound=ConfigBase)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclasses.dataclass
+class RunConfig(ConfigBase):
+    dir: str = "runs/default"   # outputs: checkpoints/, export/, logs/, config.yaml
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class OptimConfig(ConfigBase):
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0     # cosine decays to lr * min_lr_ratio at train.max_steps
+    grad_clip: float = 1.0        # global norm; 0 disables
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas must have 2 values, got {list(self.betas)}")
+
+
+@dataclasses.dataclass
+class TrainConfig(ConfigBase):
+    max_steps: int = 1000          # optimizer steps
+    grad_accum: int = 1
+    log_every: int = 50
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    image_every: int = 500         # reconstruction / sample grids, PNG
+    precision: str = "auto"        # auto: bf16 on GPU, fp32 on CPU
+    ema_decay: float = 0.999       # 0 disables EMA
+    zero_stage: int = 2            # DeepSpeed ZeRO stage when not launched with an accelerate config
+    max_bad_steps: int = 20        # consecutive non-finite losses before the run stops
+
+    def __post_init__(self) -> None:
+        check_choice("train", "precision", self.precision, PRECISIONS)
+        check_choice("train", "zero_stage", self.zero_stage, (0, 1, 2, 3))
+        for name in ("max_steps", "grad_accum", "log_every", "ckpt_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
+class LoggingConfig(ConfigBase):
+    tensorboard: bool = True
+    wandb: bool = False
+    project: str = "varitok"
+
+
+def config_search_path() -> list[Path]:
+    """Where a bare config name (``tiny`` or ``tokenizer/tiny.yaml``) is looked up: ./configs, then the repo's."""
+    return [Path.cwd() / "configs", Path(__file__).resolve().parent.parent / "configs"]
+
+
+def resolve_config_path(path: str | os.PathLike, kind: Optional[str] = None) -> Path:
+    """Accept a file path, or a preset name such as ``tiny`` (looked up under ``configs/<kind>/``)."""
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    names = [candidate, candidate.with_suffix(".yaml")]
+    for root in config_search_path():
+        for name in names:
+            for base in ([root / kind] if kind else []) + [root]:
+                if (base / name).is_file():
+                    return base / name
+    raise ConfigError(f"config {path} not found (looked in the current directory and "
+                      f"{', '.join(str(r / (kind or '')) for r in config_search_path())})")
+
+
+def load_config(schema: type[C], path: Optional[str | os.PathLike], overrides: Iterable[str] = (),
+                kind: Optional[str] = None) -> C:
+    """Load ``path`` (or the schema defaults when None) with dotlist ``overrides`` into ``schema``."""
+    overrides = list(overrides)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key.path=value, got {bad}")
+    if path is None:
+        return schema.from_dict({}, overrides)
+    return schema.from_yaml(resolve_config_path(path, kind), overrides)
+
+
+def save_resolved_config(config: ConfigBase, directory: str | os.PathLike, name: str = "config.yaml") -> Path:
+    """Write the fully resolved config next to a run's outputs (atomically)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / name
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    tmp.write_text(config.to_yaml())
+    os.replace(tmp, target)
+    return target

@@ -1,0 +1,76 @@
+"""The command line and the config system."""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from models.config import ConfigBase, ConfigError
+from pipeline.cli import STAGES, main
+from pipeline.config import OptimConfig, RunConfig, TrainConfig, load_config, save_resolved_config
+
+
+@dataclasses.dataclass
+class Inner(ConfigBase):
+    width: int = 8
+    names: list[str] = dataclasses.field(default_factory=lambda: ["a"])
+
+
+@dataclasses.dataclass
+class Stage(ConfigBase):
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    model: Inner = dataclasses.field(default_factory=Inner)
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.002\nmodel:\n  width: 16\n")
+    cfg = load_config(Stage, path, ["train.max_steps=7", "model.names=[x,y]"])
+    assert cfg.optim.lr == 0.002 and cfg.model.width == 16
+    assert cfg.train.max_steps == 7 and cfg.model.names == ["x", "y"]
+    assert isinstance(cfg.model, Inner)
+
+
+def test_unknown_key_names_path_and_allowed_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  widht: 16\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(Stage, path)
+    assert "model.widht" in str(err.value) and "width" in str(err.value) and "names" in str(err.value)
+
+
+def test_wrong_type_names_path():
+    with pytest.raises(ConfigError) as err:
+        load_config(Stage, None, ["train.max_steps=many"])
+    assert "train.max_steps" in str(err.value)
+
+
+def test_semantic_check_names_path():
+    with pytest.raises(ConfigError, match="train.precision"):
+        load_config(Stage, None, ["train.precision=fp8"])
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(Stage, None, ["optim.lr=-1"])
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(Stage, None, ["train.max_steps"])
+
+
+def test_resolved_config_round_trip(tmp_path):
+    cfg = load_config(Stage, None, ["model.width=3"])
+    written = save_resolved_config(cfg, tmp_path)
+    assert load_config(Stage, written) == cfg
+
+
+def test_help_lists_every_stage(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in STAGES:
+        assert name in out
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "train-tokenizer" in out.stdout and "shard" in out.stdout
