@@ -1,0 +1,78 @@
+"""The canonical layout of variable-granularity codes (DESIGN.md "Tokenizer codes").
+
+An image coded at G granularities has a *grain map* over the coarsest grid (``Hs x Ws``) whose value
+``g`` in ``0 .. G-1`` is the level chosen for that region (0 = coarsest). Level ``g`` lives on a grid of
+``(Hs * 2**g) x (Ws * 2**g)`` cells, so a region at level ``g`` holds ``4**g`` codes.
+
+Canonical order of the ``L = sum(4**grain)`` code positions: level by level from coarse to fine, raster
+order within each level's grid. Every function here is vectorized over cells; the only Python loop is
+over the (at most a handful of) levels.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def level_shape(grain_shape: tuple[int, int], level: int) -> tuple[int, int]:
+    """Grid size ``(H, W)`` of ``level`` for a coarsest grid of ``grain_shape``."""
+    return grain_shape[0] << level, grain_shape[1] << level
+
+
+def level_mask(grain: Tensor, level: int) -> Tensor:
+    """Cells of ``level``'s grid that are coded at that level.
+
+    grain: ``[..., Hs, Ws]`` integer map. Returns bool ``[..., Hs * 2**level, Ws * 2**level]``.
+    """
+    mask = grain == level
+    scale = 1 << level
+    if scale > 1:
+        mask = mask.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+    return mask
+
+
+def num_codes(grain: Tensor) -> Tensor:
+    """``L`` per image: ``sum over regions of 4**grain``. grain ``[..., Hs, Ws]`` -> int64 ``[...]``."""
+    return (torch.ones_like(grain, dtype=torch.long) << (2 * grain.long())).flatten(-2).sum(-1)
+
+
+def canonical_positions(grain: Tensor, num_levels: int) -> tuple[Tensor, Tensor]:
+    """Level and raster index (within the level's grid) of every code position, in canonical order.
+
+    grain: ``[Hs, Ws]``. Returns ``(levels, indices)``, both int64 ``[L]``.
+    """
+    levels, indices = [], []
+    for level in range(num_levels):
+        idx = level_mask(grain, level).flatten().nonzero().squeeze(1)
+        indices.append(idx)
+        levels.append(torch.full_like(idx, level))
+    return torch.cat(levels), torch.cat(indices)
+
+
+def codes_to_level_maps(grain: Tensor, codes: Tensor, num_levels: int, fill: int = -1) -> list[Tensor]:
+    """Scatter canonical ``codes [L, K]`` onto per-level grids.
+
+    Returns one ``[K, Hs * 2**g, Ws * 2**g]`` int64 map per level, ``fill`` where the cell is not coded at
+    that level.
+    """
+    levels, indices = canonical_positions(grain, num_levels)
+    if codes.shape[0] != levels.numel():
+        raise ValueError(f"codes has {codes.shape[0]} rows but the grain map implies L = {levels.numel()}")
+    maps = []
+    for level in range(num_levels):
+        h, w = level_shape(tuple(grain.shape[-2:]), level)
+        flat = torch.full((codes.shape[1], h * w), fill, dtype=torch.long, device=codes.device)
+        sel = levels == level
+        flat[:, indices[sel]] = codes[sel].long().T
+        maps.append(flat.view(codes.shape[1], h, w))
+    return maps
+
+
+def level_maps_to_codes(grain: Tensor, maps: list[Tensor]) -> Tensor:
+    """Inverse of :func:`codes_to_level_maps`: gather ``[L, K]`` canonical codes from per-level maps."""
+    levels, indices = canonical_positions(grain, len(maps))
+    out = torch.empty((levels.numel(), maps[0].shape[0]), dtype=torch.long, device=maps[0].device)
+    for level, level_map in enumerate(maps):
+        sel = levels == level
+        out[sel] = level_map.flatten(1)[:, indices[sel]].T
+    return out
