@@ -1,0 +1,81 @@
+"""`make bench`: run every benchmark script, keep its JSON, and tabulate all figures and targets.
+
+Writes ``benchmarks/results/<script>.json`` per script and ``benchmarks/results/README.md``.
+A script that fails is reported (with its stderr tail) and does not stop the others.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SKIP = {"common.py", "run_all.py", "quality.py"}  # quality.py is a long study run on its own (see README)
+
+
+def scripts(selected: list[str]) -> list[Path]:
+    found = sorted(p for p in HERE.glob("*.py") if p.name not in SKIP)
+    return [p for p in found if not selected or p.stem in selected]
+
+
+def table(records: dict[str, dict]) -> str:
+    lines = ["# Benchmark results", "", "Produced by `make bench` (`python benchmarks/run_all.py`).", ""]
+    for name, record in records.items():
+        machine = record.get("machine", {})
+        lines += [f"## {name}", "", f"Machine: {machine.get('cpu')} ({machine.get('threads')} threads), "
+                  f"GPU: {machine.get('gpu') or 'none'}", ""]
+        if "error" in record:
+            lines += ["```", record["error"], "```", ""]
+            continue
+        lines += ["| figure | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in _flatten(record.get("figures", {})).items()]
+        if record.get("targets"):
+            lines += ["", "| target | value | condition | met |", "|---|---|---|---|"]
+            lines += [f"| {k} | {t['value']} | {t['target']} | {'yes' if t['met'] else 'NO'} |"
+                      for k, t in record["targets"].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("names", nargs="*", help="benchmark script names without .py (default: all)")
+    parser.add_argument("--out", default=str(HERE / "results"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = {}
+    for script in scripts(args.names):
+        start = time.time()
+        print(f"[bench] {script.name} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+        try:
+            record = json.loads(proc.stdout[proc.stdout.index("{"):])
+        except ValueError:
+            record = {"benchmark": script.stem, "error": f"exit {proc.returncode}\n{proc.stderr[-2000:]}"}
+        record["seconds"] = round(time.time() - start, 1)
+        (out / f"{script.stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+        records[script.stem] = record
+        print(f"[bench] {script.name}: {'error' if 'error' in record else 'ok'} in {record['seconds']} s",
+              file=sys.stderr, flush=True)
+    for existing in sorted(out.glob("*.json")):  # keep results of scripts not re-run this time
+        records.setdefault(existing.stem, json.loads(existing.read_text()))
+    (out / "README.md").write_text(table(dict(sorted(records.items()))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
