@@ -1,0 +1,672 @@
+"""Stage 0 writer: pack image folders and file lists into deterministic WebDataset tar shards.
+
+Layout of an output directory ``OUT`` (the "Shards" contract of DESIGN.md)::
+
+    OUT/{name}-{i:06d}.tar          samples <key>.<fmt>, <key>.json, <key>.cls?, <key>.txt?
+    OUT/{name}-{i:06d}.stats.json   written last and atomically: its presence means shard i is complete
+    OUT/shard_run.json              the flags and the input fingerprint; a resume must match it
+    OUT/manifest.json, OUT/sizes.json, OUT/rejected.jsonl, OUT/classes.json   (merge step)
+
+Shard assignment is a pure function of the sorted input list: input ``i`` goes to shard
+``i // shard_size`` under key ``{shard:06d}{i % shard_size:06d}``, and shard ``j`` belongs to node
+``j % num_nodes``. Nodes and worker processes therefore write disjoint shards, any shard can be redone
+on its own, and the merged result does not depend on how many nodes or workers produced it.
+Rejected inputs leave their shard shorter (``sizes.json`` records the counts).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import socket
+import tarfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "ShardError", "Rejected", "ShardOptions", "InputItem", "InputSet", "IMAGE_EXTENSIONS", "RESIZE_MODES",
+    "FORMATS", "REJECT_REASONS", "RUN_FILE", "discover_inputs", "to_rgb", "resize_image", "encode_image",
+    "process_image", "sample_key", "write_tar", "write_shard", "resolve_node", "node_shards",
+    "find_duplicates", "shard_images", "merge_manifests", "tool_version",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".jfif")
+LIST_EXTENSIONS = (".txt", ".lst", ".csv", ".tsv", ".parquet")
+RESIZE_MODES = ("center-crop", "shorter-side", "none")
+FORMATS = ("jpg", "png", "webp")
+REJECT_REASONS = ("missing", "unreadable", "empty", "not_an_image", "truncated", "corrupt",
+                  "decompression_bomb", "too_small", "duplicate")
+RUN_FILE = "shard_run.json"
+MAX_SHARD_SIZE = 1_000_000  # the in-shard part of a key has 6 digits
+PATH_COLUMNS = ("path", "filepath", "file", "filename", "image", "image_path")
+LABEL_COLUMNS = ("label", "cls", "class", "class_name")
+CAPTION_COLUMNS = ("caption", "text", "txt")
+
+
+class ShardError(Exception):
+    """A problem with the command itself (inputs, output, flags): raised before any shard is written."""
+
+
+class Rejected(Exception):
+    """One input cannot be written; ``reason`` is one of REJECT_REASONS, ``detail`` says why."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def tool_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("varitok")
+    except PackageNotFoundError:
+        return "0.1.0"
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardOptions:
+    """Everything that determines the bytes of the shards (``shard_run.json`` stores it for resumes)."""
+
+    name: str = "shard"
+    image_size: int = 256             # pixels: the square side (center-crop) or the shorter side
+    resize: str = "center-crop"       # center-crop | shorter-side | none
+    format: str = "jpg"               # jpg | png | webp
+    quality: int = 95                 # jpg / webp quality (1..100); png is lossless
+    shard_size: int = 1000            # inputs (not samples) per shard
+    min_size: int = 0                 # reject images whose shorter side (pixels) is below this
+    dedupe: bool = False              # reject later inputs with the same sha256 as an earlier one
+    captions: bool = False            # write <key>.txt from caption columns or sibling <image>.txt
+    max_pixels: int = 89_478_485      # width * height above this is a decompression bomb (PIL's default)
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in "./\\ "):
+            raise ShardError(f"--name must be non-empty without dots, slashes or spaces, got {self.name!r}")
+        if self.resize not in RESIZE_MODES:
+            raise ShardError(f"--resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}")
+        if self.format not in FORMATS:
+            raise ShardError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if not 1 <= self.quality <= 100:
+            raise ShardError(f"--quality must be in 1..100, got {self.quality}")
+        if self.image_size < 1 and self.resize != "none":
+            raise ShardError(f"--image-size must be >= 1, got {self.image_size}")
+        if not 1 <= self.shard_size <= MAX_SHARD_SIZE:
+            raise ShardError(f"--shard-size must be in 1..{MAX_SHARD_SIZE}, got {self.shard_size}")
+        if self.min_size < 0:
+            raise ShardError(f"--min-size must be >= 0, got {self.min_size}")
+        if self.max_pixels < 1:
+            raise ShardError(f"--max-pixels must be >= 1, got {self.max_pixels}")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputItem:
+    path: str                       # absolute path of the source file
+    label: Optional[int] = None     # class index, when known
+    caption: Optional[str] = None   # from a file list's caption column (sibling .txt files are read later)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSet:
+    items: list[InputItem]          # sorted: the order that fixes shard assignment
+    classes: list[str]              # class names; label i is classes[i] (empty for numeric labels)
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for item in self.items:
+            digest.update(json.dumps([item.path, item.label, item.caption]).encode())
+            digest.update(b"\n")
+        digest.update(json.dumps(self.classes).encode())
+        return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Input discovery
+# ----------------------------------------------------------------------------------------------
+
+def _folder_entries(root: Path) -> list[tuple[str, Optional[str], None]]:
+    """Image files under ``root`` (recursive). If every image sits in a subfolder, the first subfolder
+    name is its class (the ImageFolder layout); otherwise images get no label."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files.extend(Path(dirpath) / f for f in filenames
+                     if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS)
+    rel = [f.relative_to(root) for f in files]
+    class_layout = bool(rel) and all(len(r.parts) > 1 for r in rel)
+    return [(os.path.abspath(f), r.parts[0] if class_layout else None, None) for f, r in zip(files, rel)]
+
+
+def _pick_column(names: Sequence[str], candidates: Sequence[str]) -> Optional[str]:
+    lowered = {n.strip().lower(): n for n in names}
+    return next((lowered[c] for c in candidates if c in lowered), None)
+
+
+def _table_entries(list_file: Path, columns: list[str], rows: Iterable[Sequence[Any]]) -> list[tuple]:
+    path_col = _pick_column(columns, PATH_COLUMNS)
+    if path_col is None:
+        raise ShardError(f"file list {list_file} has no path column: found {columns}, "
+                         f"expected one of {', '.join(PATH_COLUMNS)}")
+    label_col, caption_col = _pick_column(columns, LABEL_COLUMNS), _pick_column(columns, CAPTION_COLUMNS)
+    index = {c: i for i, c in enumerate(columns)}
+    base = list_file.parent
+    entries = []
+    for row in rows:
+        path = row[index[path_col]]
+        if path is None or str(path).strip() == "":
+            continue
+        label = row[index[label_col]] if label_col is not None else None
+        caption = row[index[caption_col]] if caption_col is not None else None
+        entries.append((os.path.abspath(base / str(path).strip()), label, caption))
+    return entries
+
+
+def _list_entries(list_file: Path) -> list[tuple]:
+    """Entries of a file list: ``.txt``/``.lst`` (one path per line, ``#`` comments), ``.csv``/``.tsv``
+    (header naming a path column and optional label / caption columns) or ``.parquet`` (same columns).
+    Relative paths are relative to the list file's folder."""
+    suffix = list_file.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(list_file)
+            return _table_entries(list_file, table.column_names, zip(*table.to_pydict().values()))
+        with open(list_file, newline="", encoding="utf-8") as handle:
+            if suffix in (".csv", ".tsv"):
+                reader = csv.reader(handle, delimiter="\t" if suffix == ".tsv" else ",")
+                header = next(reader, [])
+                return _table_entries(list_file, header, reader)
+            lines = (line.strip() for line in handle)
+            return _table_entries(list_file, ["path"], ([line] for line in lines if not line.startswith("#")))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        if isinstance(exc, ShardError):
+            raise
+        raise ShardError(f"cannot read file list {list_file}: {exc}") from exc
+
+
+def _normalise_label(raw: Any) -> Optional[int | str]:
+    if raw is None or (isinstance(raw, float) and np.isnan(raw)) or str(raw).strip() == "":
+        return None
+    if isinstance(raw, (int, np.integer)):
+        return int(raw)
+    text = str(raw).strip()
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def discover_inputs(paths: Sequence[str | os.PathLike]) -> InputSet:
+    """The sorted input list from image folders and file lists (see ``_list_entries``).
+
+    Labels are class names (folders, or text in a label column), mapped to indices in sorted name
+    order and listed in ``classes``, or integers from a numeric label column. Mixing both is an error.
+    Raises ShardError for a missing input path or when no image is found.
+    """
+    entries: list[tuple] = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            entries.extend(_folder_entries(path))
+        elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
+            entries.extend(_list_entries(path))
+        elif path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+            entries.append((os.path.abspath(path), None, None))
+        elif path.exists():
+            raise ShardError(f"--input {given}: not a folder, an image or a file list "
+                             f"({', '.join(LIST_EXTENSIONS)})")
+        else:
+            raise ShardError(f"--input {given}: no such file or folder")
+    if not entries:
+        raise ShardError(f"no input images found in {', '.join(map(str, paths))} "
+                         f"(looked for {', '.join(IMAGE_EXTENSIONS)} files and file lists)")
+    labels = [_normalise_label(label) for _, label, _ in entries]
+    names = sorted({label for label in labels if isinstance(label, str)})
+    if names and any(isinstance(label, int) for label in labels):
+        raise ShardError("inputs mix class names (folders or text labels) with numeric labels; "
+                         "use one kind of label for all inputs")
+    class_index = {name: i for i, name in enumerate(names)}
+    items = [InputItem(path, class_index.get(label, label) if label is not None else None,
+                       None if caption is None or str(caption).strip() == "" else str(caption).strip())
+             for (path, _, caption), label in zip(entries, labels)]
+    items.sort(key=lambda it: (it.path, -1 if it.label is None else it.label, it.caption or ""))
+    return InputSet(items, names)
+
+
+# ----------------------------------------------------------------------------------------------
+# One image: bytes in, encoded RGB bytes out (or Rejected)
+# ----------------------------------------------------------------------------------------------
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. Alpha (RGBA, LA, palette transparency) is composited on white;
+    16-bit grey (I;16*, I) is scaled from 0..65535 to 0..255; CMYK, L, 1 and the rest use PIL."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode == "I":
+        wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        grey = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
+    if (img.mode == "P" and "transparency" in img.info) or img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_image(img: Image.Image, size: int, mode: str) -> Image.Image:
+    """``center-crop``: the centred square of side min(w, h) resampled to size x size;
+    ``shorter-side``: shorter side -> size, aspect kept; ``none``: unchanged. Lanczos, antialiased."""
+    width, height = img.size
+    if mode == "none":
+        return img
+    if mode == "center-crop":
+        side = min(width, height)
+        left, top = (width - side) / 2, (height - side) / 2
+        box = (left, top, left + side, top + side)
+        target = (size, size)
+    elif mode == "shorter-side":
+        box = (0, 0, width, height)
+        target = ((size, max(1, round(height * size / width))) if width <= height
+                  else (max(1, round(width * size / height)), size))
+    else:
+        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+    if target == (width, height) and box == (0, 0, width, height):
+        return img
+    return img.resize(target, Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+
+
+def encode_image(img: Image.Image, fmt: str, quality: int) -> bytes:
+    """Encode with fixed settings and no metadata, so equal pixels give equal bytes."""
+    buffer = io.BytesIO()
+    if fmt == "jpg":
+        img.save(buffer, "JPEG", quality=quality, optimize=False, progressive=False, subsampling="4:2:0")
+    elif fmt == "png":
+        img.save(buffer, "PNG", compress_level=6)
+    elif fmt == "webp":
+        img.save(buffer, "WEBP", quality=quality, method=4)
+    else:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    return buffer.getvalue()
+
+
+def _decode(data: bytes, max_pixels: int) -> Image.Image:
+    """Fully decoded, EXIF-oriented image. Raises Rejected for non-images, truncation, bombs."""
+    if not data:
+        raise Rejected("empty", "zero-byte file")
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()
+    except UnidentifiedImageError as exc:
+        raise Rejected("not_an_image", str(exc)) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise Rejected("decompression_bomb", str(exc)) from None
+    except OSError as exc:
+        raise Rejected("truncated" if "truncat" in str(exc).lower() else "corrupt", str(exc)) from None
+    except Exception as exc:  # decoders raise SyntaxError, ValueError, struct.error, ... on bad data
+        raise Rejected("corrupt", f"{type(exc).__name__}: {exc}") from None
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception as exc:
+        raise Rejected("corrupt", f"bad EXIF orientation: {type(exc).__name__}: {exc}") from None
+
+
+def process_image(data: bytes, options: ShardOptions) -> tuple[bytes, tuple[int, int]]:
+    """Source bytes -> (encoded RGB image bytes, original (width, height) after EXIF orientation)."""
+    img = _decode(data, options.max_pixels)
+    original = img.size
+    if min(original) < options.min_size:
+        raise Rejected("too_small", f"{original[0]}x{original[1]} is below --min-size {options.min_size}")
+    try:
+        rgb = resize_image(to_rgb(img), options.image_size, options.resize)
+    except Exception as exc:  # exotic modes PIL cannot convert
+        raise Rejected("corrupt", f"cannot convert mode {img.mode} to RGB: {type(exc).__name__}: {exc}") from None
+    return encode_image(rgb, options.format, options.quality), original
+
+
+def _read_source(path: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise Rejected("missing", "no such file") from None
+    except OSError as exc:
+        raise Rejected("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}") from None
+
+
+def _sibling_caption(path: str) -> Optional[str]:
+    caption_file = os.path.splitext(path)[0] + ".txt"
+    try:
+        with open(caption_file, "rb") as handle:
+            text = handle.read().decode("utf-8", errors="replace").strip()
+    except OSError:
+        return None
+    return text or None
+
+
+# ----------------------------------------------------------------------------------------------
+# Shard files
+# ----------------------------------------------------------------------------------------------
+
+def sample_key(shard: int, offset: int) -> str:
+    """Key of input ``offset`` (0-based, within the shard) of shard ``shard``: 12 digits, no dots."""
+    return f"{shard:06d}{offset:06d}"
+
+
+def shard_stem(name: str, shard: int) -> str:
+    return f"{name}-{shard:06d}"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, sort_keys=True, indent=1) + "\n").encode()
+
+
+def write_tar(path: str | os.PathLike, members: Sequence[tuple[str, bytes]]) -> None:
+    """Write a reproducible tar atomically: members in the given order, mtime 0, root:root, mode 0644.
+    The tar appears under ``path`` only once complete (temporary name, fsync, rename)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    _atomic_write(Path(path), buffer.getvalue())
+
+
+def write_shard(out_dir: str | os.PathLike, shard: int, items: Sequence[InputItem], first_index: int,
+                options: ShardOptions, duplicate_of: Optional[dict[int, str]] = None,
+                on_item: Optional[Callable[[], None]] = None) -> dict:
+    """Write shard ``shard`` (inputs ``items`` = global indices first_index, first_index + 1, ...):
+    the tar, then ``{name}-{shard:06d}.stats.json`` last. ``duplicate_of`` maps a global index to the
+    earlier path with the same content. Returns the stats dict (count, rejections, seconds)."""
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    stem = shard_stem(options.name, shard)
+    duplicate_of = duplicate_of or {}
+    members: list[tuple[str, bytes]] = []
+    rejected: list[dict] = []
+    for offset, item in enumerate(items):
+        key = sample_key(shard, offset)
+        try:
+            if first_index + offset in duplicate_of:
+                raise Rejected("duplicate", f"same content as {duplicate_of[first_index + offset]}")
+            data = _read_source(item.path)
+            encoded, (width, height) = process_image(data, options)
+        except Rejected as rej:
+            rejected.append({"key": key, "path": item.path, "reason": rej.reason, "detail": rej.detail})
+        else:
+            meta = {"key": key, "source": item.path, "sha256": hashlib.sha256(data).hexdigest(),
+                    "original_width": width, "original_height": height}
+            members.append((f"{key}.{options.format}", encoded))
+            members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
+            if item.label is not None:
+                members.append((f"{key}.cls", str(item.label).encode()))
+            caption = (item.caption or _sibling_caption(item.path)) if options.captions else None
+            if caption is not None:
+                members.append((f"{key}.txt", caption.encode()))
+        if on_item is not None:
+            on_item()
+    write_tar(out_dir / f"{stem}.tar", members)
+    stats = {
+        "shard": f"{stem}.tar", "index": shard, "inputs": len(items), "count": len(items) - len(rejected),
+        "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
+        "rejected": rejected, "seconds": round(time.perf_counter() - start, 3),
+    }
+    _atomic_write(out_dir / f"{stem}.stats.json", _json_bytes(stats))
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Nodes, workers, resume, merge
+# ----------------------------------------------------------------------------------------------
+
+def resolve_node(node_rank: Optional[int] = None, num_nodes: Optional[int] = None) -> tuple[int, int]:
+    """(rank, count) from the flags, else RANK/WORLD_SIZE, else SLURM_PROCID/SLURM_NTASKS, else (0, 1)."""
+    if (node_rank is None) != (num_nodes is None):
+        raise ShardError("give both --node-rank and --num-nodes, or neither")
+    if node_rank is None:
+        for rank_var, size_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+            if rank_var in os.environ and size_var in os.environ:
+                try:
+                    node_rank, num_nodes = int(os.environ[rank_var]), int(os.environ[size_var])
+                except ValueError:
+                    raise ShardError(f"{rank_var}/{size_var} must be integers, got "
+                                     f"{os.environ[rank_var]!r}/{os.environ[size_var]!r}") from None
+                break
+        else:
+            node_rank, num_nodes = 0, 1
+    if num_nodes < 1 or not 0 <= node_rank < num_nodes:
+        raise ShardError(f"node rank must be in 0..num_nodes-1, got rank {node_rank} of {num_nodes}")
+    return node_rank, num_nodes
+
+
+def node_shards(num_shards: int, node_rank: int, num_nodes: int) -> list[int]:
+    return list(range(node_rank, num_shards, num_nodes))
+
+
+def _hash_file(path: str) -> Optional[str]:
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError:
+        return None  # rejected later as missing / unreadable
+
+
+def find_duplicates(paths: Sequence[str], hashes: Iterable[Optional[str]]) -> dict[int, str]:
+    """{index: path of the first earlier input with the same hash} for every later repeat."""
+    first: dict[str, str] = {}
+    duplicates = {}
+    for index, (path, digest) in enumerate(zip(paths, hashes)):
+        if digest is None:
+            continue
+        if digest in first:
+            duplicates[index] = first[digest]
+        else:
+            first[digest] = path
+    return duplicates
+
+
+def _writer_id() -> str:
+    """Unique among the nodes sharing an output folder (pids alone can collide across hosts)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _check_output(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-probe-{_writer_id()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ShardError(f"--output {out_dir} is not a writable folder: {exc.strerror or exc}") from None
+
+
+def _run_record(inputs: InputSet, options: ShardOptions) -> dict:
+    return {"tool": "varitok shard", "version": tool_version(), "options": dataclasses.asdict(options),
+            "num_inputs": len(inputs.items), "num_shards": -(-len(inputs.items) // options.shard_size),
+            "inputs_sha256": inputs.fingerprint(), "classes": inputs.classes}
+
+
+def _claim_output(out_dir: Path, record: dict) -> None:
+    """Write the run file, or check that the existing one describes the same run (resume)."""
+    run_file = out_dir / RUN_FILE
+    if run_file.exists():
+        previous = json.loads(run_file.read_text())
+        diffs = [f"{k}: {previous['options'].get(k)!r} -> {v!r}" for k, v in record["options"].items()
+                 if previous.get("options", {}).get(k) != v]
+        if previous.get("inputs_sha256") != record["inputs_sha256"]:
+            diffs.append(f"input list: {previous.get('num_inputs')} -> {record['num_inputs']} inputs "
+                         "(files added, removed or relabelled)")
+        if diffs:
+            raise ShardError(f"{out_dir} holds shards made with different settings; cannot resume into it "
+                             f"({'; '.join(diffs)}). Use the original flags or a new --output.")
+        return
+    tmp = out_dir / f"{RUN_FILE}.{_writer_id()}.tmp"
+    tmp.write_bytes(_json_bytes(record))
+    os.replace(tmp, run_file)
+
+
+_progress_counter = None
+
+
+def _init_worker(counter) -> None:
+    global _progress_counter
+    _progress_counter = counter
+
+
+def _tick() -> None:
+    with _progress_counter.get_lock():
+        _progress_counter.value += 1
+
+
+def _write_shard_task(args: tuple) -> dict:
+    return write_shard(*args, on_item=_tick)
+
+
+def _hash_pass(paths: list[str], pool, bar_factory) -> list[Optional[str]]:
+    hashes = pool.imap(_hash_file, paths, chunksize=64) if pool is not None else map(_hash_file, paths)
+    with bar_factory(len(paths), "hashing") as bar:
+        result = []
+        for digest in hashes:
+            result.append(digest)
+            bar.update(1)
+    return result
+
+
+def shard_images(inputs: Sequence[str | os.PathLike], output: str | os.PathLike, options: ShardOptions,
+                 workers: int = 1, node_rank: Optional[int] = None, num_nodes: Optional[int] = None,
+                 progress: bool = True) -> dict:
+    """Write this node's shards of ``inputs`` into ``output``; skip shards already complete.
+
+    Errors in the command (no input, unwritable output, a resume with other flags) raise ShardError
+    before any shard is written. With a single node the merged files are written at the end.
+    Returns this node's summary: shards (total / mine / skipped), written, rejected_by_reason, seconds.
+    """
+    start = time.perf_counter()
+    if workers < 1:
+        raise ShardError(f"--workers must be >= 1, got {workers}")
+    rank, world = resolve_node(node_rank, num_nodes)
+    input_set = discover_inputs(inputs)
+    out_dir = Path(output)
+    _check_output(out_dir)
+    record = _run_record(input_set, options)
+    _claim_output(out_dir, record)
+
+    items, size = input_set.items, options.shard_size
+    mine = node_shards(record["num_shards"], rank, world)
+    todo = [s for s in mine if not (out_dir / f"{shard_stem(options.name, s)}.stats.json").exists()]
+    show = progress and rank == 0
+
+    def bar_factory(total: int, desc: str):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="img", disable=not show, dynamic_ncols=True)
+
+    pool = None
+    counter = None
+    if workers > 1 and todo:
+        ctx = multiprocessing.get_context("spawn")
+        counter = ctx.Value("q", 0)
+        processes = workers if options.dedupe else min(workers, len(todo))  # hashing splits by file
+        pool = ctx.Pool(processes, initializer=_init_worker, initargs=(counter,))
+    try:
+        duplicates: dict[int, str] = {}
+        if options.dedupe and todo:
+            last = (todo[-1] + 1) * size  # only inputs up to the end of this node's last shard matter
+            paths = [item.path for item in items[:last]]
+            duplicates = find_duplicates(paths, _hash_pass(paths, pool, bar_factory))
+        tasks = [(out_dir, s, items[s * size:(s + 1) * size], s * size, options,
+                  {i: p for i, p in duplicates.items() if s * size <= i < (s + 1) * size}) for s in todo]
+        total = sum(len(t[2]) for t in tasks)
+        with bar_factory(total, f"shards ({len(todo)}/{len(mine)} to do)") as bar:
+            if pool is None:
+                for task in tasks:
+                    write_shard(*task, on_item=lambda: bar.update(1))
+            else:
+                pending = pool.map_async(_write_shard_task, tasks, chunksize=1)
+                while not pending.ready():
+                    pending.wait(0.5)
+                    bar.update(counter.value - bar.n)
+                pending.get()
+                bar.update(counter.value - bar.n)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+
+    node_stats = [json.loads((out_dir / f"{shard_stem(options.name, s)}.stats.json").read_text()) for s in mine]
+    reasons: Counter = Counter()
+    for stats in node_stats:
+        reasons.update(stats["rejected_by_reason"])
+    summary = {"node_rank": rank, "num_nodes": world, "shards_total": record["num_shards"],
+               "shards_mine": len(mine), "shards_skipped": len(mine) - len(todo),
+               "inputs": sum(s["inputs"] for s in node_stats), "written": sum(s["count"] for s in node_stats),
+               "rejected_by_reason": dict(sorted(reasons.items())), "merged": False,
+               "processed_this_run": sum(len(t[2]) for t in tasks)}
+    if world == 1:
+        merge_manifests(out_dir)
+        summary["merged"] = True
+    summary["seconds"] = round(time.perf_counter() - start, 3)
+    return summary
+
+
+def merge_manifests(out_dir: str | os.PathLike) -> dict:
+    """Combine the per-shard stats of a finished run (all nodes) into manifest.json, sizes.json,
+    rejected.jsonl and classes.json. Raises ShardError naming the shards that are not complete."""
+    out_dir = Path(out_dir)
+    run_file = out_dir / RUN_FILE
+    if not run_file.is_file():
+        raise ShardError(f"{out_dir} has no {RUN_FILE}: not an output folder of `varitok shard`")
+    record = json.loads(run_file.read_text())
+    name, num_shards = record["options"]["name"], record["num_shards"]
+    stems = [shard_stem(name, s) for s in range(num_shards)]
+    missing = [s for s, stem in enumerate(stems)
+               if not (out_dir / f"{stem}.stats.json").is_file() or not (out_dir / f"{stem}.tar").is_file()]
+    if missing:
+        shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+        raise ShardError(f"{len(missing)} of {num_shards} shards are not complete in {out_dir} (shards {shown}); "
+                         "re-run the shard command on the nodes that own them (shard j belongs to node "
+                         "j % num_nodes), then merge again")
+    all_stats = [json.loads((out_dir / f"{stem}.stats.json").read_text()) for stem in stems]
+    sizes = {stats["shard"]: stats["count"] for stats in all_stats}
+    rejected = [entry for stats in all_stats for entry in stats["rejected"]]
+    reasons = Counter(entry["reason"] for entry in rejected)
+    options = record["options"]
+    manifest = {
+        "tool": record["tool"], "version": record["version"], "name": name,
+        "image_size": options["image_size"], "resize": options["resize"], "format": options["format"],
+        "options": options, "num_inputs": record["num_inputs"], "num_samples": sum(sizes.values()),
+        "num_rejected": len(rejected), "rejected_by_reason": dict(sorted(reasons.items())),
+        "num_shards": num_shards, "shards": list(sizes), "classes": record["classes"],
+        "num_classes": len(record["classes"]), "inputs_sha256": record["inputs_sha256"],
+    }
+    _atomic_write(out_dir / "sizes.json", _json_bytes(sizes))
+    _atomic_write(out_dir / "rejected.jsonl",
+                  b"".join(json.dumps(entry, sort_keys=True).encode() + b"\n" for entry in rejected))
+    if record["classes"]:
+        _atomic_write(out_dir / "classes.json", _json_bytes({c: i for i, c in enumerate(record["classes"])}))
+    _atomic_write(out_dir / "manifest.json", _json_bytes(manifest))
+    return manifest
