@@ -15,6 +15,7 @@ Rejected inputs leave their shard shorter (``sizes.json`` records the counts).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -299,13 +300,22 @@ def encode_image(img: Image.Image, fmt: str, quality: int) -> bytes:
     return buffer.getvalue()
 
 
+@contextlib.contextmanager
+def _pixel_limit(max_pixels: int):
+    """PIL's bomb check reads a module global: set it for one decode, then restore it."""
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
 def _decode(data: bytes, max_pixels: int) -> Image.Image:
     """Fully decoded, EXIF-oriented image. Raises Rejected for non-images, truncation, bombs."""
     if not data:
         raise Rejected("empty", "zero-byte file")
-    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with warnings.catch_warnings():
+        with _pixel_limit(max_pixels), warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             img.load()
