@@ -29,7 +29,7 @@ import time
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -37,7 +37,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = [
     "ShardError", "Rejected", "ShardOptions", "InputItem", "InputSet", "IMAGE_EXTENSIONS", "RESIZE_MODES",
     "FORMATS", "REJECT_REASONS", "RUN_FILE", "discover_inputs", "to_rgb", "resize_image", "encode_image",
-    "process_image", "sample_key", "write_tar", "write_shard", "resolve_node", "node_shards",
+    "process_image", "sample_key", "atomic_tar", "write_shard", "resolve_node", "node_shards",
     "find_duplicates", "shard_images", "merge_manifests", "tool_version",
 ]
 
@@ -189,9 +189,7 @@ def _list_entries(list_file: Path) -> list[tuple]:
                 return _table_entries(list_file, header, reader)
             lines = (line.strip() for line in handle)
             return _table_entries(list_file, ["path"], ([line] for line in lines if not line.startswith("#")))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        if isinstance(exc, ShardError):
-            raise
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:
         raise ShardError(f"cannot read file list {list_file}: {exc}") from exc
 
 
@@ -392,18 +390,25 @@ def _json_bytes(value: Any) -> bytes:
     return (json.dumps(value, sort_keys=True, indent=1) + "\n").encode()
 
 
-def write_tar(path: str | os.PathLike, members: Sequence[tuple[str, bytes]]) -> None:
-    """Write a reproducible tar atomically: members in the given order, mtime 0, root:root, mode 0644.
-    The tar appears under ``path`` only once complete (temporary name, fsync, rename)."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(data))
-    _atomic_write(Path(path), buffer.getvalue())
+@contextlib.contextmanager
+def atomic_tar(path: str | os.PathLike) -> Iterator[Callable[[str, bytes], None]]:
+    """Stream a reproducible tar to ``path``: yields ``add(member_name, data)``; members keep their order
+    and get mtime 0, root:root, mode 0644. The file appears under ``path`` only once complete (written
+    to ``path.tmp``, fsynced, renamed); an exception leaves just the temporary file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            def add(name: str, data: bytes) -> None:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+            yield add
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 def write_shard(out_dir: str | os.PathLike, shard: int, items: Sequence[InputItem], first_index: int,
@@ -416,30 +421,29 @@ def write_shard(out_dir: str | os.PathLike, shard: int, items: Sequence[InputIte
     out_dir = Path(out_dir)
     stem = shard_stem(options.name, shard)
     duplicate_of = duplicate_of or {}
-    members: list[tuple[str, bytes]] = []
     rejected: list[dict] = []
-    for offset, item in enumerate(items):
-        key = sample_key(shard, offset)
-        try:
-            if first_index + offset in duplicate_of:
-                raise Rejected("duplicate", f"same content as {duplicate_of[first_index + offset]}")
-            data = _read_source(item.path)
-            encoded, (width, height) = process_image(data, options)
-        except Rejected as rej:
-            rejected.append({"key": key, "path": item.path, "reason": rej.reason, "detail": rej.detail})
-        else:
-            meta = {"key": key, "source": item.path, "sha256": hashlib.sha256(data).hexdigest(),
-                    "original_width": width, "original_height": height}
-            members.append((f"{key}.{options.format}", encoded))
-            members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
-            if item.label is not None:
-                members.append((f"{key}.cls", str(item.label).encode()))
-            caption = (item.caption or _sibling_caption(item.path)) if options.captions else None
-            if caption is not None:
-                members.append((f"{key}.txt", caption.encode()))
-        if on_item is not None:
-            on_item()
-    write_tar(out_dir / f"{stem}.tar", members)
+    with atomic_tar(out_dir / f"{stem}.tar") as add:
+        for offset, item in enumerate(items):
+            key = sample_key(shard, offset)
+            try:
+                if first_index + offset in duplicate_of:
+                    raise Rejected("duplicate", f"same content as {duplicate_of[first_index + offset]}")
+                data = _read_source(item.path)
+                encoded, (width, height) = process_image(data, options)
+            except Rejected as rej:
+                rejected.append({"key": key, "path": item.path, "reason": rej.reason, "detail": rej.detail})
+            else:
+                meta = {"key": key, "source": item.path, "sha256": hashlib.sha256(data).hexdigest(),
+                        "original_width": width, "original_height": height}
+                add(f"{key}.{options.format}", encoded)
+                add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+                if item.label is not None:
+                    add(f"{key}.cls", str(item.label).encode())
+                caption = (item.caption or _sibling_caption(item.path)) if options.captions else None
+                if caption is not None:
+                    add(f"{key}.txt", caption.encode())
+            if on_item is not None:
+                on_item()
     stats = {
         "shard": f"{stem}.tar", "index": shard, "inputs": len(items), "count": len(items) - len(rejected),
         "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
@@ -623,8 +627,8 @@ def shard_images(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
                 pending.get()
                 bar.update(counter.value - bar.n)
     finally:
-        if pool is not None:
-            pool.close()
+        if pool is not None:  # every result is in (or the run is failing): stop the workers now
+            pool.terminate()
             pool.join()
 
     node_stats = [json.loads((out_dir / f"{shard_stem(options.name, s)}.stats.json").read_text()) for s in mine]
