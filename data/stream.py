@@ -1,0 +1,470 @@
+"""Streaming loader over WebDataset tar shards: rank/worker split, equal steps per rank, exact resume.
+
+Usage::
+
+    stream = ShardStream("shards/", batch_size=32, image_size=256, num_workers=2, seed=0)
+    for batch in stream:          # one epoch of exactly stream.steps_per_epoch batches
+        batch["image"]            # float32 B x 3 x S x S in [-1, 1]
+        batch["label"]            # int64 B (-1 when the shard has no .cls)
+        batch["key"]              # list[str] of B sample keys
+    state = stream.state_dict()   # small JSON-able dict; load_state_dict(state) resumes exactly here
+
+How an epoch is built (everything is a pure function of seed, epoch, rank, worker and position):
+
+* A *unit* is one (rank, worker) pair: ``unit = rank * W + worker``, ``units = world_size * W``
+  (``W = max(1, num_workers)``).
+* Shards are permuted by ``(seed, epoch)`` (same on every rank). With at least ``units`` shards, they
+  are dealt greedily to units (each shard, in permuted order, to the unit holding the fewest samples
+  so far). With fewer shards, every unit reads all shards and keeps samples whose running index in the
+  permuted concatenation satisfies ``index % units == unit``. In resampled mode each unit draws shards
+  with replacement from its own ``(seed, epoch, unit, pass)`` generator instead.
+* A unit's stream is its shards read in order through a shuffle buffer seeded by
+  ``(seed, epoch, unit, pass)``; when it runs dry, it starts again from its first shard (``pass + 1``,
+  a freshly seeded buffer). So a unit with fewer samples than its quota repeats its own samples from
+  the start; a unit with more drops the tail of its shuffled order (different samples each epoch).
+* ``steps_per_epoch = total // (world_size * batch_size)`` (``ceil`` when ``drop_last=False``; the
+  last batches are then filled by the repeat rule, so batches always hold ``batch_size`` samples).
+  Rank batch ``b`` comes from worker ``b % W``; worker ``w`` yields exactly
+  ``len(range(w, steps_per_epoch, W))`` batches: every rank yields exactly ``steps_per_epoch``.
+* The crop offset and flip of the sample at raw position ``p`` of a unit's stream are seeded by
+  ``(seed, epoch, unit, p)``. A corrupt sample consumes its position and is replaced by the next one.
+
+Exact resume: the state holds, per worker, how many raw samples its stream has consumed. Restoring it
+re-reads those samples' tar members and discards them before any decoding, then continues; the DataLoader
+starts at physical worker 0, so physical worker ``w`` takes the role of logical worker ``(N + w) % W``
+after ``N`` consumed batches, which keeps the round-robin order of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import heapq
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import re
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data.transforms import CROPS, DECODERS, IMAGE_EXTENSIONS, load_image, sample_augmentation, to_unit_range
+
+log = logging.getLogger("varitok.stream")
+
+STATE_FORMAT = "varitok.stream/1"
+SIZES_FILE = "sizes.json"
+_META_MEMBER = re.compile(r"(.*/)?__[^/]*__$")  # webdataset metadata members, not samples
+
+
+# ----------------------------------------------------------------------------------------- shard lists
+def expand_shard_spec(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Shard paths named by ``spec``, in order.
+
+    ``spec`` is a directory (its ``*.tar`` files, sorted), a brace pattern
+    (``dir/name-{000000..000099}.tar``), a comma-separated string of those, or a list of those.
+    Raises ``FileNotFoundError`` naming missing files and ``ValueError`` when nothing matches.
+    """
+    if isinstance(spec, (str, os.PathLike)):
+        parts = [p.strip() for p in str(spec).split(",") if p.strip()]
+    else:
+        parts = [str(p) for p in spec]
+    shards: list[str] = []
+    for part in parts:
+        if os.path.isdir(part):
+            found = sorted(glob.glob(os.path.join(part, "*.tar")))
+            if not found:
+                raise ValueError(f"shard directory {part!r} contains no .tar files")
+            shards.extend(found)
+        else:
+            shards.extend(braceexpand.braceexpand(part))
+    if not shards:
+        raise ValueError(f"shard spec {spec!r} names no shards; give a directory, a brace pattern "
+                         "like 'dir/name-{000000..000009}.tar', or a list of tar paths")
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise FileNotFoundError(f"{len(missing)} of {len(shards)} shards do not exist: {missing[:5]}{more}")
+    return shards
+
+
+def count_tar_samples(path: str) -> int:
+    """Number of samples (distinct adjacent keys) in a tar, from its headers only (data is seeked over).
+
+    A truncated tar counts the samples whose headers could be read.
+    """
+    count, previous = 0, None
+    try:
+        with tarfile.open(path, "r:") as archive:
+            for member in archive:
+                key, _ = wds.tariterators.base_plus_ext(member.name)
+                if member.isreg() and key is not None and key != previous:
+                    count, previous = count + 1, key
+    except (tarfile.TarError, OSError) as exc:
+        log.warning("while counting samples of %s: %s (counted %d)", path, exc, count)
+    return count
+
+
+def shard_sizes(shards: Sequence[str]) -> tuple[list[int], str]:
+    """Sample count per shard and where it came from: ``"sizes.json"`` when every shard is listed in
+    the ``sizes.json`` beside it, else ``"tar headers"`` (missing ones are counted by scanning)."""
+    listed: dict[str, dict[str, int]] = {}
+    sizes, scanned = [], 0
+    for shard in shards:
+        directory, name = os.path.split(os.path.abspath(shard))
+        if directory not in listed:
+            sizes_path = os.path.join(directory, SIZES_FILE)
+            listed[directory] = json.loads(Path(sizes_path).read_text()) if os.path.isfile(sizes_path) else {}
+        if name in listed[directory]:
+            sizes.append(int(listed[directory][name]))
+        else:
+            sizes.append(count_tar_samples(shard))
+            scanned += 1
+    if scanned:
+        log.info("no %s entry for %d of %d shards: counted their samples from tar headers",
+                 SIZES_FILE, scanned, len(shards))
+    return sizes, ("tar headers" if scanned else SIZES_FILE)
+
+
+# ----------------------------------------------------------------------------------------- epoch plan
+def _seed_int(*words: int) -> int:
+    """One 64-bit seed mixed from integer words (stable across processes and Python versions)."""
+    return int(np.random.SeedSequence(list(words)).generate_state(2, dtype=np.uint32).view(np.uint64)[0])
+
+
+def deal_shards(order: Sequence[int], sizes: Sequence[int], units: int) -> list[list[int]]:
+    """Shards (indices, visited in ``order``) dealt to ``units`` bins: each to an empty bin if any is
+    left, else to the bin with the fewest samples (ties: lowest bin). With ``len(order) >= units``
+    every bin gets at least one shard, even when some shards are empty."""
+    bins: list[list[int]] = [[] for _ in range(units)]
+    heap = [(0, 0, unit) for unit in range(units)]  # (has a shard, samples, unit)
+    for shard in order:
+        _, load, unit = heapq.heappop(heap)
+        bins[unit].append(int(shard))
+        heapq.heappush(heap, (1, load + sizes[shard], unit))
+    return bins
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """What the workers of one rank need to produce the rest of one epoch (picklable, immutable)."""
+
+    shards: tuple[str, ...]
+    sizes: tuple[int, ...]
+    seed: int
+    epoch: int
+    rank: int
+    world_size: int
+    workers: int  # logical workers per rank, >= 1
+    batch_size: int
+    image_size: int
+    steps: int
+    shuffle: bool
+    shuffle_buffer: int
+    resampled: bool
+    crop: str
+    flip: bool
+    decoder: str
+    start_batch: int
+    positions: tuple[int, ...]  # raw samples consumed per logical worker at start_batch
+
+    @property
+    def units(self) -> int:
+        return self.world_size * self.workers
+
+    def unit_pass_shards(self, unit: int, pass_index: int) -> tuple[list[int], int | None]:
+        """Shard indices a unit reads in one pass, and the modulo filter (``None`` = keep all)."""
+        count = len(self.shards)
+        if self.resampled:
+            rng = np.random.default_rng([self.seed, self.epoch, unit, pass_index, 1])
+            return rng.integers(0, count, size=max(1, count // self.units)).tolist(), None
+        order = (np.random.default_rng([self.seed, self.epoch, 0]).permutation(count) if self.shuffle
+                 else np.arange(count))
+        if count >= self.units:
+            return deal_shards(order, self.sizes, self.units)[unit], None
+        return order.tolist(), unit
+
+
+class StreamStats:
+    """Per-process counters with a rate-limited warning per reason (first 3, then every 100th)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def bad(self, reason: str, where: str, detail: Any) -> None:
+        self.counts["corrupt"] += 1
+        self.counts["reason:" + reason] += 1
+        seen = self.counts["reason:" + reason]
+        if seen <= 3 or seen % 100 == 0:
+            log.warning("skipping %s (%s): %s [%d so far for this reason in this process]",
+                        where, reason, detail, seen)
+
+    def as_dict(self) -> dict[str, Any]:
+        reasons = {k.split(":", 1)[1]: v for k, v in self.counts.items() if k.startswith("reason:")}
+        plain = {k: v for k, v in self.counts.items() if not k.startswith("reason:")}
+        return {"samples": 0, "batches": 0, "corrupt": 0, "repeated": 0, "resume_skipped": 0,
+                **plain, "reasons": reasons}
+
+
+def _tar_files(path: str) -> Iterator[dict[str, Any]]:
+    """``{"fname", "data", "__url__"}`` per regular member of a tar, read sequentially.
+
+    Python's tarfile ends silently at a truncated or garbled header; a complete archive has a zero
+    end-of-archive block right after its last member, so its absence raises ``tarfile.ReadError``.
+    """
+    with open(path, "rb") as stream:
+        archive = tarfile.open(fileobj=stream, mode="r|")
+        for info in archive:
+            if info.isreg() and not _META_MEMBER.match(info.name):
+                yield {"fname": info.name, "data": archive.extractfile(info).read(), "__url__": path}
+            archive.members = []  # streaming: do not keep every header in memory
+        end = archive.offset
+        stream.seek(end)
+        marker = stream.read(tarfile.BLOCKSIZE)
+    if len(marker) < tarfile.BLOCKSIZE or any(marker):
+        raise tarfile.ReadError(f"truncated or corrupt at byte {end}: no end-of-archive block after the last member")
+
+
+def _shard_samples(path: str, stats: StreamStats) -> Iterator[dict[str, Any]]:
+    """Raw samples (``{"__key__", ext: bytes, ...}``) of one tar. A read error (truncated or malformed
+    tar) is counted and ends the shard, dropping the sample being assembled; it is never raised."""
+    try:
+        yield from wds.tariterators.group_by_keys(_tar_files(path), handler=wds.handlers.reraise_exception)
+    except Exception as exc:  # tarfile, OS and webdataset grouping errors are all "this shard is broken"
+        stats.bad("tar_error", path, repr(exc))
+
+
+def unit_raw_stream(plan: EpochPlan, unit: int, stats: StreamStats) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Endless ``(pass_index, raw sample)`` stream of one unit: passes over its shards, each through a
+    shuffle buffer seeded by ``(seed, epoch, unit, pass)``. Nothing is decoded here."""
+    for pass_index in itertools.count():
+        shard_ids, modulo_unit = plan.unit_pass_shards(unit, pass_index)
+        samples: Iterator[dict[str, Any]] = itertools.chain.from_iterable(
+            _shard_samples(plan.shards[i], stats) for i in shard_ids)
+        if modulo_unit is not None:
+            samples = (s for j, s in enumerate(samples) if j % plan.units == modulo_unit)
+        if plan.shuffle and plan.shuffle_buffer > 1:
+            rng = random.Random(_seed_int(plan.seed, plan.epoch, unit, pass_index))
+            samples = wds.filters.shuffle(plan.shuffle_buffer, plan.shuffle_buffer, rng=rng)(samples)
+        produced = 0
+        for sample in samples:
+            produced += 1
+            yield pass_index, sample
+        if produced == 0:
+            raise RuntimeError(f"rank {plan.rank} worker {unit % plan.workers} read no sample from its shards "
+                               f"{[plan.shards[i] for i in shard_ids][:5]}: they are empty or unreadable")
+
+
+def decode_sample(plan: EpochPlan, unit: int, position: int, sample: dict[str, Any],
+                  stats: StreamStats) -> tuple[torch.Tensor, int] | None:
+    """uint8 ``3 x S x S`` image and label of a raw sample at ``position``; None (counted) if corrupt."""
+    key = sample.get("__key__", "?")
+    where = f"{sample.get('__url__', '?')}:{key}"
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None:
+        stats.bad("missing_image", where, f"members {sorted(k for k in sample if not k.startswith('__'))}")
+        return None
+    label = -1
+    if "cls" in sample:
+        try:
+            label = int(sample["cls"].decode("utf-8").strip())
+        except (UnicodeDecodeError, ValueError) as exc:
+            stats.bad("bad_label", where, exc)
+            return None
+    offset, flipped = sample_augmentation((plan.seed, plan.epoch, unit, position), plan.crop, plan.flip)
+    try:
+        image = load_image(sample[ext], plan.image_size, offset, flipped, plan.decoder)
+    except Exception as exc:  # any decoder failure on bad bytes (PIL, libjpeg, libpng, libwebp) is data
+        stats.bad("decode_error", where, repr(exc))
+        return None
+    return image, label
+
+
+class _EpochDataset(IterableDataset):
+    """Yields, in one process, the batches of the rest of an epoch that one physical worker owns."""
+
+    def __init__(self, plan: EpochPlan) -> None:
+        self.plan = plan
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        plan = self.plan
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        logical = (plan.start_batch + physical) % plan.workers
+        unit = plan.rank * plan.workers + logical
+        stats = StreamStats()
+        stream = unit_raw_stream(plan, unit, stats)
+        position = plan.positions[logical]
+        skipped = sum(1 for _ in itertools.islice(stream, position))  # tar members read, nothing decoded
+        stats.counts["resume_skipped"] += skipped
+        # A whole pass without a decodable sample means the unit can never fill its quota.
+        hopeless_gap = 100 if plan.resampled else 2
+        last_good_pass = None
+        for _ in range(plan.start_batch + physical, plan.steps, plan.workers):
+            images, labels, keys = [], [], []
+            while len(images) < plan.batch_size:
+                pass_index, sample = next(stream)
+                last_good_pass = pass_index if last_good_pass is None else last_good_pass
+                decoded = decode_sample(plan, unit, position, sample, stats)
+                position += 1
+                if decoded is None:
+                    if pass_index >= last_good_pass + hopeless_gap:
+                        raise RuntimeError(f"rank {plan.rank} worker {logical}: no sample of its shards could "
+                                           "be decoded in a whole pass (see the warnings above); check the shards")
+                    continue
+                last_good_pass = pass_index
+                stats.counts["repeated"] += int(pass_index > 0)
+                images.append(decoded[0])
+                labels.append(decoded[1])
+                keys.append(sample["__key__"])
+            stats.counts["samples"] += len(images)
+            stats.counts["batches"] += 1
+            yield {"image": to_unit_range(torch.stack(images)), "label": torch.tensor(labels, dtype=torch.int64),
+                   "key": keys, "_worker": logical, "_position": position, "_stats": dict(stats.counts)}
+            stats.counts.clear()
+
+
+def _init_worker(_: int) -> None:
+    torch.set_num_threads(1)  # each worker decodes on one core; more threads only oversubscribe
+
+
+def _default_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+# ----------------------------------------------------------------------------------------- the stream
+class ShardStream:
+    """Iterable of image batches from WebDataset shards; see the module docstring for the rules."""
+
+    def __init__(self, spec: str | os.PathLike | Sequence[str], batch_size: int, image_size: int = 256, *,
+                 rank: int | None = None, world_size: int | None = None, num_workers: int = 0, seed: int = 0,
+                 shuffle: bool = True, shuffle_buffer: int = 1000, resampled: bool = False,
+                 crop: str = "random", flip: bool = True, decoder: str = "pil", drop_last: bool = True) -> None:
+        if crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        if batch_size < 1 or image_size < 1 or num_workers < 0 or shuffle_buffer < 0:
+            raise ValueError("batch_size and image_size must be >= 1, num_workers and shuffle_buffer >= 0")
+        default_rank, default_world = _default_rank_world()
+        self.rank = default_rank if rank is None else int(rank)
+        self.world_size = default_world if world_size is None else int(world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
+        self.shards = expand_shard_spec(spec)
+        self.sizes, self.sizes_source = shard_sizes(self.shards)
+        self.num_samples = sum(self.sizes)
+        per_step = self.world_size * batch_size
+        steps = self.num_samples // per_step if drop_last else math.ceil(self.num_samples / per_step)
+        if steps < 1:
+            raise ValueError(f"{self.num_samples} samples in {len(self.shards)} shards give no full batch of "
+                             f"{batch_size} on each of {self.world_size} ranks; lower batch_size or pass "
+                             "drop_last=False")
+        self.num_workers = num_workers
+        self._template = EpochPlan(
+            shards=tuple(self.shards), sizes=tuple(self.sizes), seed=int(seed), epoch=0, rank=self.rank,
+            world_size=self.world_size, workers=max(1, num_workers), batch_size=batch_size,
+            image_size=image_size, steps=steps, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
+            resampled=resampled, crop=crop, flip=flip, decoder=decoder, start_batch=0, positions=())
+        self.epoch = 0
+        self._batch = 0
+        self._positions = [0] * self._template.workers
+        self._stats: Counter[str] = Counter()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches per epoch; the same on every rank."""
+        return self._template.steps
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    @property
+    def batch_in_epoch(self) -> int:
+        """Batches of the current epoch already yielded."""
+        return self._batch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch at the next iteration."""
+        self.epoch, self._batch = int(epoch), 0
+        self._positions = [0] * self._template.workers
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counters of this process (workers included): samples, batches, corrupt, repeated,
+        resume_skipped, and ``reasons`` (per-reason corrupt counts)."""
+        out = StreamStats()
+        out.counts = Counter(self._stats)
+        return out.as_dict()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._batch >= self.steps_per_epoch:
+            self.set_epoch(self.epoch + 1)
+        plan = replace(self._template, epoch=self.epoch, start_batch=self._batch,
+                       positions=tuple(self._positions))
+        dataset = _EpochDataset(plan)
+        batches: Iterator[dict[str, Any]]
+        if self.num_workers == 0:
+            batches = iter(dataset)
+        else:
+            batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                      worker_init_fn=_init_worker))
+        for batch in batches:
+            self._positions[batch.pop("_worker")] = batch.pop("_position")
+            self._stats.update(batch.pop("_stats"))
+            self._batch += 1
+            yield batch
+        if self._batch != self.steps_per_epoch:
+            raise RuntimeError(f"epoch {self.epoch} ended after {self._batch} of {self.steps_per_epoch} batches")
+        self.set_epoch(self.epoch + 1)
+
+    # ------------------------------------------------------------------------------------- resume
+    def _identity(self) -> dict[str, Any]:
+        """What must match between the run that saved a state and the one that loads it."""
+        t = self._template
+        digest = hashlib.sha256(json.dumps([[os.path.basename(s) for s in t.shards], list(t.sizes)]).encode())
+        return {"seed": t.seed, "world_size": t.world_size, "workers": t.workers, "batch_size": t.batch_size,
+                "image_size": t.image_size, "shuffle": t.shuffle, "shuffle_buffer": t.shuffle_buffer,
+                "resampled": t.resampled, "crop": t.crop, "flip": t.flip, "decoder": t.decoder,
+                "shards_sha256": digest.hexdigest()[:16]}
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's position (JSON-able). Each rank saves its own: positions depend on the corrupt
+        samples its workers met. ``load_state_dict`` also accepts ``{"ranks": {rank: state}}``."""
+        return {"format": STATE_FORMAT, "rank": self.rank, "epoch": self.epoch, "batch": self._batch,
+                "positions": list(self._positions), **self._identity()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly after the batch at which ``state`` was saved."""
+        if "ranks" in state:
+            ranks = {int(k): v for k, v in state["ranks"].items()}
+            if self.rank not in ranks:
+                raise ValueError(f"stream state has ranks {sorted(ranks)}, not this rank {self.rank}")
+            state = ranks[self.rank]
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a stream state (format {state.get('format')!r}, expected {STATE_FORMAT!r})")
+        if state["rank"] != self.rank:
+            raise ValueError(f"stream state was saved by rank {state['rank']}, this is rank {self.rank}: "
+                             "save one state per rank")
+        expected = self._identity()
+        changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+        if changed:
+            details = ", ".join(f"{k}: saved {a!r} now {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(f"cannot resume the stream exactly, the setup changed ({details}); "
+                             "use the saved settings or start a new epoch with set_epoch()")
+        if len(state["positions"]) != self._template.workers or not 0 <= state["batch"] <= self.steps_per_epoch:
+            raise ValueError(f"corrupt stream state: batch {state['batch']}, positions {state['positions']}")
+        self.epoch, self._batch = int(state["epoch"]), int(state["batch"])
+        self._positions = [int(p) for p in state["positions"]]

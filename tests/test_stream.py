@@ -1,0 +1,301 @@
+"""Streaming loader: shard specs, round trips, equal steps per rank, exact resume, bad data, transforms."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from data.demo_images import procedural_image
+from data.stream import ShardStream, deal_shards, expand_shard_spec
+from data.transforms import crop_resize_flip, decode_pil, decode_torchvision, load_image, sample_augmentation
+
+SIZE = 16
+
+
+def encode(pixels: np.ndarray, fmt: str = "png") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def pixels_for(shard: int, index: int, width: int = SIZE, height: int = SIZE) -> np.ndarray:
+    """A deterministic ``height x width x 3`` image for sample (shard, index)."""
+    return procedural_image(shard * 1000 + index, max(width, height), label=index % 4)[:height, :width]
+
+
+def write_shards(root: Path, counts: list[int], naming: str = "ours", sizes_json: bool = True,
+                 width: int = SIZE, height: int = SIZE) -> dict[str, tuple[np.ndarray, int]]:
+    """Write shards with ``counts[i]`` samples each; returns {key: (pixels, label)}.
+
+    ``ours``: ``test-{i:06d}.tar`` with png + json + cls and sizes.json; ``img2dataset``:
+    ``{i:05d}.tar``, 9-digit keys, jpg + json + txt and a parquet beside each tar (no labels).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    expected, sizes = {}, {}
+    for shard, count in enumerate(counts):
+        name = f"test-{shard:06d}.tar" if naming == "ours" else f"{shard:05d}.tar"
+        with wds.TarWriter(str(root / name), mtime=0) as writer:
+            for index in range(count):
+                pixels = pixels_for(shard, index, width, height)
+                if naming == "ours":
+                    key, label = f"s{shard:03d}i{index:04d}", index % 4
+                    writer.write({"__key__": key, "png": encode(pixels), "cls": str(label).encode(),
+                                  "json": json.dumps({"width": width, "height": height}).encode()})
+                else:
+                    key, label = f"{shard:05d}{index:04d}", -1
+                    writer.write({"__key__": key, "jpg": encode(pixels, "jpeg"), "txt": b"a caption",
+                                  "json": json.dumps({"key": key, "status": "success"}).encode()})
+                expected[key] = (pixels, label)
+        sizes[name] = count
+        if naming == "img2dataset":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.table({"key": [f"{shard:05d}{i:04d}" for i in range(count)]}),
+                           root / f"{shard:05d}.parquet")
+    if sizes_json:
+        (root / "sizes.json").write_text(json.dumps(sizes))
+    return expected
+
+
+def run_batches(stream: ShardStream, count: int | None = None) -> list[dict]:
+    """The next ``count`` batches, across epoch ends (default: the rest of the current epoch)."""
+    out: list[dict] = []
+    while True:
+        for batch in stream:
+            out.append(batch)
+            if count is not None and len(out) == count:
+                return out
+        if count is None:
+            return out
+
+
+def keys_of(batches: list[dict]) -> list[str]:
+    return [k for b in batches for k in b["key"]]
+
+
+# ----------------------------------------------------------------------------------------- shard specs
+def test_expand_shard_spec_forms_and_errors(tmp_path):
+    write_shards(tmp_path, [1, 1, 1])
+    names = [str(tmp_path / f"test-{i:06d}.tar") for i in range(3)]
+    assert expand_shard_spec(tmp_path) == names
+    assert expand_shard_spec(str(tmp_path / "test-{000000..000002}.tar")) == names
+    assert expand_shard_spec(",".join(names[:2])) == names[:2]
+    assert expand_shard_spec([names[2], names[0]]) == [names[2], names[0]]
+    with pytest.raises(FileNotFoundError, match="1 of 4 shards do not exist"):
+        expand_shard_spec(str(tmp_path / "test-{000000..000003}.tar"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no .tar files"):
+        expand_shard_spec(tmp_path / "empty")
+
+
+def test_deal_shards_balances_and_gives_every_unit_a_shard():
+    bins = deal_shards([0, 1, 2, 3, 4], sizes=[10, 0, 3, 4, 5], units=3)
+    assert sorted(i for b in bins for i in b) == [0, 1, 2, 3, 4]
+    assert all(bins) and bins == [[0], [1, 3], [2, 4]]  # empty shard 1 still fills a bin first
+
+
+# ----------------------------------------------------------------------------------------- round trips
+def test_round_trip_pixels_labels_each_key_once(tmp_path):
+    expected = write_shards(tmp_path, [5, 7, 4])
+    stream = ShardStream(tmp_path, batch_size=4, image_size=SIZE, crop="center", flip=False, seed=3,
+                         shuffle_buffer=8, world_size=1, rank=0)
+    assert stream.sizes_source == "sizes.json" and stream.steps_per_epoch == 4
+    batches = run_batches(stream)
+    keys = keys_of(batches)
+    assert len(batches) == 4 and sorted(keys) == sorted(expected)
+    for batch in batches:
+        assert batch["image"].dtype == torch.float32 and batch["image"].shape == (4, 3, SIZE, SIZE)
+        for key, image, label in zip(batch["key"], batch["image"], batch["label"]):
+            pixels, want_label = expected[key]
+            want = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1
+            assert torch.equal(image, want) and int(label) == want_label
+    assert stream.epoch == 1 and stream.stats["samples"] == 16 and stream.stats["corrupt"] == 0
+
+
+def test_img2dataset_shards_without_sizes_json(tmp_path):
+    expected = write_shards(tmp_path, [6, 3], naming="img2dataset", sizes_json=False)
+    stream = ShardStream(str(tmp_path / "{00000..00001}.tar"), batch_size=3, image_size=12, world_size=1, rank=0)
+    assert stream.sizes_source == "tar headers" and stream.sizes == [6, 3]
+    batches = run_batches(stream)
+    assert sorted(keys_of(batches)) == sorted(expected)
+    images = torch.cat([b["image"] for b in batches])
+    assert images.shape == (9, 3, 12, 12) and images.min() >= -1 and images.max() <= 1
+    assert all((b["label"] == -1).all() for b in batches)
+
+
+def test_shardwriter_output_without_sizes_json(tmp_path):
+    pattern = str(tmp_path / "writer-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=4, verbose=0) as sink:
+        for index in range(10):
+            sink.write({"__key__": f"k{index:03d}", "webp": encode(pixels_for(9, index), "webp"),
+                        "cls": index % 3, "txt": "caption"})
+    stream = ShardStream(tmp_path, batch_size=5, image_size=SIZE, world_size=1, rank=0, shuffle=False)
+    assert stream.sizes_source == "tar headers" and stream.sizes == [4, 4, 2]
+    batches = run_batches(stream)
+    assert keys_of(batches) == [f"k{i:03d}" for i in range(10)]  # shuffle=False keeps shard order
+    assert torch.cat([b["label"] for b in batches]).tolist() == [i % 3 for i in range(10)]
+
+
+# ----------------------------------------------------------------------------------------- equal steps
+@pytest.mark.parametrize("counts", [[23], [3, 11, 6], [1, 9, 2, 5, 8, 3, 4]], ids=["1shard", "3shards", "7shards"])
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_every_rank_yields_steps_per_epoch(tmp_path, counts, world_size):
+    write_shards(tmp_path, counts)
+    per_rank_keys = []
+    for rank in range(world_size):
+        stream = ShardStream(tmp_path, batch_size=2, image_size=8, rank=rank, world_size=world_size,
+                             num_workers=2, shuffle_buffer=4)
+        assert stream.steps_per_epoch == sum(counts) // (2 * world_size)
+        batches = run_batches(stream)
+        assert len(batches) == stream.steps_per_epoch
+        assert all(len(b["key"]) == 2 for b in batches)
+        per_rank_keys.append(set(keys_of(batches)))
+    for a in range(world_size):  # ranks read disjoint samples; repeats stay inside a rank
+        for b in range(a + 1, world_size):
+            assert not per_rank_keys[a] & per_rank_keys[b]
+
+
+def test_drop_last_false_rounds_up_and_fills_by_repeating(tmp_path):
+    expected = write_shards(tmp_path, [7])
+    stream = ShardStream(tmp_path, batch_size=3, image_size=8, world_size=1, rank=0, drop_last=False)
+    batches = run_batches(stream)
+    keys = keys_of(batches)
+    assert len(batches) == 3 and len(keys) == 9 and set(keys) == set(expected)
+    assert stream.stats["repeated"] == 2
+    with pytest.raises(ValueError, match="no full batch"):
+        ShardStream(tmp_path, batch_size=4, image_size=8, world_size=2, rank=0)
+
+
+# ----------------------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_exact_resume_mid_epoch_and_across_epoch_boundary(tmp_path, num_workers):
+    write_shards(tmp_path, [9, 4, 7, 6, 5], width=24, height=18)
+    settings = dict(batch_size=3, image_size=12, rank=1, world_size=2, num_workers=num_workers, seed=5,
+                    shuffle_buffer=5)
+    reference = ShardStream(tmp_path, **settings)
+    steps = reference.steps_per_epoch
+    uninterrupted = run_batches(reference) + run_batches(reference)  # epochs 0 and 1
+    assert len(uninterrupted) == 2 * steps == 10
+
+    for stop in (3, steps, steps + 2):  # mid-epoch, exactly at the boundary, mid next epoch
+        first = ShardStream(tmp_path, **settings)
+        consumed = run_batches(first, stop)
+        state = json.loads(json.dumps(first.state_dict()))
+        resumed = ShardStream(tmp_path, **settings)
+        resumed.load_state_dict(state)
+        rest = run_batches(resumed, 2 * steps - stop)
+        for got, want in zip(consumed + rest, uninterrupted, strict=True):
+            assert got["key"] == want["key"]
+            assert torch.equal(got["image"], want["image"]) and torch.equal(got["label"], want["label"])
+        assert (resumed.stats["resume_skipped"] > 0) == (stop != steps)
+
+
+def test_state_from_another_setup_is_refused(tmp_path):
+    write_shards(tmp_path, [8])
+    stream = ShardStream(tmp_path, batch_size=2, image_size=8, world_size=1, rank=0)
+    run_batches(stream, 1)
+    other = ShardStream(tmp_path, batch_size=4, image_size=8, world_size=1, rank=0)
+    with pytest.raises(ValueError, match="batch_size: saved 2 now 4"):
+        other.load_state_dict(stream.state_dict())
+    merged = {"ranks": {"0": stream.state_dict()}}
+    again = ShardStream(tmp_path, batch_size=2, image_size=8, world_size=1, rank=0)
+    again.load_state_dict(merged)
+    assert again.batch_in_epoch == 1
+
+
+# ----------------------------------------------------------------------------------------- determinism
+@pytest.mark.parametrize("resampled", [False, True])
+def test_deterministic_and_epochs_differ(tmp_path, resampled):
+    write_shards(tmp_path, [6, 6, 6], width=20, height=16)
+
+    def epoch_batches(seed: int, epoch: int) -> list[dict]:
+        stream = ShardStream(tmp_path, batch_size=3, image_size=12, world_size=1, rank=0, seed=seed,
+                             resampled=resampled, shuffle_buffer=6)
+        stream.set_epoch(epoch)
+        return run_batches(stream)
+
+    a, b = epoch_batches(0, 0), epoch_batches(0, 0)
+    assert keys_of(a) == keys_of(b) and all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
+    assert keys_of(epoch_batches(0, 1)) != keys_of(a)
+    assert keys_of(epoch_batches(1, 0)) != keys_of(a)
+    if not resampled:
+        assert sorted(keys_of(epoch_batches(0, 1))) == sorted(keys_of(a))
+
+
+# ----------------------------------------------------------------------------------------- bad data
+def test_corrupt_member_and_truncated_tar_are_skipped_and_counted(tmp_path, caplog):
+    write_shards(tmp_path, [6, 6, 6])
+    bad = tmp_path / "test-000001.tar"
+    with wds.TarWriter(str(bad), mtime=0) as writer:  # sample 2 of shard 1 holds garbage bytes
+        for index in range(6):
+            png = b"\x89PNG not really" if index == 2 else encode(pixels_for(1, index))
+            writer.write({"__key__": f"s001i{index:04d}", "png": png, "cls": b"1"})
+    truncated = tmp_path / "test-000002.tar"
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+
+    for world_size in (1, 2):
+        totals = {"corrupt": 0, "decode_error": 0, "tar_error": 0}
+        for rank in range(world_size):
+            stream = ShardStream(tmp_path, batch_size=2, image_size=8, rank=rank, world_size=world_size,
+                                 num_workers=0)
+            batches = run_batches(stream)
+            assert len(batches) == stream.steps_per_epoch == 18 // (2 * world_size)
+            stats = stream.stats
+            totals["corrupt"] += stats["corrupt"]
+            for reason in ("decode_error", "tar_error"):
+                totals[reason] += stats["reasons"].get(reason, 0)
+            assert "s001i0002" not in keys_of(batches)
+        assert totals["decode_error"] >= 1 and totals["tar_error"] >= 1
+        assert totals["corrupt"] == totals["decode_error"] + totals["tar_error"]
+    assert "skipping" in caplog.text
+
+
+def test_unreadable_shards_raise_a_clear_error_instead_of_spinning(tmp_path):
+    write_shards(tmp_path, [4])
+    shard = tmp_path / "test-000000.tar"
+    with wds.TarWriter(str(shard), mtime=0) as writer:
+        for index in range(4):
+            writer.write({"__key__": f"x{index}", "png": b"garbage"})
+    stream = ShardStream(tmp_path, batch_size=2, image_size=8, world_size=1, rank=0)
+    with pytest.raises(RuntimeError, match="could be decoded"):
+        run_batches(stream)
+
+
+# ----------------------------------------------------------------------------------------- transforms
+def test_gray_and_rgba_become_rgb_over_white():
+    gray = np.full((4, 6), 77, dtype=np.uint8)
+    assert decode_pil(encode(gray)).shape == (3, 4, 6) and (decode_pil(encode(gray)) == 77).all()
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, :2, 3] = 255  # left half opaque red, right half fully transparent
+    for decode in (decode_pil, decode_torchvision):
+        rgb = decode(encode(rgba))
+        assert rgb.shape == (3, 4, 4)
+        assert rgb[:, :, :2].tolist() == [[[200] * 2] * 4, [[0] * 2] * 4, [[0] * 2] * 4]
+        assert (rgb[:, :, 2:] == 255).all()
+
+
+def test_crop_offset_and_flip_geometry():
+    image = torch.arange(2 * 5, dtype=torch.uint8).reshape(1, 2, 5).expand(3, -1, -1)  # H=2, W=5
+    assert crop_resize_flip(image, 2, 0.0, False)[0].tolist() == [[0, 1], [5, 6]]
+    assert crop_resize_flip(image, 2, 0.5, False)[0].tolist() == [[2, 3], [7, 8]]  # round(0.5 * 3) = 2
+    assert crop_resize_flip(image, 2, 1.0, True)[0].tolist() == [[4, 3], [9, 8]]
+    pixels = pixels_for(0, 0, 40, 30)
+    pil = load_image(encode(pixels), 12, 0.5, False, "pil")
+    tv = load_image(encode(pixels), 12, 0.5, False, "torchvision")
+    assert pil.shape == (3, 12, 12) and torch.equal(pil, tv)  # lossless png: both decoders agree
+
+
+def test_sample_augmentation_is_a_pure_function_of_its_seed():
+    draws = [sample_augmentation((0, 0, 0, p), "random", True) for p in range(64)]
+    assert draws == [sample_augmentation((0, 0, 0, p), "random", True) for p in range(64)]
+    assert 20 < sum(flip for _, flip in draws) < 44 and len({o for o, _ in draws}) == 64
+    assert all(0 <= o <= 1 for o, _ in draws)
+    assert sample_augmentation((1, 2), "center", False) == (0.5, False)
