@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import multiprocessing
 import os
 import socket
@@ -48,6 +49,7 @@ FORMATS = ("jpg", "png", "webp")
 REJECT_REASONS = ("missing", "unreadable", "empty", "not_an_image", "truncated", "corrupt",
                   "decompression_bomb", "too_small", "duplicate")
 RUN_FILE = "shard_run.json"
+REDUCING_GAP = 3.0  # resampling keeps >= 3x the target resolution before the final Lanczos step
 MAX_SHARD_SIZE = 1_000_000  # the in-shard part of a key has 6 digits
 PATH_COLUMNS = ("path", "filepath", "file", "filename", "image", "image_path")
 LABEL_COLUMNS = ("label", "cls", "class", "class_name")
@@ -281,7 +283,7 @@ def resize_image(img: Image.Image, size: int, mode: str) -> Image.Image:
         raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
     if target == (width, height) and box == (0, 0, width, height):
         return img
-    return img.resize(target, Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+    return img.resize(target, Image.Resampling.LANCZOS, box=box, reducing_gap=REDUCING_GAP)
 
 
 def encode_image(img: Image.Image, fmt: str, quality: int) -> bytes:
@@ -308,15 +310,15 @@ def _pixel_limit(max_pixels: int):
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def _decode(data: bytes, max_pixels: int) -> Image.Image:
-    """Fully decoded, EXIF-oriented image. Raises Rejected for non-images, truncation, bombs."""
-    if not data:
-        raise Rejected("empty", "zero-byte file")
+@contextlib.contextmanager
+def _decoding():
+    """Map the many ways PIL fails on bad bytes to Rejected with a reason."""
     try:
-        with _pixel_limit(max_pixels), warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            img.load()
+            yield
+    except Rejected:
+        raise
     except UnidentifiedImageError as exc:
         raise Rejected("not_an_image", str(exc)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -325,18 +327,34 @@ def _decode(data: bytes, max_pixels: int) -> Image.Image:
         raise Rejected("truncated" if "truncat" in str(exc).lower() else "corrupt", str(exc)) from None
     except Exception as exc:  # decoders raise SyntaxError, ValueError, struct.error, ... on bad data
         raise Rejected("corrupt", f"{type(exc).__name__}: {exc}") from None
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception as exc:
-        raise Rejected("corrupt", f"bad EXIF orientation: {type(exc).__name__}: {exc}") from None
+
+
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) as displayed, from the header: EXIF orientations 5-8 swap the axes."""
+    width, height = img.size
+    return (height, width) if img.getexif().get(0x0112) in (5, 6, 7, 8) else (width, height)
 
 
 def process_image(data: bytes, options: ShardOptions) -> tuple[bytes, tuple[int, int]]:
-    """Source bytes -> (encoded RGB image bytes, original (width, height) after EXIF orientation)."""
-    img = _decode(data, options.max_pixels)
-    original = img.size
-    if min(original) < options.min_size:
-        raise Rejected("too_small", f"{original[0]}x{original[1]} is below --min-size {options.min_size}")
+    """Source bytes -> (encoded RGB image bytes, original (width, height) after EXIF orientation).
+
+    Size checks (bomb, --min-size) use the header, before any pixel is decoded. JPEGs that will be
+    downscaled by more than REDUCING_GAP are decoded at a reduced DCT scale (libjpeg "draft"),
+    keeping at least REDUCING_GAP x the target side for the Lanczos step.
+    """
+    if not data:
+        raise Rejected("empty", "zero-byte file")
+    with _decoding():
+        with _pixel_limit(options.max_pixels):
+            img = Image.open(io.BytesIO(data))
+        original = _oriented_size(img)
+        if min(original) < options.min_size:
+            raise Rejected("too_small", f"{original[0]}x{original[1]} is below --min-size {options.min_size}")
+        scale = REDUCING_GAP * options.image_size / min(img.size)
+        if options.resize != "none" and img.format == "JPEG" and scale < 1:
+            img.draft(None, (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
+        img.load()
+        img = ImageOps.exif_transpose(img)
     try:
         rgb = resize_image(to_rgb(img), options.image_size, options.resize)
     except Exception as exc:  # exotic modes PIL cannot convert

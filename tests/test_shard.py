@@ -154,6 +154,17 @@ def test_resize_modes_crop_and_exif(tmp_path):
     assert decode(data).shape == (80, 40, 3)
 
 
+def test_large_jpeg_reduced_decode_matches_full_decode():
+    big = np.asarray(Image.fromarray(procedural_image(7, 512)).resize((1024, 768)))
+    buffer = io.BytesIO()
+    Image.fromarray(big).save(buffer, "JPEG", quality=95)
+    data, original = process_image(buffer.getvalue(), ShardOptions(image_size=64, format="png"))
+    assert original == (1024, 768)
+    reference = Image.open(buffer).convert("RGB").resize((64, 64), Image.Resampling.LANCZOS, box=(128, 0, 896, 768))
+    diff = np.abs(decode(data).astype(int) - np.asarray(reference).astype(int))
+    assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 4
+
+
 def _png(pixels: np.ndarray, mode: str | None = None, **kwargs) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels, mode).save(buffer, "PNG", **kwargs)
