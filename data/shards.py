@@ -28,7 +28,9 @@ import socket
 import tarfile
 import time
 import warnings
-from collections import Counter
+from collections import Counter, defaultdict
+from concurrent import futures
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
@@ -161,15 +163,17 @@ def _table_entries(list_file: Path, columns: list[str], rows: Iterable[Sequence[
                          f"expected one of {', '.join(PATH_COLUMNS)}")
     label_col, caption_col = _pick_column(columns, LABEL_COLUMNS), _pick_column(columns, CAPTION_COLUMNS)
     index = {c: i for i, c in enumerate(columns)}
-    base = list_file.parent
+
+    def cell(row: Sequence[Any], column: Optional[str]) -> Any:
+        return row[index[column]] if column is not None and index[column] < len(row) else None
+
     entries = []
     for row in rows:
-        path = row[index[path_col]]
+        path = cell(row, path_col)
         if path is None or str(path).strip() == "":
             continue
-        label = row[index[label_col]] if label_col is not None else None
-        caption = row[index[caption_col]] if caption_col is not None else None
-        entries.append((os.path.abspath(base / str(path).strip()), label, caption))
+        entries.append((os.path.abspath(list_file.parent / str(path).strip()), cell(row, label_col),
+                        cell(row, caption_col)))
     return entries
 
 
@@ -578,8 +582,8 @@ def _write_shard_task(args: tuple) -> dict:
     return write_shard(*args, on_item=_tick)
 
 
-def _hash_pass(paths: list[str], pool, bar_factory) -> list[Optional[str]]:
-    hashes = pool.imap(_hash_file, paths, chunksize=64) if pool is not None else map(_hash_file, paths)
+def _hash_pass(paths: list[str], executor: Optional[ProcessPoolExecutor], bar_factory) -> list[Optional[str]]:
+    hashes = executor.map(_hash_file, paths, chunksize=64) if executor is not None else map(_hash_file, paths)
     with bar_factory(len(paths), "hashing") as bar:
         result = []
         for digest in hashes:
@@ -617,37 +621,35 @@ def shard_images(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
 
         return tqdm(total=total, desc=desc, unit="img", disable=not show, dynamic_ncols=True)
 
-    pool = None
-    counter = None
+    executor = counter = None
     if workers > 1 and todo:
         ctx = multiprocessing.get_context("spawn")
         counter = ctx.Value("q", 0)
         processes = workers if options.dedupe else min(workers, len(todo))  # hashing splits by file
-        pool = ctx.Pool(processes, initializer=_init_worker, initargs=(counter,))
+        executor = ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_worker, initargs=(counter,))
     try:
-        duplicates: dict[int, str] = {}
+        duplicates_by_shard: dict[int, dict[int, str]] = defaultdict(dict)
         if options.dedupe and todo:
             last = (todo[-1] + 1) * size  # only inputs up to the end of this node's last shard matter
             paths = [item.path for item in items[:last]]
-            duplicates = find_duplicates(paths, _hash_pass(paths, pool, bar_factory))
-        tasks = [(out_dir, s, items[s * size:(s + 1) * size], s * size, options,
-                  {i: p for i, p in duplicates.items() if s * size <= i < (s + 1) * size}) for s in todo]
-        total = sum(len(t[2]) for t in tasks)
-        with bar_factory(total, f"shards ({len(todo)}/{len(mine)} to do)") as bar:
-            if pool is None:
+            for index, first in find_duplicates(paths, _hash_pass(paths, executor, bar_factory)).items():
+                duplicates_by_shard[index // size][index] = first
+        tasks = [(out_dir, s, items[s * size:(s + 1) * size], s * size, options, duplicates_by_shard[s])
+                 for s in todo]
+        with bar_factory(sum(len(t[2]) for t in tasks), f"shards ({len(todo)}/{len(mine)} to do)") as bar:
+            if executor is None:
                 for task in tasks:
                     write_shard(*task, on_item=lambda: bar.update(1))
             else:
-                pending = pool.map_async(_write_shard_task, tasks, chunksize=1)
-                while not pending.ready():
-                    pending.wait(0.5)
+                pending = {executor.submit(_write_shard_task, task) for task in tasks}
+                while pending:
+                    done, pending = futures.wait(pending, timeout=0.5, return_when=futures.FIRST_EXCEPTION)
+                    for future in done:
+                        future.result()  # a crashed worker raises here instead of hanging the run
                     bar.update(counter.value - bar.n)
-                pending.get()
-                bar.update(counter.value - bar.n)
     finally:
-        if pool is not None:  # every result is in (or the run is failing): stop the workers now
-            pool.terminate()
-            pool.join()
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
 
     node_stats = [json.loads((out_dir / f"{shard_stem(options.name, s)}.stats.json").read_text()) for s in mine]
     reasons: Counter = Counter()

@@ -319,7 +319,9 @@ def test_file_lists_numeric_labels_and_sorting(tmp_path):
     found = discover_inputs([tmp_path / "l.tsv"])
     assert [(Path(i.path).name, i.label) for i in found.items] == [("a.png", 2), ("b.png", 7)]
     assert found.classes == []
-    (tmp_path / "names.csv").write_text("path,label\nimg/a.png,cat\n")
+    (tmp_path / "names.csv").write_text("path,label,caption\nimg/a.png,cat\n")  # short row: no caption
+    named = discover_inputs([tmp_path / "names.csv"])
+    assert named.classes == ["cat"] and named.items[0].label == 0 and named.items[0].caption is None
     with pytest.raises(ShardError, match="mix class names"):
         discover_inputs([tmp_path / "l.tsv", tmp_path / "names.csv"])
     (tmp_path / "bad.csv").write_text("where,label\nimg/a.png,1\n")
