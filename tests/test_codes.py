@@ -88,6 +88,11 @@ def test_random_access_by_global_index_across_parts(tmp_path):
     rows = concat_rows(parts)
     for i in np.random.default_rng(0).integers(0, len(reader), 50).tolist() + [29, 30, 54, 55, 94]:
         assert_row_equal(reader[i], rows, i)
+    batch = reader.gather([94, 3, 31, 3])
+    assert batch.keys == [rows["keys"][i] for i in (94, 3, 31, 3)] and batch.grains.shape == (4, *GRAIN_SHAPE)
+    np.testing.assert_array_equal(batch.codes, np.concatenate([rows["codes"][i] for i in (94, 3, 31, 3)]))
+    np.testing.assert_array_equal(batch.lengths, reader.lengths[[94, 3, 31, 3]])
+    np.testing.assert_array_equal(batch.labels, np.asarray(rows["labels"])[[94, 3, 31, 3]])
     assert reader[-1].key == rows["keys"][-1] == "img2_0039"
     with pytest.raises(IndexError):
         reader[95]

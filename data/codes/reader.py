@@ -4,7 +4,7 @@ from __future__ import annotations
 import bisect
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -25,22 +25,35 @@ class CodeRecord(NamedTuple):
     codes: np.ndarray
 
 
+class CodeBatch(NamedTuple):
+    """Rows packed in the order asked for. codes: the rows' (L_i, K) codes concatenated, (sum L_i, K) in the
+    stored dtype (a copy); lengths int32 [B] (L_i); grains uint8 [B, Hs, Ws]; labels int32 [B]; views uint8 [B]."""
+    keys: list[str]
+    labels: np.ndarray
+    views: np.ndarray
+    grains: np.ndarray
+    codes: np.ndarray
+    lengths: np.ndarray
+
+
 class RecordBlock:
     """Zero-copy numpy views of one Arrow record batch of a part (n rows).
 
     key_offsets int32 [n+1] into key_data (bytes); labels int32 [n]; views uint8 [n]; grain_offsets
     int32 [n+1] into grain_data uint8; code_offsets int32 [n+1] into code_values (flattened (L, K) rows);
-    lengths int32 [n].
+    lengths int32 [n]. When the buffers are laid out as the writer lays them out (grain maps of
+    grain_shape back to back, code offsets multiples of K) also grains uint8 [n, Hs, Ws] and code_rows
+    [sum L, K], which ``record`` uses; otherwise those are None and ``layout_problem`` says why.
     """
 
-    __slots__ = ("batch", "num_rows", "num_subcodes", "grain_shape", "key_offsets", "key_data", "labels", "views",
-                 "grain_offsets", "grain_data", "code_offsets", "code_values", "lengths", "null_count")
+    __slots__ = ("batch", "num_rows", "num_subcodes", "key_offsets", "key_data", "labels", "views",
+                 "grain_offsets", "grain_data", "code_offsets", "code_values", "lengths", "null_count",
+                 "grains", "code_rows")
 
     def __init__(self, batch: pa.RecordBatch, num_subcodes: int, grain_shape: tuple[int, int]):
         self.batch = batch
-        self.num_rows = batch.num_rows
-        self.num_subcodes = num_subcodes
-        self.grain_shape = grain_shape
+        self.num_rows = n = batch.num_rows
+        self.num_subcodes = k = num_subcodes
         keys, grains, codes = batch.column("key"), batch.column("grain"), batch.column("codes")
         self.key_offsets = _offsets(keys)
         self.key_data = memoryview(keys.buffers()[2] or b"")
@@ -52,14 +65,25 @@ class RecordBlock:
         self.code_values = codes.values.to_numpy()
         self.lengths = batch.column("length").to_numpy()
         self.null_count = sum(column.null_count for column in batch.columns) + codes.values.null_count
+        g0, g1 = self.grain_offsets.item(0), self.grain_offsets.item(n)
+        regular_grains = g1 - g0 == n * grain_shape[0] * grain_shape[1]
+        self.grains = self.grain_data[g0:g1].reshape(n, *grain_shape) if regular_grains else None
+        c1 = self.code_offsets.item(n)
+        regular_codes = self.code_offsets.item(0) % k == 0 and c1 % k == 0
+        self.code_rows = self.code_values[:c1].reshape(-1, k) if regular_codes else None
+
+    def layout_problem(self) -> str | None:
+        if self.grains is None:
+            return "grain maps do not add up to rows x grain_shape bytes"
+        if self.code_rows is None:
+            return "code offsets are not multiples of K"
+        return None
 
     def record(self, row: int) -> CodeRecord:
-        k0, k1 = self.key_offsets[row], self.key_offsets[row + 1]
-        g0, g1 = self.grain_offsets[row], self.grain_offsets[row + 1]
-        c0, c1 = self.code_offsets[row], self.code_offsets[row + 1]
-        return CodeRecord(str(self.key_data[k0:k1], "utf-8"), int(self.labels[row]), int(self.views[row]),
-                          self.grain_data[g0:g1].reshape(self.grain_shape),
-                          self.code_values[c0:c1].reshape(-1, self.num_subcodes))
+        key_offsets, code_offsets, k = self.key_offsets, self.code_offsets, self.num_subcodes
+        return CodeRecord(str(self.key_data[key_offsets.item(row): key_offsets.item(row + 1)], "utf-8"),
+                          self.labels.item(row), self.views.item(row), self.grains[row],
+                          self.code_rows[code_offsets.item(row) // k: code_offsets.item(row + 1) // k])
 
     def keys(self) -> np.ndarray:
         """Object array of str [n]."""
@@ -103,6 +127,9 @@ class CodeReader:
         for index, entry in sorted(self.manifest.parts.items()):
             file, blocks = open_part(self.out_dir / entry["file"], self.manifest)
             rows = sum(block.num_rows for block in blocks)
+            problem = next((p for p in (b.layout_problem() for b in blocks) if p), None)
+            if problem:
+                raise ValueError(f"{entry['file']}: {problem}; run `varitok verify codes {out_dir}`")
             if rows != entry["rows"]:
                 raise ValueError(f"{entry['file']} holds {rows} rows but the manifest records {entry['rows']}; "
                                  f"run `varitok verify codes {out_dir}`")
@@ -139,6 +166,19 @@ class CodeReader:
             raise IndexError(f"index {index} out of range for {total} rows")
         block = bisect.bisect_right(self._starts, index) - 1
         return self.blocks[block].record(index - self._starts[block])
+
+    def gather(self, indices: Sequence[int]) -> CodeBatch:
+        """The rows at global ``indices`` (e.g. one TokenBudgetBatcher batch) packed into one CodeBatch."""
+        records = [self[i] for i in indices]
+        k, shape = self.num_subcodes, self.grain_shape
+        return CodeBatch(
+            keys=[r.key for r in records],
+            labels=np.array([r.label for r in records], dtype=np.int32),
+            views=np.array([r.view for r in records], dtype=np.uint8),
+            grains=np.stack([r.grain for r in records]) if records else np.zeros((0, *shape), dtype=np.uint8),
+            codes=(np.concatenate([r.codes for r in records]) if records
+                   else np.zeros((0, k), dtype=self.manifest.dtype)),
+            lengths=np.array([len(r.codes) for r in records], dtype=np.int32))
 
     @property
     def lengths(self) -> np.ndarray:
