@@ -26,6 +26,14 @@ from data.shards import (Rejected, ShardError, ShardOptions, discover_inputs, me
 from pipeline.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parent.parent
+NODE_VARS = ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")
+
+
+@pytest.fixture(autouse=True)
+def single_node(monkeypatch):
+    """Tests run as one node even inside a SLURM job or a torchrun launch (subprocesses inherit this)."""
+    for var in NODE_VARS:
+        monkeypatch.delenv(var, raising=False)
 
 
 def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
@@ -258,8 +266,7 @@ def test_kill_minus_nine_then_resume_equals_clean_run(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "pipeline.cli", "shard", "--input", str(src), "--output", str(out),
                "--shard-size", "2", "--format", "png", "--resize", "none"]
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not list(out.glob("*.stats.json")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.002)
@@ -270,7 +277,7 @@ def test_kill_minus_nine_then_resume_equals_clean_run(tmp_path):
     (out / "shard-000029.tar").write_bytes(b"half a tar")     # killed between tar rename and stats write
     (out / "shard-000028.tar.tmp").write_bytes(b"\0" * 100)   # killed while writing the tar
 
-    assert subprocess.run(command, cwd=REPO, env=env, capture_output=True).returncode == 0
+    assert subprocess.run(command, cwd=REPO, capture_output=True).returncode == 0
     shard_images([str(src)], tmp_path / "clean", ShardOptions(shard_size=2, format="png", resize="none"),
                  progress=False)
     assert output_files(out) == output_files(tmp_path / "clean")
@@ -299,8 +306,6 @@ def test_nodes_write_disjoint_shards_and_merge_equals_single_node(tmp_path, imag
 
 
 def test_resolve_node_sources(monkeypatch):
-    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(var, raising=False)
     assert resolve_node() == (0, 1)
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "4")
