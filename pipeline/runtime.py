@@ -1,0 +1,168 @@
+"""The Accelerator every training stage runs under: one code path from 1 CPU process to N GPU nodes.
+
+Always DeepSpeed (ZeRO stage 0 is plain data parallel: the engine all-reduces gradients, nothing is
+partitioned), so a stage loop never branches on the launch. Canonical loop (see tests/toy_train.py)::
+
+    accelerator = build_accelerator(cfg.train, cfg.run.dir, grad_clip=cfg.optim.grad_clip,
+                                    micro_batch_size=cfg.data.batch_size, seed=cfg.run.seed)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, warmup_cosine(optimizer, ...))
+    ema = EMA(accelerator.unwrap_model(model), cfg.train.ema_decay)        # after prepare (ZeRO-3)
+    ckpt = CheckpointManager(cfg.run.dir, accelerator, cfg.train.keep_last, identity, stage="tokenizer")
+    step = ckpt.resume(args.resume, ema=ema, extra={"stream": stream})
+    while step < cfg.train.max_steps:
+        for _ in range(cfg.train.grad_accum):
+            with accelerator.accumulate(model):
+                loss = model(next(stream))
+                accelerator.backward(loss)     # DeepSpeed steps the optimizer at the boundary
+                optimizer.step(); optimizer.zero_grad()
+        scheduler.step()                       # once per optimizer step
+        step += 1
+        ema.update()
+        if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
+            ckpt.save(step, ema=ema, extra={"stream": stream})
+
+Launchers: plain ``python`` (this module fills RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* for a world of 1),
+``accelerate launch`` (its DeepSpeed config and ZeRO stage are respected when it passes one),
+``torchrun`` and ``deepspeed --no_local_rank`` (the ZeRO stage then comes from ``train.zero_stage``).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+# DeepSpeed picks its accelerator when first imported; without CUDA it must be told "cpu" before that.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from accelerate import Accelerator  # noqa: E402  (after DS_ACCELERATOR)
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration, set_seed  # noqa: E402
+
+from models.config import ConfigError  # noqa: E402
+from pipeline.config import TrainConfig  # noqa: E402
+
+__all__ = ["build_accelerator", "mixed_precision_for", "launched_with_deepspeed_config", "free_port"]
+
+_MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def free_port() -> int:
+    """A TCP port that is free on this host right now (for MASTER_PORT / --main_process_port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def mixed_precision_for(precision: str, cuda: bool) -> str:
+    """Accelerate's ``mixed_precision`` for ``train.precision``: auto = bf16 on a GPU, fp32 on the CPU."""
+    if precision == "auto":
+        return "bf16" if cuda else "no"
+    if precision == "fp16" and not cuda:
+        raise ConfigError("train.precision=fp16 needs a GPU; use train.precision=fp32 (or auto) on the CPU")
+    if precision == "bf16" and not cuda:
+        warnings.warn("train.precision=bf16 on the CPU is ~500x slower than fp32 here (no native bf16 matmul); "
+                      "use train.precision=auto", stacklevel=2)
+    return _MIXED_PRECISION[precision]
+
+
+def launched_with_deepspeed_config() -> bool:
+    """True when ``accelerate launch --use_deepspeed`` (or a DEEPSPEED accelerate config) started us."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def _ensure_process_group_env() -> None:
+    """A plain ``python script.py`` run becomes a world of one, so DeepSpeed can initialise."""
+    if any(name in os.environ for name in ("LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
+        return
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def _deepspeed_plugin(train: TrainConfig, grad_clip: float) -> DeepSpeedPlugin:
+    """ZeRO stage, offload and config file from the launcher when it gave them, else from ``train``.
+
+    Accumulation and clipping always come from the stage config (they fill "auto" in a launcher's JSON;
+    a hard-coded value there wins, as Accelerate does).
+    """
+    shared = {"gradient_accumulation_steps": train.grad_accum, "gradient_clipping": float(grad_clip)}
+    if launched_with_deepspeed_config():
+        return DeepSpeedPlugin(**shared)
+    return DeepSpeedPlugin(zero_stage=train.zero_stage, hf_ds_config="none", **shared)
+
+
+def _make_batch_sizes_consistent(plugin: DeepSpeedPlugin, micro_batch_size: Optional[int]) -> None:
+    """Rule out DeepSpeed's ``train_batch_size == micro * accum * world`` assertion.
+
+    The micro batch comes from the run (the data stream is not a DataLoader Accelerate could read);
+    ``train_batch_size`` is left "auto" so Accelerate computes it from micro * accum * world.
+    """
+    config = plugin.deepspeed_config
+    if micro_batch_size is not None:
+        written = config.get("train_micro_batch_size_per_gpu", "auto")
+        if written not in ("auto", micro_batch_size):
+            warnings.warn(f"DeepSpeed config train_micro_batch_size_per_gpu={written} replaced by the run's "
+                          f"micro batch {micro_batch_size}", stacklevel=3)
+        config["train_micro_batch_size_per_gpu"] = int(micro_batch_size)
+    config["train_batch_size"] = "auto"
+    # Consolidated exports under ZeRO-3 (accelerator.get_state_dict) need the gathered save enabled.
+    zero = config.setdefault("zero_optimization", {})
+    if int(zero.get("stage", 0)) == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def _trackers(log_with: Iterable[str]) -> list[str]:
+    """Requested trackers that are importable; wandb only when installed (a warning otherwise)."""
+    chosen = []
+    for name in log_with:
+        module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name, name)
+        try:
+            __import__(module)
+        except ImportError:
+            warnings.warn(f"logging to {name} requested but {module} is not installed; skipping it "
+                          f"(pip install {module})", stacklevel=3)
+            continue
+        chosen.append(name)
+    return chosen
+
+
+def build_accelerator(train: TrainConfig, run_dir: str | os.PathLike, *, grad_clip: float = 0.0,
+                      micro_batch_size: Optional[int] = None, seed: int = 0,
+                      log_with: Iterable[str] = ("tensorboard",), project_name: str = "varitok",
+                      tracker_config: Optional[dict] = None) -> Accelerator:
+    """Build the Accelerator for a training stage (DeepSpeed always, ZeRO stage from launcher or config).
+
+    ``micro_batch_size`` is the per-rank batch of one forward (images or sequences); ``grad_clip`` is the
+    global gradient norm clip (0 disables). CPU: gloo, fp32, DS_ACCELERATOR=cpu. GPU: NCCL, TF32, bf16 by
+    default. Seeds ``seed + process_index`` on every rank (DeepSpeed broadcasts rank 0's initial weights,
+    so models still start identical). Trackers log under ``run_dir/logs`` (rank 0 only).
+    """
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    _ensure_process_group_env()
+    plugin = _deepspeed_plugin(train, grad_clip)
+    _make_batch_sizes_consistent(plugin, micro_batch_size)
+    handlers = [] if cuda else [InitProcessGroupKwargs(backend="gloo")]
+    trackers = _trackers(log_with)
+    run_dir = Path(run_dir)
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision_for(train.precision, cuda),
+        deepspeed_plugin=plugin,
+        gradient_accumulation_steps=train.grad_accum,
+        # The schedule counts optimizer steps: the loop calls scheduler.step() once per optimizer step
+        # (Accelerate's default would step it once per process per step).
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=handlers,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+    )
+    set_seed(seed, device_specific=True)
+    if trackers:
+        accelerator.init_trackers(project_name, config=tracker_config)
+    return accelerator
