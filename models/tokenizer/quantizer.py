@@ -1,0 +1,256 @@
+"""Factorized cosine quantizer (FQGAN) applied per granularity level.
+
+K sub-codebooks, each with its own size and code dimension, are shared by all levels. For every
+sub-codebook ``k`` a light conv adapter maps the encoder's ``z_channels`` to code dim ``D_k``; inputs and
+codes are l2-normalised and looked up by cosine similarity in fp32 (autocast disabled, so bf16 training
+assigns the same codes as fp32). Each level is quantized at its own resolution (never replicated copies);
+in training every cell of a level's grid is quantized (masked dense, no host syncs) and the losses count
+only the cells whose region chose that level (``masks``).
+
+Losses (already weighted, summed over sub-codebooks): codebook ``mean ||q - sg(u)||^2``, commitment
+``beta * mean ||sg(q) - u||^2``, entropy regularizer ``mean_i H(p_i) - H(mean_i p_i)`` with
+``p_i = softmax(-d_i / T)`` (computed in chunks of tokens by :class:`ChunkedLookupEntropy`: never a dense
+tokens x codebook matrix), disentanglement ``mean over pairs (a, b) of mean <q_a, q_b>^2``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import ConfigBase, ConfigError
+from models.tokenizer.blocks import ResBlock, group_norm
+
+UINT16_CODES = 1 << 16
+
+
+@dataclasses.dataclass
+class SubCodebookConfig(ConfigBase):
+    size: int = 16384
+    dim: int = 8
+    align: str = ""       # name of the teacher this sub-codebook is aligned to ("" = none, pixel detail)
+    align_dim: int = 0    # that teacher's feature width (e.g. 384 DINOv2-S, 512 CLIP ViT-B/16)
+
+    def __post_init__(self) -> None:
+        if self.size < 2 or self.dim < 1:
+            raise ConfigError(f"model.quantizer.codebooks: size must be >= 2 and dim >= 1, got {self.size}, {self.dim}")
+        if self.align and self.align_dim < 1:
+            raise ConfigError(f"model.quantizer.codebooks: align={self.align!r} needs align_dim, the teacher's "
+                              f"feature width")
+
+
+@dataclasses.dataclass
+class QuantizerConfig(ConfigBase):
+    codebooks: list[SubCodebookConfig] = dataclasses.field(default_factory=lambda: [SubCodebookConfig()])
+    adapter_channels: int = 256
+    adapter_blocks: int = 1           # ResBlocks in each sub-codebook's adapter
+    beta: float = 0.25                # commitment weight
+    codebook_weight: float = 1.0
+    entropy_weight: float = 0.03
+    entropy_temperature: float = 0.01
+    disentangle_weight: float = 0.1
+    chunk_size: int = 4096            # tokens per chunk of the lookup / entropy computation
+
+    def __post_init__(self) -> None:
+        if not self.codebooks:
+            raise ConfigError("model.quantizer.codebooks: need at least one sub-codebook")
+        dims = {c.dim for c in self.codebooks}
+        if self.disentangle_weight > 0 and len(self.codebooks) > 1 and len(dims) > 1:
+            raise ConfigError(f"model.quantizer.disentangle_weight > 0 compares sub-codes at the same position and "
+                              f"needs equal dims, got {[c.dim for c in self.codebooks]}: equalise the dims or set "
+                              f"disentangle_weight: 0")
+        if self.chunk_size < 1 or self.entropy_temperature <= 0:
+            raise ConfigError("model.quantizer: chunk_size and entropy_temperature must be positive")
+
+
+def _chunks(n: int, size: int):
+    return ((start, min(n, start + size)) for start in range(0, n, size))
+
+
+@torch.no_grad()
+def cosine_lookup(z: torch.Tensor, codebook: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    """Index of the nearest code by cosine similarity, in fp32. z: N x D, codebook: V x D (both
+    l2-normalised). Returns int64 N. Computed ``chunk_size`` rows at a time."""
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z, codebook = z.float(), codebook.float()
+        out = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
+        for start, end in _chunks(z.shape[0], chunk_size):
+            out[start:end] = (z[start:end] @ codebook.T).argmax(1)
+    return out
+
+
+class ChunkedLookupEntropy(torch.autograd.Function):
+    """Fused nearest-code lookup and FQGAN entropy regularizer, chunked over tokens in forward and backward.
+
+    Inputs: z N x D and codebook V x D (l2-normalised, fp32), weights N (token weights, e.g. level masks),
+    temperature T, chunk size. With s_i = 2 <z_i, e> / T (= -d_i / T up to a constant), p_i = softmax(s_i),
+    w~ = weights / sum(weights), pbar = sum_i w~_i p_i:
+        loss = sum_i w~_i H(p_i) - H(pbar)
+    Returns (indices int64 N, loss scalar). Backward recomputes each chunk's probabilities, so memory is
+    O(chunk x V) instead of O(N x V); gradients flow to z and the codebook, not to the weights.
+    """
+
+    @staticmethod
+    def forward(ctx, z, codebook, weights, temperature: float, chunk_size: int):
+        scale = 2.0 / temperature
+        w = weights / weights.sum().clamp_min(1e-12)
+        pbar = z.new_zeros(codebook.shape[0])
+        token_entropy = z.new_empty(z.shape[0])
+        indices = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
+        for start, end in _chunks(z.shape[0], chunk_size):
+            logits = (z[start:end] @ codebook.T) * scale
+            indices[start:end] = logits.argmax(1)
+            logp = logits.log_softmax(1)
+            p = logp.exp()
+            token_entropy[start:end] = -(p * logp).sum(1)
+            pbar += w[start:end] @ p
+        loss = (w * token_entropy).sum() + torch.xlogy(pbar, pbar).sum()
+        ctx.save_for_backward(z, codebook, w, token_entropy, pbar)
+        ctx.scale, ctx.chunk_size = scale, chunk_size
+        ctx.mark_non_differentiable(indices)
+        return indices, loss
+
+    @staticmethod
+    def backward(ctx, _grad_indices, grad_loss):
+        z, codebook, w, token_entropy, pbar = ctx.saved_tensors
+        log_pbar = pbar.clamp_min(torch.finfo(pbar.dtype).tiny).log()
+        grad_z = torch.empty_like(z)
+        grad_codebook = torch.zeros_like(codebook)
+        for start, end in _chunks(z.shape[0], ctx.chunk_size):
+            zc = z[start:end]
+            logp = ((zc @ codebook.T) * ctx.scale).log_softmax(1)
+            p = logp.exp()
+            # d/ds [w~ H(p)] = -w~ p (log p + H);  d/ds [-H(pbar)] = w~ p (log pbar - <p, log pbar>)
+            inner = log_pbar - logp - token_entropy[start:end, None] - (p @ log_pbar)[:, None]
+            grad_s = (grad_loss * ctx.scale) * w[start:end, None] * p * inner
+            grad_z[start:end] = grad_s @ codebook
+            grad_codebook += grad_s.T @ zc
+        return grad_z, grad_codebook, None, None, None
+
+
+class QuantizerOutput(NamedTuple):
+    quantized: list[torch.Tensor]         # per level: B x sum(D_k) x Hg x Wg (straight-through in training)
+    indices: list[torch.Tensor]           # per level: B x K x Hg x Wg int64
+    losses: dict[str, torch.Tensor]       # codebook, commitment, entropy, disentangle (weighted scalars)
+    stats: dict[str, torch.Tensor]        # perplexity/k (this batch), usage/k (running, this rank)
+
+
+class FactorizedQuantizer(nn.Module):
+    """K cosine sub-codebooks shared by all granularity levels; see the module docstring."""
+
+    def __init__(self, config: QuantizerConfig, z_channels: int) -> None:
+        super().__init__()
+        self.config = config
+        self.dims = [c.dim for c in config.codebooks]
+        self.sizes = [c.size for c in config.codebooks]
+        self.adapters = nn.ModuleList(self._adapter(z_channels, c.dim) for c in config.codebooks)
+        self.codebooks = nn.ParameterList(nn.Parameter(torch.randn(c.size, c.dim)) for c in config.codebooks)
+        for k, size in enumerate(self.sizes):
+            self.register_buffer(f"usage_{k}", torch.zeros(size), persistent=False)
+
+    def _adapter(self, z_channels: int, dim: int) -> nn.Sequential:
+        width = self.config.adapter_channels if self.config.adapter_blocks else z_channels
+        blocks = [ResBlock(z_channels if i == 0 else width, width) for i in range(self.config.adapter_blocks)]
+        return nn.Sequential(*blocks, group_norm(width), nn.SiLU(), nn.Conv2d(width, dim, 1))
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        """Smallest unsigned dtype that holds every code: uint16 up to 65536 entries, else uint32."""
+        return torch.uint16 if max(self.sizes) <= UINT16_CODES else torch.uint32
+
+    def normalized_codebook(self, k: int) -> torch.Tensor:
+        return F.normalize(self.codebooks[k].float(), dim=-1)
+
+    def usage_counts(self, k: int) -> torch.Tensor:
+        return getattr(self, f"usage_{k}")
+
+    def forward(self, levels: list[torch.Tensor], masks: list[torch.Tensor]) -> QuantizerOutput:
+        """levels: per level ``B x z_channels x Hg x Wg``; masks: per level ``B x Hg x Wg`` float weights
+        (1 where the region chose that level). Quantizes every cell; losses and stats count masked cells."""
+        cfg = self.config
+        shapes = [z.shape for z in levels]
+        weights = torch.cat([m.detach().float().flatten() for m in masks])
+        total = weights.sum().clamp_min(1.0)
+        zero = weights.new_zeros(())
+        losses = {"codebook": zero, "commitment": zero, "entropy": zero, "disentangle": zero}
+        stats: dict[str, torch.Tensor] = {}
+        per_codebook_q, per_codebook_idx = [], []
+        with_entropy = self.training and cfg.entropy_weight > 0 and torch.is_grad_enabled()
+        for k, adapter in enumerate(self.adapters):
+            u = torch.cat([adapter(z).float().permute(0, 2, 3, 1).reshape(-1, self.dims[k]) for z in levels])
+            u = F.normalize(u, dim=-1)
+            codebook = self.normalized_codebook(k)
+            with torch.autocast(device_type=u.device.type, enabled=False):
+                if with_entropy:
+                    idx, entropy = ChunkedLookupEntropy.apply(u, codebook, weights, cfg.entropy_temperature,
+                                                              cfg.chunk_size)
+                    losses["entropy"] = losses["entropy"] + cfg.entropy_weight * entropy
+                else:
+                    idx = cosine_lookup(u, codebook, cfg.chunk_size)
+                q = codebook[idx]
+            if self.training:
+                sq_codebook = ((q - u.detach()) ** 2).mean(-1)
+                sq_commit = ((q.detach() - u) ** 2).mean(-1)
+                losses["codebook"] = losses["codebook"] + cfg.codebook_weight * (weights * sq_codebook).sum() / total
+                losses["commitment"] = losses["commitment"] + cfg.beta * (weights * sq_commit).sum() / total
+                q = u + (q - u).detach()
+                with torch.no_grad():
+                    self.usage_counts(k).index_add_(0, idx, weights)
+            stats[f"perplexity/{k}"] = _perplexity(idx, weights, self.sizes[k])
+            stats[f"usage/{k}"] = (self.usage_counts(k) > 0).float().mean()
+            per_codebook_q.append(q)
+            per_codebook_idx.append(idx)
+        if self.training and cfg.disentangle_weight > 0 and len(per_codebook_q) > 1:
+            losses["disentangle"] = cfg.disentangle_weight * disentanglement_loss(per_codebook_q, weights)
+        quantized = _split_levels(torch.cat(per_codebook_q, dim=1), shapes)
+        indices = _split_levels(torch.stack(per_codebook_idx, dim=1), shapes)
+        return QuantizerOutput(quantized, indices, losses, stats)
+
+    def embed(self, indices: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per level ``B x K x Hg x Wg`` code indices -> ``B x sum(D_k) x Hg x Wg`` unit code vectors."""
+        out = []
+        for idx in indices:
+            parts = [self.normalized_codebook(k)[idx[:, k]] for k in range(len(self.sizes))]  # B x Hg x Wg x D_k
+            out.append(torch.cat(parts, dim=-1).permute(0, 3, 1, 2).contiguous())
+        return out
+
+    def reset_usage(self) -> None:
+        for k in range(len(self.sizes)):
+            self.usage_counts(k).zero_()
+
+    def reduced_usage(self) -> dict[str, torch.Tensor]:
+        """Share of each sub-codebook's codes used since the last reset, summed over ranks when
+        torch.distributed is initialised (the running counts themselves stay per rank)."""
+        counts = [self.usage_counts(k).clone() for k in range(len(self.sizes))]
+        if dist.is_available() and dist.is_initialized():
+            for c in counts:
+                dist.all_reduce(c)
+        return {f"usage/{k}": (c > 0).float().mean() for k, c in enumerate(counts)}
+
+
+def disentanglement_loss(vectors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Mean over sub-codebook pairs (a, b) of the weighted mean of ``<q_a, q_b>**2`` over positions.
+
+    vectors: K tensors N x D (unit code vectors of the same N positions); weights: N. Unweighted scalar.
+    """
+    total = weights.sum().clamp_min(1e-12)
+    pairs = list(itertools.combinations(vectors, 2))
+    return sum((weights * (a * b).sum(-1) ** 2).sum() / total for a, b in pairs) / len(pairs)
+
+
+def _split_levels(tokens: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
+    """Inverse of the per-level flattening: tokens (sum_g B*Hg*Wg) x C -> per level B x C x Hg x Wg."""
+    sizes = [s[0] * s[2] * s[3] for s in shapes]
+    return [part.view(s[0], s[2], s[3], -1).permute(0, 3, 1, 2).contiguous() for part, s in zip(tokens.split(sizes), shapes)]
+
+
+def _perplexity(indices: torch.Tensor, weights: torch.Tensor, size: int) -> torch.Tensor:
+    """exp(entropy) of the weighted code histogram of one batch."""
+    hist = weights.new_zeros(size).index_add_(0, indices, weights)
+    p = hist / hist.sum().clamp_min(1e-12)
+    return torch.exp(-torch.xlogy(p, p).sum())

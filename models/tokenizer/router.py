@@ -1,0 +1,213 @@
+"""Granularity router: chooses a level per coarsest-grid region (DQ-VAE "Dynamic Grained Coding").
+
+Level 0 is the coarsest (1 code per region), level ``g`` gives a region ``4**g`` codes. Modes:
+
+- ``learned``: GroupNorm per branch, finer branches average-pooled to the coarse grid, concatenated, a
+  per-position MLP -> G logits. Training: straight-through hard Gumbel-softmax (temperature annealed by
+  :meth:`Router.set_step`); eval: argmax. The one-hot gates multiply the merged features downstream,
+  which is how the task gradient reaches the router.
+- ``entropy``: the soft-histogram image entropy of each region (:func:`region_entropy`) against thresholds
+  read from a calibrated quantile table (:func:`calibrate_entropy`), so a target share gives that share
+  on the calibration data; :meth:`Router.set_granularity_ratio` re-targets at inference.
+- ``fixed``: every region at ``fixed_level`` (fixed-length VQ is ``G = 1`` with this mode).
+
+Budget loss (learned mode): ``budget_weight * sum_g (share_g - target_g)**2`` over ALL levels, share_g the
+batch-mean of gate g and target_0 = 1 - sum(targets); for G = 2 this is DQ-VAE's ``2 * gamma * (r - t)**2``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import ConfigBase, ConfigError, check_choice
+
+ENTROPY_BINS = 32
+ENTROPY_SIGMA = 0.01
+GREY_WEIGHTS = (0.2989, 0.5870, 0.1140)
+ROUTER_MODES = ("learned", "entropy", "fixed")
+TAU_SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclasses.dataclass
+class RouterConfig(ConfigBase):
+    mode: str = "learned"
+    targets: list[float] = dataclasses.field(default_factory=lambda: [0.5])  # share of each finer level 1..G-1
+    budget_weight: float = 10.0         # gamma of the budget loss (learned mode)
+    hidden: int = 512                   # width of the learned router's per-position MLP
+    tau: float = 1.0                    # Gumbel-softmax temperature at step 0
+    tau_end: float = 1.0                # ... and after anneal_steps
+    tau_schedule: str = "constant"
+    anneal_steps: int = 0
+    fixed_level: int = 0                # fixed mode: the level of every region
+    entropy_table: str = ""             # entropy mode: JSON written by calibrate_entropy (inlined on load)
+    entropy_quantiles: list[float] = dataclasses.field(default_factory=list)  # ... or the quantiles inline
+
+    def __post_init__(self) -> None:
+        check_choice("model.router", "mode", self.mode, ROUTER_MODES)
+        check_choice("model.router", "tau_schedule", self.tau_schedule, TAU_SCHEDULES)
+        if min(self.targets, default=0.0) < 0 or sum(self.targets) > 1 + 1e-6:
+            raise ConfigError(f"model.router.targets must be non-negative shares summing to <= 1, got {self.targets}")
+        if self.tau <= 0 or self.tau_end <= 0:
+            raise ConfigError(f"model.router.tau and tau_end must be > 0, got {self.tau}, {self.tau_end}")
+
+
+class RouterOutput(NamedTuple):
+    gates: torch.Tensor    # B x G x Hs x Ws one-hot (straight-through gradient in learned training)
+    grain: torch.Tensor    # B x Hs x Ws int64 level per region
+    budget: torch.Tensor   # scalar, already weighted
+    shares: torch.Tensor   # G, batch-mean share of regions per level
+
+
+def region_entropy(images: torch.Tensor, region_size: int) -> torch.Tensor:
+    """Soft-histogram entropy (nats) of every ``region_size`` x ``region_size`` region (DQ-VAE formula).
+
+    images: B x 3 x H x W in [-1, 1], H and W divisible by ``region_size``. Grey = 0.2989 R + 0.587 G +
+    0.114 B; 32 bins linspace(-1, 1, 32), sigma 0.01; p~_j = mean over pixels exp(-0.5((grey - b_j)/sigma)^2),
+    p = p~ / (sum p~ + 1e-40) + 1e-40, H = -sum p ln p. Returns float64 B x H/region x W/region.
+    """
+    weights = torch.tensor(GREY_WEIGHTS, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+    grey = (images.float() * weights).sum(1, keepdim=True)                        # B x 1 x H x W
+    bins = torch.linspace(-1.0, 1.0, ENTROPY_BINS, device=images.device).view(1, -1, 1, 1)
+    kernel = torch.exp(-0.5 * ((grey - bins) / ENTROPY_SIGMA) ** 2)              # B x 32 x H x W
+    hist = F.avg_pool2d(kernel, region_size).double()                           # B x 32 x Hs x Ws
+    p = hist / (hist.sum(1, keepdim=True) + 1e-40) + 1e-40
+    return -(p * p.log()).sum(1)
+
+
+def calibrate_entropy(entropies: torch.Tensor, region_size: int, num_quantiles: int = 1001) -> dict[str, Any]:
+    """Quantile table of region entropies (from :func:`region_entropy` over a dataset), JSON-serialisable.
+
+    ``quantiles[i]`` is the ``i / (num_quantiles - 1)`` quantile (linear interpolation). The table records
+    the bins, sigma and region size it was computed with so a model with other settings refuses it.
+    """
+    values = entropies.detach().flatten().double().sort().values
+    if values.numel() == 0:
+        raise ValueError("calibrate_entropy: no entropies given")
+    return {"bins": ENTROPY_BINS, "sigma": ENTROPY_SIGMA, "range": [-1.0, 1.0], "region_size": int(region_size),
+            "num_regions": int(values.numel()), "quantiles": _interpolate(values, torch.linspace(0, 1, num_quantiles,
+                                                                                                 dtype=torch.float64)).tolist()}
+
+
+def _interpolate(sorted_values: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Linear-interpolated quantiles of an ascending 1-D table at probabilities ``probs``."""
+    position = probs.clamp(0, 1) * (sorted_values.numel() - 1)
+    low = position.floor().long()
+    high = (low + 1).clamp_max(sorted_values.numel() - 1)
+    frac = position - low
+    return sorted_values[low] * (1 - frac) + sorted_values[high] * frac
+
+
+def load_entropy_table(path: str | Path) -> dict[str, Any]:
+    """Read a table written by ``varitok calibrate-entropy`` (JSON from :func:`calibrate_entropy`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"model.router.entropy_table: {path} not found; run `varitok calibrate-entropy` "
+                          f"or give model.router.entropy_quantiles inline")
+    return json.loads(path.read_text())
+
+
+def budget_loss(gates: torch.Tensor, targets: Sequence[float], weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight * sum_g (share_g - target_g)**2``; gates B x G x Hs x Ws. Returns (loss, shares G)."""
+    shares = gates.float().mean(dim=(0, 2, 3))
+    target = shares.new_tensor([1.0 - sum(targets), *targets])
+    return weight * ((shares - target) ** 2).sum(), shares
+
+
+class Router(nn.Module):
+    """features (coarsest first, level g: B x C x Hs*2^g x Ws*2^g) and images -> :class:`RouterOutput`."""
+
+    def __init__(self, config: RouterConfig, factors: list[int], z_channels: int) -> None:
+        super().__init__()
+        self.config = config
+        self.num_levels = len(factors)
+        self.region_size = max(factors)
+        if self.num_levels == 1 and config.mode != "fixed":
+            raise ConfigError("model.router.mode must be 'fixed' with a single granularity (len(model.factors) == 1)")
+        if config.mode == "fixed" and not 0 <= config.fixed_level < self.num_levels:
+            raise ConfigError(f"model.router.fixed_level must be in [0, {self.num_levels - 1}], got {config.fixed_level}")
+        if config.mode != "fixed" and len(config.targets) != self.num_levels - 1:
+            raise ConfigError(f"model.router.targets needs one share per finer level ({self.num_levels - 1}), "
+                              f"got {config.targets}")
+        self.tau = config.tau
+        if config.mode == "learned":
+            self.norms = nn.ModuleList(nn.GroupNorm(math.gcd(32, z_channels), z_channels, eps=1e-6)
+                                       for _ in factors)
+            self.mlp = nn.Sequential(nn.Conv2d(self.num_levels * z_channels, config.hidden, 1), nn.SiLU(),
+                                     nn.Conv2d(config.hidden, self.num_levels, 1))
+        if config.mode == "entropy":
+            self._load_quantiles()
+            self.set_granularity_ratio(config.targets)
+
+    def _load_quantiles(self) -> None:
+        cfg = self.config
+        if cfg.entropy_table:
+            table = load_entropy_table(cfg.entropy_table)
+            expected = {"bins": ENTROPY_BINS, "sigma": ENTROPY_SIGMA, "region_size": self.region_size}
+            wrong = {k: table.get(k) for k, v in expected.items() if table.get(k) != v}
+            if wrong:
+                raise ConfigError(f"model.router.entropy_table {cfg.entropy_table} was calibrated with {wrong}, "
+                                  f"this model needs {expected}: re-run calibrate-entropy")
+            # Inline the table so save_pretrained exports are self-contained.
+            cfg.entropy_quantiles, cfg.entropy_table = [float(q) for q in table["quantiles"]], ""
+        if len(cfg.entropy_quantiles) < 2:
+            raise ConfigError("model.router.mode=entropy needs a calibrated table: run `varitok calibrate-entropy` "
+                              "and set model.router.entropy_table (or entropy_quantiles)")
+        self.quantiles = torch.tensor(cfg.entropy_quantiles, dtype=torch.float64)
+
+    def set_granularity_ratio(self, ratios: Sequence[float]) -> None:
+        """Entropy mode: re-target the share of each finer level (1..G-1) on the calibration distribution."""
+        if self.config.mode != "entropy":
+            raise RuntimeError(f"set_granularity_ratio needs router mode 'entropy', this router is "
+                               f"{self.config.mode!r}")
+        ratios = [float(r) for r in ratios]
+        if len(ratios) != self.num_levels - 1 or min(ratios) < 0 or sum(ratios) > 1 + 1e-9:
+            raise ValueError(f"need {self.num_levels - 1} non-negative shares summing to <= 1, got {ratios}")
+        above = torch.tensor([sum(ratios[g:]) for g in range(len(ratios))], dtype=torch.float64)
+        self.thresholds = _interpolate(self.quantiles, 1.0 - above)   # G-1, ascending
+        self.config.targets = ratios
+
+    def set_step(self, step: int) -> None:
+        """Anneal the Gumbel temperature from ``tau`` to ``tau_end`` over ``anneal_steps``."""
+        cfg = self.config
+        progress = min(1.0, step / cfg.anneal_steps) if cfg.anneal_steps > 0 else 1.0
+        if cfg.tau_schedule == "constant":
+            self.tau = cfg.tau
+        elif cfg.tau_schedule == "linear":
+            self.tau = cfg.tau + (cfg.tau_end - cfg.tau) * progress
+        else:
+            self.tau = cfg.tau_end + 0.5 * (cfg.tau - cfg.tau_end) * (1 + math.cos(math.pi * progress))
+
+    def logits(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Learned mode: B x G x Hs x Ws logits."""
+        pooled = [F.avg_pool2d(norm(z), 1 << g) if g else norm(z)
+                  for g, (norm, z) in enumerate(zip(self.norms, features))]
+        return self.mlp(torch.cat(pooled, dim=1))
+
+    def forward(self, features: list[torch.Tensor], images: torch.Tensor) -> RouterOutput:
+        coarse = features[0]
+        batch, _, height, width = coarse.shape
+        mode = self.config.mode
+        if mode == "learned":
+            logits = self.logits(features).float()
+            if self.training:
+                gates = F.gumbel_softmax(logits, tau=self.tau, hard=True, dim=1)
+            else:
+                gates = F.one_hot(logits.argmax(1), self.num_levels).permute(0, 3, 1, 2).float()
+            loss, shares = budget_loss(gates, self.config.targets, self.config.budget_weight)
+            return RouterOutput(gates, gates.detach().argmax(1), loss, shares)
+        if mode == "entropy":
+            entropy = region_entropy(images, self.region_size)
+            grain = (entropy.unsqueeze(-1) > self.thresholds.to(entropy.device)).sum(-1)
+        else:
+            grain = torch.full((batch, height, width), self.config.fixed_level, dtype=torch.long,
+                               device=coarse.device)
+        gates = F.one_hot(grain, self.num_levels).permute(0, 3, 1, 2).float()
+        shares = gates.mean(dim=(0, 2, 3))
+        return RouterOutput(gates, grain, coarse.new_zeros(()), shares)

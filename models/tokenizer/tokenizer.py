@@ -1,0 +1,250 @@
+"""The tokenizer: encoder -> router -> factorized quantizer (per level) -> positional decoder.
+
+``Tokenizer(config)(images)`` is the training forward (reconstruction, weighted losses, stats);
+``encode`` / ``decode`` convert between images and variable-length :class:`ImageCodes` in the canonical
+coarse-to-fine order of DESIGN.md ("Tokenizer codes", implemented by :mod:`models.layout`).
+Reconstruction, LPIPS and GAN losses are not computed here (``models.tokenizer.losses`` does them).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Iterable, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from models.config import ConfigBase, ConfigError
+from models.hub import PretrainedMixin
+from models.layout import codes_to_level_maps, level_maps_to_codes
+from models.tokenizer.decoder import Decoder, DecoderConfig, merge_levels, replicate
+from models.tokenizer.encoder import Encoder, EncoderConfig
+from models.tokenizer.quantizer import FactorizedQuantizer, QuantizerConfig
+from models.tokenizer.router import Router, RouterConfig
+from models.tokenizer.semantic import SemanticHead, info_nce, patch_alignment_loss
+from models.tokenizer.teachers import FrozenTeacher, TeacherConfig, build_teacher
+
+
+@dataclasses.dataclass
+class SemanticConfig(ConfigBase):
+    """Alignment heads (one per aligned sub-codebook) and their InfoNCE / patch losses."""
+
+    width: int = 256
+    depth: int = 2
+    heads: int = 4
+    weight: float = 0.5          # InfoNCE weight per aligned sub-codebook
+    temperature: float = 0.1
+    patch_weight: float = 0.0    # optional patch-level cosine term (teacher must expose patch tokens)
+
+
+@dataclasses.dataclass
+class TokenizerConfig(ConfigBase):
+    factors: list[int] = dataclasses.field(default_factory=lambda: [8, 16])  # downsampling factors, any order
+    z_channels: int = 256
+    encoder: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)
+    router: RouterConfig = dataclasses.field(default_factory=RouterConfig)
+    quantizer: QuantizerConfig = dataclasses.field(default_factory=QuantizerConfig)
+    decoder: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)
+    teachers: list[TeacherConfig] = dataclasses.field(default_factory=list)
+    semantic: SemanticConfig = dataclasses.field(default_factory=SemanticConfig)
+
+    def __post_init__(self) -> None:
+        factors = sorted(self.factors)
+        if not factors or factors[0] < 1 or any(f & (f - 1) for f in factors) or any(
+                b != 2 * a for a, b in zip(factors, factors[1:])):
+            raise ConfigError(f"model.factors must be powers of two, each twice the previous (e.g. [8, 16] or "
+                              f"[8, 16, 32]), got {self.factors}")
+        names = [t.name for t in self.teachers]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"model.teachers: names must be unique, got {names}")
+        for k, codebook in enumerate(self.quantizer.codebooks):
+            if codebook.align and codebook.align not in names:
+                raise ConfigError(f"model.quantizer.codebooks[{k}].align: teacher {codebook.align!r} is not in "
+                                  f"model.teachers (names: {names})")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Iterable[str] = ()) -> "TokenizerConfig":
+        """Load a model config, or the ``model:`` section of a stage config (overrides may keep the
+        ``model.`` prefix)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        values = OmegaConf.load(path)
+        if not isinstance(values, DictConfig):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        if "model" in values:
+            values = values.model
+        overrides = [o[len("model."):] if o.startswith("model.") else o for o in overrides]
+        try:
+            return cls.from_dict(values, overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+
+class ImageCodes(NamedTuple):
+    """One image's codes: ``grain`` uint8 [Hs, Ws] (level per coarsest region), ``codes`` int64 [L, K]."""
+
+    grain: torch.Tensor
+    codes: torch.Tensor
+
+
+def build_teachers(config: TokenizerConfig, random_init: bool = False) -> dict[str, FrozenTeacher]:
+    """Build every teacher of ``config.teachers`` from its local weights (``random_init`` for tests)."""
+    return {t.name: build_teacher(t, key_path=f"model.teachers[{i}]", random_init=random_init)
+            for i, t in enumerate(config.teachers)}
+
+
+class Tokenizer(nn.Module, PretrainedMixin):
+    """Dynamic-granularity x factorized VQ tokenizer; see the module docstring."""
+
+    config_class = TokenizerConfig
+
+    def __init__(self, config: TokenizerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.factors = sorted(config.factors, reverse=True)   # level 0 = coarsest
+        self.encoder = Encoder(config.encoder, self.factors, config.z_channels)
+        self.router = Router(config.router, self.factors, config.z_channels)
+        self.quantizer = FactorizedQuantizer(config.quantizer, config.z_channels)
+        self.decoder = Decoder(config.decoder, sum(self.quantizer.dims), config.z_channels, self.factors[-1])
+        sem = config.semantic
+        self.semantic_heads = nn.ModuleDict({
+            str(k): SemanticHead(c.dim, c.align_dim, sem.width, sem.depth, sem.heads)
+            for k, c in enumerate(config.quantizer.codebooks) if c.align})
+        self._teachers: dict[str, FrozenTeacher] = {}   # plain dict: never registered, saved or optimised
+
+    # ----------------------------------------------------------------- properties and settings
+    @property
+    def num_levels(self) -> int:
+        return len(self.factors)
+
+    @property
+    def codebook_sizes(self) -> list[int]:
+        return list(self.quantizer.sizes)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        return self.decoder.last_layer
+
+    def grain_shape(self, image_size: int | Sequence[int]) -> tuple[int, int]:
+        """Coarsest grid ``(Hs, Ws)`` for an image size (int or (H, W))."""
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        return height // self.factors[0], width // self.factors[0]
+
+    def set_step(self, step: int) -> None:
+        """Per-step schedules (the router's Gumbel temperature)."""
+        self.router.set_step(step)
+
+    def set_granularity_ratio(self, ratios: Sequence[float]) -> None:
+        self.router.set_granularity_ratio(ratios)
+
+    def attach_teachers(self, teachers: dict[str, FrozenTeacher]) -> None:
+        """Attach frozen teachers by name (kept out of parameters and state_dict; move them yourself)."""
+        known = {t.name for t in self.config.teachers}
+        unknown = sorted(set(teachers) - known)
+        if unknown:
+            raise ValueError(f"attach_teachers: {unknown} not in model.teachers ({sorted(known)})")
+        for k, head in self.semantic_heads.items():
+            codebook = self.config.quantizer.codebooks[int(k)]
+            teacher = teachers.get(codebook.align)
+            if teacher is not None and teacher.embed_dim != codebook.align_dim:
+                raise ValueError(f"teacher {codebook.align!r} has embed_dim {teacher.embed_dim} but "
+                                 f"model.quantizer.codebooks[{k}].align_dim is {codebook.align_dim}")
+        self._teachers.update(teachers)
+
+    # ----------------------------------------------------------------- forward
+    def _quantize(self, images: torch.Tensor):
+        features = self.encoder(images)
+        route = self.router(features, images)
+        masks = [replicate(route.gates[:, g:g + 1].detach(), 1 << g)[:, 0] for g in range(self.num_levels)]
+        return route, self.quantizer(features, masks)
+
+    def forward(self, images: torch.Tensor):
+        """images B x 3 x H x W in [-1, 1] -> (rec B x 3 x H x W, losses {name: weighted scalar},
+        stats {name: scalar}). Losses: codebook, commitment, entropy, disentangle, budget, semantic/<teacher>."""
+        route, quant = self._quantize(images)
+        merged = merge_levels(quant.quantized, route.gates)
+        rec = self.decoder(merged)
+        losses = {**quant.losses, "budget": route.budget, **self._semantic_losses(images, merged)}
+        stats = {f"share/level{g}": route.shares[g].detach() for g in range(self.num_levels)}
+        stats["fine_share"] = (1 - route.shares[0]).detach()
+        regions = route.gates.shape[-2] * route.gates.shape[-1]
+        codes_per_region = route.shares.new_tensor([4.0 ** g for g in range(self.num_levels)])
+        stats["codes_per_image"] = (route.shares * codes_per_region).sum().detach() * regions
+        stats.update(quant.stats)
+        return rec, losses, stats
+
+    def _semantic_losses(self, images: torch.Tensor, merged: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.semantic_heads:
+            return {}
+        codebooks = self.config.quantizer.codebooks
+        missing = sorted({codebooks[int(k)].align for k in self.semantic_heads} - set(self._teachers))
+        if missing:
+            if self.training:
+                raise RuntimeError(f"semantic alignment is configured but teacher(s) {missing} are not attached: "
+                                   f"call tok.attach_teachers(build_teachers(config)) before training")
+            return {}
+        sem = self.config.semantic
+        offsets = [0]
+        for dim in self.quantizer.dims:
+            offsets.append(offsets[-1] + dim)
+        targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        losses: dict[str, torch.Tensor] = {}
+        for k, head in self.semantic_heads.items():
+            k_int = int(k)
+            name = codebooks[k_int].align
+            if name not in targets:
+                targets[name] = self._teachers[name](images)
+            pooled, patches = head(merged[:, offsets[k_int]:offsets[k_int + 1]])
+            loss = sem.weight * info_nce(pooled, targets[name][0], sem.temperature)
+            if sem.patch_weight > 0:
+                loss = loss + sem.patch_weight * patch_alignment_loss(
+                    patches, targets[name][1], tuple(merged.shape[-2:]), self._teachers[name].grid)
+            key = f"semantic/{name}"
+            losses[key] = losses[key] + loss if key in losses else loss
+        return losses
+
+    # ----------------------------------------------------------------- codes
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> list[ImageCodes]:
+        """images B x 3 x H x W in [-1, 1] -> one :class:`ImageCodes` per image (eval mode, no grad).
+
+        Every cell of every level is looked up exactly as in the eval forward, so that
+        ``decode(encode(x))`` reproduces the eval reconstruction bit for bit."""
+        was_training = self.training
+        self.eval()
+        try:
+            route, quant = self._quantize(images)
+        finally:
+            self.train(was_training)
+        grain = route.grain
+        return [ImageCodes(grain[i].to(torch.uint8),
+                           level_maps_to_codes(grain[i], [level[i] for level in quant.indices]))
+                for i in range(grain.shape[0])]
+
+    @torch.no_grad()
+    def decode(self, codes: Sequence[ImageCodes]) -> torch.Tensor:
+        """A batch of :class:`ImageCodes` (same grain shape, any lengths) -> images B x 3 x H x W."""
+        if not codes:
+            raise ValueError("decode: empty list of codes")
+        shapes = {tuple(c.grain.shape) for c in codes}
+        if len(shapes) != 1:
+            raise ValueError(f"decode: all images of a batch need the same grain shape, got {sorted(shapes)}")
+        device = self.last_layer.device
+        grains = torch.stack([c.grain.to(device=device, dtype=torch.long) for c in codes])
+        if int(grains.max()) >= self.num_levels:
+            raise ValueError(f"decode: grain values must be < {self.num_levels} (the number of levels)")
+        sizes = torch.tensor(self.codebook_sizes, device=device)
+        per_image = []
+        for grain, c in zip(grains, codes):
+            values = c.codes.to(device=device, dtype=torch.long)
+            if values.ndim != 2 or values.shape[1] != len(self.codebook_sizes) or (values >= sizes).any() or (
+                    values < 0).any():
+                raise ValueError(f"decode: codes must be L x {len(self.codebook_sizes)} with values below "
+                                 f"{self.codebook_sizes}, got shape {tuple(values.shape)}")
+            per_image.append(codes_to_level_maps(grain, values, self.num_levels, fill=0))
+        indices = [torch.stack([maps[g] for maps in per_image]) for g in range(self.num_levels)]
+        gates = F.one_hot(grains, self.num_levels).permute(0, 3, 1, 2).float()
+        return self.decoder(merge_levels(self.quantizer.embed(indices), gates))

@@ -1,0 +1,117 @@
+"""Factorized cosine quantizer: fp32 lookup, chunked entropy == dense formula, disentanglement, STE."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.tokenizer.quantizer import (ChunkedLookupEntropy, FactorizedQuantizer, QuantizerConfig,
+                                        SubCodebookConfig, cosine_lookup, disentanglement_loss)
+
+
+def dense_entropy_loss(z, codebook, weights, temperature):
+    """The FQGAN formula, written densely: d = ||z - e||^2, p = softmax(-d/T)."""
+    d = (z ** 2).sum(1, keepdim=True) + (codebook ** 2).sum(1) - 2 * z @ codebook.T
+    logp = (-d / temperature).log_softmax(1)
+    p = logp.exp()
+    w = weights / weights.sum()
+    sample = (w * -(p * logp).sum(1)).sum()
+    pbar = (w[:, None] * p).sum(0)
+    return sample + (pbar * pbar.log()).sum(), d.argmin(1)
+
+
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_chunked_entropy_equals_dense_formula_and_gradients(chunk):
+    gen = torch.Generator().manual_seed(0)
+    # raw leaves, l2-normalised inside the graph as in the quantizer (the formulas agree on the sphere)
+    z = torch.randn(50, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    e = torch.randn(37, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    weights = (torch.rand(50, generator=gen) > 0.3).double()
+    temperature = 0.3
+    idx, loss = ChunkedLookupEntropy.apply(F.normalize(z, dim=1), F.normalize(e, dim=1), weights, temperature, chunk)
+    gz, ge = torch.autograd.grad(loss, (z, e))
+    ref, ref_idx = dense_entropy_loss(F.normalize(z, dim=1), F.normalize(e, dim=1), weights, temperature)
+    rz, re = torch.autograd.grad(ref, (z, e))
+    assert torch.equal(idx, ref_idx)
+    assert torch.allclose(loss, ref, atol=1e-10)
+    assert torch.allclose(gz, rz, atol=1e-9) and torch.allclose(ge, re, atol=1e-9)
+
+
+def test_lookup_is_fp32_under_bf16_autocast_and_matches_l2_argmin():
+    gen = torch.Generator().manual_seed(1)
+    z = F.normalize(torch.randn(300, 8, generator=gen), dim=1)
+    codebook = F.normalize(torch.randn(512, 8, generator=gen), dim=1)
+    plain = cosine_lookup(z, codebook, chunk_size=64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = cosine_lookup(z, codebook, chunk_size=64)
+    assert torch.equal(plain, under_autocast)
+    assert torch.equal(plain, torch.cdist(z.double(), codebook.double()).argmin(1))
+    assert not torch.equal(plain, (z.bfloat16() @ codebook.bfloat16().T).argmax(1))  # bf16 would differ
+
+
+def test_disentanglement_loss_on_hand_made_vectors():
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    b = torch.tensor([[1.0, 0.0], [0.0, 1.0]])            # <a,b>^2 = 1, 0
+    c = torch.tensor([[0.6, 0.8], [0.6, 0.8]])            # <a,c>^2 = .36, .36 ; <b,c>^2 = .36, .64
+    w = torch.ones(2)
+    assert torch.isclose(disentanglement_loss([a, b], w), torch.tensor(0.5))
+    expected = (0.5 + 0.36 + 0.5) / 3
+    assert torch.isclose(disentanglement_loss([a, b, c], w), torch.tensor(expected))
+    assert torch.isclose(disentanglement_loss([a, b], torch.tensor([1.0, 0.0])), torch.tensor(1.0))
+
+
+def make_quantizer(k=3, sizes=(64, 32, 16), dim=4):
+    cfg = QuantizerConfig(codebooks=[SubCodebookConfig(size=s, dim=dim) for s in sizes[:k]], adapter_channels=8,
+                          adapter_blocks=1, chunk_size=40)
+    return FactorizedQuantizer(cfg, z_channels=8)
+
+
+def test_levels_quantized_at_own_resolution_with_masked_losses_and_ste():
+    torch.manual_seed(0)
+    quant = make_quantizer()
+    levels = [torch.randn(2, 8, 3, 4, requires_grad=True), torch.randn(2, 8, 6, 8, requires_grad=True)]
+    coarse = (torch.rand(2, 3, 4) > 0.5).float()
+    masks = [coarse, 1 - coarse.repeat_interleave(2, 1).repeat_interleave(2, 2)]
+    out = quant(levels, masks)
+    assert [q.shape for q in out.quantized] == [(2, 12, 3, 4), (2, 12, 6, 8)]
+    assert [i.shape for i in out.indices] == [(2, 3, 3, 4), (2, 3, 6, 8)]
+    assert set(out.losses) == {"codebook", "commitment", "entropy", "disentangle"}
+    # straight-through: quantized values equal the codes, gradients reach input, adapters and codebooks
+    codes = F.normalize(quant.codebooks[1].detach(), dim=1)[out.indices[1][:, 1]].permute(0, 3, 1, 2)
+    assert torch.allclose(out.quantized[1][:, 4:8], codes, atol=1e-6)
+    total = sum(q.sum() for q in out.quantized) + sum(out.losses.values())
+    total.backward()
+    assert levels[0].grad.abs().sum() > 0 and levels[1].grad.abs().sum() > 0
+    for k in range(3):
+        assert quant.codebooks[k].grad.abs().sum() > 0
+        assert quant.adapters[k][-1].weight.grad.abs().sum() > 0
+    # masked-out cells carry no codebook/commitment gradient
+    levels[0].grad = None
+    out = quant(levels, [torch.zeros_like(coarse), torch.ones_like(masks[1])])
+    (out.losses["codebook"] + out.losses["commitment"] + out.losses["entropy"]).backward()
+    assert levels[0].grad.abs().sum() == 0
+
+
+def test_usage_perplexity_and_code_dtype():
+    quant = make_quantizer(k=1, sizes=(4,), dim=2)
+    with torch.no_grad():
+        quant.codebooks[0].copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]))
+        quant.adapters[0][-1].weight.zero_()
+        quant.adapters[0][-1].bias.copy_(torch.tensor([1.0, 0.0]))   # every token -> code 0
+    out = quant([torch.randn(1, 8, 2, 2)], [torch.ones(1, 2, 2)])
+    assert torch.equal(out.indices[0], torch.zeros(1, 1, 2, 2, dtype=torch.long))
+    assert math.isclose(float(out.stats["perplexity/0"]), 1.0, rel_tol=1e-6)
+    assert math.isclose(float(out.stats["usage/0"]), 0.25)
+    assert math.isclose(float(quant.reduced_usage()["usage/0"]), 0.25)
+    quant.reset_usage()
+    assert float(quant.reduced_usage()["usage/0"]) == 0.0
+    assert make_quantizer(k=1, sizes=(65536,)).code_dtype == torch.uint16
+    assert make_quantizer(k=2, sizes=(16, 65537)).code_dtype == torch.uint32
+
+
+def test_unequal_dims_with_disentanglement_is_a_config_error():
+    from models.config import ConfigError
+    with pytest.raises(ConfigError, match="equal"):
+        QuantizerConfig.from_dict({"codebooks": [{"size": 8, "dim": 4}, {"size": 8, "dim": 8}]})
+    QuantizerConfig.from_dict({"codebooks": [{"size": 8, "dim": 4}, {"size": 8, "dim": 8}],
+                               "disentangle_weight": 0.0})

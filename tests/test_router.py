@@ -1,0 +1,113 @@
+"""Router: budget loss formula and effect, entropy map vs NumPy, calibration hits the requested shares."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models.config import ConfigError
+from models.tokenizer.router import Router, RouterConfig, budget_loss, calibrate_entropy, region_entropy
+
+
+def test_budget_loss_on_hand_made_gates():
+    gates = torch.zeros(2, 2, 2, 2)
+    gates[:, 1] = torch.tensor([[1.0, 1.0], [1.0, 0.0]])   # fine share r = 0.75
+    gates[:, 0] = 1 - gates[:, 1]
+    loss, shares = budget_loss(gates, [0.5], weight=10.0)
+    assert torch.isclose(loss, torch.tensor(2 * 10.0 * (0.75 - 0.5) ** 2))       # DQ-VAE: 2 gamma (r - t)^2
+    assert torch.allclose(shares, torch.tensor([0.25, 0.75]))
+    three = torch.nn.functional.one_hot(torch.tensor([[0, 1], [2, 2]]), 3).permute(2, 0, 1)[None].float()
+    loss3, _ = budget_loss(three, [0.3, 0.3], weight=2.0)                        # shares .25 .25 .5
+    assert math.isclose(float(loss3), 2.0 * ((0.25 - 0.4) ** 2 + (0.25 - 0.3) ** 2 + (0.5 - 0.3) ** 2), rel_tol=1e-6)
+
+
+def test_budget_loss_drives_learned_router_to_target():
+    torch.manual_seed(0)
+    router = Router(RouterConfig(mode="learned", targets=[0.8], hidden=16), factors=[16, 8], z_channels=8)
+    features = [torch.randn(8, 8, 4, 4), torch.randn(8, 8, 8, 8)]
+    with torch.no_grad():
+        router.mlp[-1].bias.copy_(torch.tensor([2.0, -2.0]))          # start nearly all coarse
+    opt = torch.optim.Adam(router.parameters(), lr=0.05)
+    router.train()
+    for _ in range(60):
+        loss = router(features, None).budget
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    router.eval()
+    share = float(router(features, None).shares[1])
+    assert abs(share - 0.8) < 0.1, share
+
+
+def test_region_entropy_matches_numpy_formula():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 8, 12, generator=gen) * 2 - 1
+    images[0, :, :4, :4] = 0.25                                      # a flat region: entropy ~ 0 or ln 2
+    got = region_entropy(images, 4).numpy()
+    x = images.double().numpy()
+    grey = 0.2989 * x[:, 0] + 0.5870 * x[:, 1] + 0.1140 * x[:, 2]
+    bins = np.linspace(-1, 1, 32)
+    expected = np.zeros((2, 2, 3))
+    for b in range(2):
+        for i in range(2):
+            for j in range(3):
+                patch = grey[b, 4 * i:4 * i + 4, 4 * j:4 * j + 4].reshape(-1, 1)
+                hist = np.exp(-0.5 * ((patch - bins) / 0.01) ** 2).mean(0)
+                p = hist / (hist.sum() + 1e-40) + 1e-40
+                expected[b, i, j] = -(p * np.log(p)).sum()
+    assert got.shape == (2, 2, 3)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert expected[0, 0, 0] < expected[0, 1, 1]
+
+
+def textured_images(n, size, seed):
+    """Images whose regions range from flat to noisy, so region entropies spread out."""
+    gen = torch.Generator().manual_seed(seed)
+    amplitude = torch.rand(n, 1, size // 16, size // 16, generator=gen).repeat_interleave(16, 2).repeat_interleave(16, 3)
+    base = torch.rand(n, 3, 1, 1, generator=gen) * 1.6 - 0.8
+    return (base + amplitude * (torch.rand(n, 3, size, size, generator=gen) * 2 - 1)).clamp(-1, 1)
+
+
+@pytest.mark.parametrize("factors,targets", [([8, 16], [0.3]), ([4, 8, 16], [0.25, 0.4])])
+def test_calibration_gives_requested_shares_on_its_own_data(factors, targets):
+    images = textured_images(16, 64, seed=1)
+    table = calibrate_entropy(region_entropy(images, 16), region_size=16)
+    assert len(table["quantiles"]) == 1001 and table["bins"] == 32
+    router = Router(RouterConfig(mode="entropy", targets=targets, entropy_quantiles=table["quantiles"]),
+                    factors=factors, z_channels=4)
+    coarse = torch.zeros(16, 4, 4, 4)
+    shares = router([coarse], images).shares
+    expected = torch.tensor([1 - sum(targets), *targets])
+    assert torch.allclose(shares.float(), expected, atol=1.5 / 256), shares
+    router.set_granularity_ratio([0.5] + [0.0] * (len(factors) - 2))
+    assert abs(float(router([coarse], images).shares[1]) - 0.5) < 1.5 / 256
+
+
+def test_entropy_table_from_file_is_checked_and_inlined(tmp_path):
+    import json
+    table = calibrate_entropy(torch.rand(100), region_size=16)
+    (tmp_path / "good.json").write_text(json.dumps(table))
+    cfg = RouterConfig(mode="entropy", entropy_table=str(tmp_path / "good.json"))
+    Router(cfg, factors=[8, 16], z_channels=4)
+    assert cfg.entropy_table == "" and len(cfg.entropy_quantiles) == 1001
+    (tmp_path / "bad.json").write_text(json.dumps({**table, "region_size": 32}))
+    with pytest.raises(ConfigError, match="calibrated with"):
+        Router(RouterConfig(mode="entropy", entropy_table=str(tmp_path / "bad.json")), [8, 16], 4)
+    with pytest.raises(ConfigError, match="calibrate-entropy"):
+        Router(RouterConfig(mode="entropy"), [8, 16], 4)
+
+
+def test_fixed_mode_and_tau_schedule():
+    router = Router(RouterConfig(mode="fixed", fixed_level=1), factors=[8, 16], z_channels=4)
+    out = router([torch.zeros(2, 4, 3, 3)], None)
+    assert torch.equal(out.grain, torch.ones(2, 3, 3, dtype=torch.long)) and float(out.budget) == 0.0
+    with pytest.raises(ConfigError, match="fixed"):
+        Router(RouterConfig(mode="learned"), factors=[16], z_channels=4)
+    cos = Router(RouterConfig(tau=1.0, tau_end=0.1, tau_schedule="cosine", anneal_steps=100, hidden=4), [8, 16], 4)
+    lin = Router(RouterConfig(tau=1.0, tau_end=0.1, tau_schedule="linear", anneal_steps=100, hidden=4), [8, 16], 4)
+    for step, expected_cos, expected_lin in [(0, 1.0, 1.0), (50, 0.55, 0.55), (100, 0.1, 0.1), (500, 0.1, 0.1)]:
+        cos.set_step(step)
+        lin.set_step(step)
+        assert math.isclose(cos.tau, expected_cos, abs_tol=1e-9) and math.isclose(lin.tau, expected_lin, abs_tol=1e-9)
+    lin.set_step(25)
+    assert math.isclose(lin.tau, 0.775)

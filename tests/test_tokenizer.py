@@ -1,0 +1,174 @@
+"""Tokenizer assembly: shapes for G, K, sizes; gradients; encode/decode; alignment; save/load; presets."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.config import ConfigError
+from models.layout import codes_to_level_maps, num_codes
+from models.tokenizer import ImageCodes, Tokenizer, TokenizerConfig, calibrate_entropy, region_entropy
+
+REPO = Path(__file__).resolve().parent.parent
+PRESETS = sorted((REPO / "configs" / "tokenizer").glob("*.yaml"))
+
+
+def small_config(num_levels=2, k=2, mode="learned", **extra) -> TokenizerConfig:
+    """A tiny tokenizer with finest factor 4 and num_levels granularities (4, 8, 16)."""
+    factors = [4 << g for g in range(num_levels)]
+    values = {
+        "factors": factors, "z_channels": 8,
+        "encoder": {"ch": 8, "ch_mult": [1] * (num_levels + 2), "num_res_blocks": 1, "attn_resolutions": [2],
+                    "resolution": 32},
+        "router": {"mode": mode if num_levels > 1 else "fixed", "targets": [0.5 / (num_levels - 1)] * (num_levels - 1)
+                   if num_levels > 1 else [], "hidden": 8},
+        "quantizer": {"codebooks": [{"size": 32 + 16 * i, "dim": 4} for i in range(k)], "adapter_channels": 8,
+                      "chunk_size": 50},
+        "decoder": {"ch": 8, "ch_mult": [1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "resolution": 32,
+                    "fourier_bands": 2, "pos_grid": 4},
+    }
+    for key, value in extra.items():
+        values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
+    return TokenizerConfig.from_dict(values)
+
+
+def images(batch, height, width, seed=0):
+    return torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@pytest.mark.parametrize("num_levels,k", [(1, 1), (2, 2), (3, 3), (2, 1), (3, 2)])
+def test_forward_shapes_losses_and_stats(num_levels, k):
+    torch.manual_seed(0)
+    tok = Tokenizer(small_config(num_levels, k))
+    coarsest = tok.factors[0]
+    assert tok.num_levels == num_levels and len(tok.codebook_sizes) == k
+    for height, width in [(coarsest, 2 * coarsest), (2 * coarsest, 3 * coarsest)]:
+        rec, losses, stats = tok(images(2, height, width))
+        assert rec.shape == (2, 3, height, width)
+        assert {"codebook", "commitment", "entropy", "disentangle", "budget"} <= set(losses)
+        assert all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
+        grid = tok.grain_shape((height, width))
+        shares = torch.stack([stats[f"share/level{g}"] for g in range(num_levels)])
+        assert torch.isclose(shares.sum(), torch.tensor(1.0))
+        per_region = torch.tensor([4.0 ** g for g in range(num_levels)])
+        assert torch.isclose(stats["codes_per_image"], (shares * per_region).sum() * grid[0] * grid[1])
+        assert all(f"perplexity/{i}" in stats and f"usage/{i}" in stats for i in range(k))
+        codes = tok.encode(images(2, height, width))
+        assert [c.grain.shape for c in codes] == [grid, grid] and codes[0].grain.dtype == torch.uint8
+        assert all(c.codes.shape == (int(num_codes(c.grain.long())), k) for c in codes)
+
+
+def test_gradients_reach_encoder_router_codebooks():
+    torch.manual_seed(0)
+    tok = Tokenizer(small_config(2, 3))
+    x = images(2, 16, 16)
+    rec, losses, _ = tok(x)
+    ((rec - x) ** 2).mean().backward()     # task loss only: reaches the router through the gate value
+    assert tok.router.mlp[0].weight.grad.abs().sum() > 0
+    assert tok.encoder.conv_in.weight.grad.abs().sum() > 0
+    tok.zero_grad()
+    rec, losses, _ = tok(x)
+    (((rec - x) ** 2).mean() + sum(losses.values())).backward()
+    for k in range(3):
+        assert tok.quantizer.codebooks[k].grad.abs().sum() > 0
+    assert tok.decoder.row_embed.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("num_levels", [2, 3])
+def test_decode_of_encode_equals_eval_reconstruction_and_canonical_order(num_levels):
+    torch.manual_seed(1)
+    tok = Tokenizer(small_config(num_levels, 2)).eval()
+    x = images(3, 32, 48, seed=2)
+    codes = tok.encode(x)
+    with torch.no_grad():
+        rec, _, _ = tok(x)
+        _, quant = tok._quantize(x)
+    assert torch.equal(tok.decode(codes), rec)
+    for i, item in enumerate(codes):       # codes -> per-level maps agree with the quantizer's own maps
+        maps = codes_to_level_maps(item.grain.long(), item.codes, num_levels)
+        for level, level_map in enumerate(maps):
+            coded = level_map[0] >= 0
+            assert torch.equal(level_map[:, coded], quant.indices[level][i][:, coded])
+    lengths = {c.codes.shape[0] for c in codes}
+    assert tok.decode([ImageCodes(c.grain, c.codes.to(torch.int32)) for c in codes]).shape == (3, 3, 32, 48)
+    assert len(lengths) >= 1
+    with pytest.raises(ValueError, match="values below"):
+        tok.decode([ImageCodes(codes[0].grain, codes[0].codes + 1000)])
+
+
+def test_entropy_router_tokenizer_end_to_end():
+    x = images(4, 32, 32, seed=3)
+    x[0] = 0.1                                                   # one flat image: all coarse
+    table = calibrate_entropy(region_entropy(x, 8), region_size=8)
+    tok = Tokenizer(small_config(2, 2, mode="entropy", router={"entropy_quantiles": table["quantiles"]})).eval()
+    codes = tok.encode(x)
+    assert int(codes[0].grain.sum()) == 0
+    fine = torch.stack([c.grain for c in codes]).float().mean()
+    assert abs(float(fine) - 0.5) <= 1 / 16
+    rec, losses, stats = tok.train()(x)
+    assert float(losses["budget"]) == 0.0 and abs(float(stats["fine_share"]) - 0.5) <= 1 / 16
+
+
+def test_semantic_alignment_with_random_teacher():
+    from models.tokenizer.teachers import TeacherConfig, build_teacher
+
+    teacher_cfg = {"name": "dino", "backend": "timm", "arch": "vit_small_patch14_dinov2", "image_size": 28,
+                   "model_kwargs": {"depth": 1, "embed_dim": 16, "num_heads": 2}}
+    cfg = small_config(2, 2, teachers=[teacher_cfg], semantic={"width": 16, "depth": 1, "heads": 2,
+                                                               "patch_weight": 0.5},
+                       quantizer={"codebooks": [{"size": 32, "dim": 4},
+                                                {"size": 32, "dim": 4, "align": "dino", "align_dim": 16}],
+                                  "adapter_channels": 8})
+    tok = Tokenizer(cfg)
+    x = images(2, 16, 16)
+    with pytest.raises(RuntimeError, match="dino"):
+        tok(x)
+    teacher = build_teacher(TeacherConfig.from_dict(teacher_cfg), random_init=True)
+    tok.attach_teachers({"dino": teacher})
+    rec, losses, _ = tok(x)
+    assert "semantic/dino" in losses and torch.isfinite(losses["semantic/dino"])
+    losses["semantic/dino"].backward()
+    assert tok.semantic_heads["1"].proj.weight.grad.abs().sum() > 0
+    assert tok.quantizer.adapters[1][-1].weight.grad.abs().sum() > 0
+    assert not any(k.startswith("_teachers") or "network" in k for k in tok.state_dict())
+    teacher_params = {id(p) for p in teacher.parameters()}
+    assert not any(id(p) in teacher_params for p in tok.parameters())
+    with pytest.raises(ValueError, match="align_dim"):
+        tok.attach_teachers({"dino": build_teacher(TeacherConfig.from_dict(
+            {**teacher_cfg, "model_kwargs": {"depth": 1, "embed_dim": 8, "num_heads": 2}}), random_init=True)})
+    with pytest.raises(ConfigError, match="clip"):
+        small_config(2, 2, quantizer={"codebooks": [{"size": 8, "dim": 4, "align": "clip", "align_dim": 8}]})
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    tok = Tokenizer(small_config(3, 2))
+    tok(images(2, 32, 32))                  # one training forward (usage buffers are not saved)
+    tok.save_pretrained(tmp_path / "export")
+    loaded = Tokenizer.from_pretrained(tmp_path / "export")
+    assert loaded.config.to_dict() == tok.config.to_dict()
+    for (name, a), (_, b) in zip(tok.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    x = images(2, 32, 32, seed=5)
+    tok.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(tok(x)[0], loaded(x)[0])
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_presets_load(path):
+    cfg = TokenizerConfig.from_yaml(path, ["model.z_channels=64"] if path.stem == "tiny" else [])
+    assert cfg.quantizer.codebooks and sorted(cfg.factors)[-1] == 2 ** (len(cfg.encoder.ch_mult) - 1)
+    assert 2 ** (len(cfg.decoder.ch_mult) - 1) == min(cfg.factors)
+
+
+def test_tiny_preset_trains_and_config_errors():
+    tok = Tokenizer(TokenizerConfig.from_yaml(REPO / "configs/tokenizer/tiny.yaml"))
+    x = images(2, 64, 64)
+    rec, losses, _ = tok(x)
+    (rec.abs().mean() + sum(losses.values())).backward()
+    with pytest.raises(ConfigError, match="factors"):
+        TokenizerConfig.from_dict({"factors": [8, 32]})
+    with pytest.raises(ConfigError, match="ch_mult"):
+        Tokenizer(small_config(2, 1, encoder={"ch_mult": [1, 1]}))
+    with pytest.raises(ValueError, match="divisible"):
+        tok(images(1, 40, 64))
