@@ -1,0 +1,268 @@
+"""Constrained, KV-cached sampling from a :class:`~models.generator.stacked.Generator`.
+
+Each step feeds one token per sequence (all sequences in lock step) to the position stack, draws the
+next position under the validity rule, feeds ``h_t + E_pos(P_{t+1})`` to the content stack and, when
+``P_{t+1}`` is a cell, draws its ``K`` sub-codes one after another from the factorized head.
+
+**Validity rule** (every sample is a valid code map). Per sequence the sampler tracks the current level,
+the regions already taken at any level, the last region opened at this level and the cells still owed
+to the open region:
+
+1. while a region is open, its next cell (region-grouped raster order) is forced;
+2. at a level ``g < G - 1`` the model picks, among regions not yet taken and *after* the last region it
+   opened at this level (regions are ordered by raster index, as in training), the top-left cell of
+   one, or EOL_g; with no region left EOL_g is forced;
+3. at the finest level every remaining region is coded in raster order (positions forced, only
+   contents sampled), then END.
+
+So each coarsest region is covered exactly once, at exactly one level, by all of its ``4^g`` cells.
+
+Guidance: with ``cfg_scale`` set, a second (null-class) copy of every sequence runs alongside and
+logits become ``cond + (scale - 1) (cond - uncond)`` for positions and every sub-code, optionally only
+while the token being predicted lies in the levels ``cfg_interval = (first, last)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from models.generator.sequence import FlatSequences, SequenceSpec, decode_sequences
+from models.generator.stacked import Generator, GeneratorCache
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenFilter:
+    """Temperature (0 = greedy), top-k (0 = off) and top-p (1 = off) for one kind of token."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"invalid sampling filter {self}: need temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+
+
+def filter_logits(logits: Tensor, allowed: Optional[Tensor], token_filter: TokenFilter) -> Tensor:
+    """Float32 ``[B, V]`` logits divided by the temperature, ``-inf`` outside ``allowed``, top-k, top-p."""
+    logits = logits.float()
+    if token_filter.temperature > 0:
+        logits = logits / token_filter.temperature
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    if 0 < token_filter.top_k < logits.shape[-1]:
+        kth = logits.topk(token_filter.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if token_filter.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        beyond = (probs.cumsum(-1) - probs) > token_filter.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(beyond, float("-inf")))
+    return logits
+
+
+def draw(logits: Tensor, allowed: Optional[Tensor], token_filter: TokenFilter,
+         generator: Optional[torch.Generator]) -> Tensor:
+    """One id per row ``[B]`` from ``[B, V]`` logits."""
+    logits = filter_logits(logits, allowed, token_filter)
+    if token_filter.temperature == 0:
+        return logits.argmax(-1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+class ValidityRule:
+    """State of the validity rule (module docstring) for ``B`` sequences being sampled."""
+
+    def __init__(self, spec: SequenceSpec, batch: int, device: torch.device):
+        self.spec = spec
+        regions = spec.num_regions
+        self.region_ids = torch.arange(regions, device=device)
+        self.rows = torch.arange(batch, device=device)
+        self.taken = torch.zeros(batch, regions, dtype=torch.bool, device=device)
+        self.level = torch.zeros(batch, dtype=torch.long, device=device)
+        self.last_region = torch.full((batch,), -1, dtype=torch.long, device=device)
+        self.region = torch.zeros(batch, dtype=torch.long, device=device)
+        self.remaining = torch.zeros(batch, dtype=torch.long, device=device)   # cells owed to the open region
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def allowed(self) -> Tensor:
+        """bool ``[B, position_vocab]``: the ids the next position may take."""
+        spec, batch = self.spec, self.rows.numel()
+        candidates = ~self.taken & (self.region_ids > self.last_region[:, None])
+        level = self.level[:, None].expand_as(candidates)
+        openings = spec.cell_position(level, self.region_ids.expand_as(candidates), torch.zeros_like(level))
+        in_region = self.remaining > 0
+        free = ~self.done & ~in_region & (self.level < spec.num_levels - 1)
+        allowed = torch.zeros(batch, spec.position_vocab, dtype=torch.bool, device=self.rows.device)
+        allowed.scatter_(1, openings, candidates & free[:, None])
+        allowed[self.rows, spec.num_cells + self.level] |= free
+        has_region = candidates.any(1)
+        first_opening = openings[self.rows, candidates.int().argmax(1)]
+        next_cell = spec.cell_position(self.level, self.region, (1 << (2 * self.level)) - self.remaining)
+        forced = torch.where(in_region, next_cell,
+                             torch.where(has_region, first_opening, spec.num_cells + self.level))
+        forced = torch.where(self.done, torch.full_like(forced, spec.end), forced)
+        allowed[self.rows[~free], forced[~free]] = True
+        return allowed
+
+    def advance(self, position: Tensor) -> None:
+        """Update the state with the drawn positions ``[B]``."""
+        spec = self.spec
+        active = ~self.done
+        is_cell = active & (position < spec.num_cells)
+        opening = is_cell & (self.remaining == 0)
+        region = spec.position_region(position.clamp(max=spec.num_cells - 1))
+        self.taken[self.rows[opening], region[opening]] = True
+        self.region = torch.where(opening, region, self.region)
+        self.last_region = torch.where(opening, region, self.last_region)
+        owed = (1 << (2 * self.level)) - 1
+        self.remaining = torch.where(opening, owed, torch.where(is_cell, self.remaining - 1, self.remaining))
+        closing = active & ~is_cell
+        self.done = self.done | (closing & (position == spec.end))
+        self.level = torch.where(closing & ~self.done, self.level + 1, self.level)
+        self.last_region = torch.where(closing, torch.full_like(self.last_region, -1), self.last_region)
+
+
+class CachedDecoder:
+    """Runs both stacks one token at a time with KV caches."""
+
+    def __init__(self, model: Generator, batch: int, max_len: int):
+        self.model = model
+        self.cache: GeneratorCache = model.new_cache(batch, max_len)
+
+    def _index(self, caches, batch: int) -> Tensor:
+        return torch.full((batch, 1), caches[0].length, dtype=torch.long, device=self.model.position_embed.weight.device)
+
+    def position(self, inputs: Tensor) -> Tensor:
+        """inputs ``[B, 1, D]`` (token t) -> ``h_t [B, D]``."""
+        index = self._index(self.cache.position, inputs.shape[0])
+        return self.model.position_hidden(inputs, index, caches=self.cache.position)[:, 0]
+
+    def content(self, hidden: Tensor, next_position: Tensor) -> Tensor:
+        """``h_t [B, D]``, ``P_{t+1} [B]`` -> ``c_t [B, D]``."""
+        index = self._index(self.cache.content, hidden.shape[0])
+        return self.model.content_hidden(hidden[:, None], next_position[:, None], index,
+                                         caches=self.cache.content)[:, 0]
+
+
+class RecomputeDecoder:
+    """Reference decoder: re-runs both stacks over the whole prefix at every step (no cache)."""
+
+    def __init__(self, model: Generator):
+        self.model = model
+        self.inputs: list[Tensor] = []
+        self.next_positions: list[Tensor] = []
+        self.hidden: Optional[Tensor] = None
+
+    def _index(self, batch: int, length: int) -> Tensor:
+        return torch.arange(length, device=self.model.position_embed.weight.device).expand(batch, length)
+
+    def position(self, inputs: Tensor) -> Tensor:
+        self.inputs.append(inputs)
+        prefix = torch.cat(self.inputs, dim=1)
+        self.hidden = self.model.position_hidden(prefix, self._index(*prefix.shape[:2]))
+        return self.hidden[:, -1]
+
+    def content(self, hidden: Tensor, next_position: Tensor) -> Tensor:
+        self.next_positions.append(next_position[:, None])
+        nexts = torch.cat(self.next_positions, dim=1)
+        return self.model.content_hidden(self.hidden, nexts, self._index(*nexts.shape))[:, -1]
+
+
+@dataclasses.dataclass
+class SampledTokens:
+    """Token streams of ``B`` sequences sampled in lock step (BOS first; after END the rows repeat END)."""
+
+    position: Tensor   # int64 [B, T]
+    content: Tensor    # int64 [B, T, K]
+    done: Tensor       # bool [B]: reached END
+
+    def sequences(self, spec: SequenceSpec) -> FlatSequences:
+        """The finished sequences, cut after their END token."""
+        if not bool(self.done.all()):
+            raise ValueError("some sequences did not reach END; sample without max_steps")
+        lengths = (self.position == spec.end).int().argmax(1) + 1
+        keep = torch.arange(self.position.shape[1], device=lengths.device) < lengths[:, None]
+        doc = torch.arange(lengths.numel(), device=lengths.device)[:, None].expand_as(keep)
+        return FlatSequences(self.position[keep], self.content[keep], doc[keep], lengths.long())
+
+
+@torch.no_grad()
+def generate_tokens(model: Generator, labels: Tensor, *, position: TokenFilter = TokenFilter(),
+                    content: TokenFilter = TokenFilter(), cfg_scale: Optional[float] = None,
+                    cfg_interval: Optional[tuple[int, int]] = None, generator: Optional[torch.Generator] = None,
+                    use_cache: bool = True, max_steps: Optional[int] = None) -> SampledTokens:
+    """Sample token streams for class ``labels [B]`` (the null class id ``num_classes`` for unconditional).
+
+    ``use_cache=False`` selects the reference decoder that recomputes the prefix every step (for
+    benchmarks); ``max_steps`` stops early (the result then holds unfinished sequences).
+    """
+    spec, config = model.spec, model.config
+    device = model.position_embed.weight.device
+    labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
+    if labels.numel() == 0 or labels.min() < 0 or labels.max() > config.num_classes:
+        raise ValueError(f"labels must lie in 0..{config.num_classes} (the last is the null class), got {labels.tolist()}")
+    guided = cfg_scale is not None
+    if guided and config.num_classes == 0:
+        raise ValueError("cfg_scale needs a class-conditional model (num_classes > 0)")
+    batch = labels.numel()
+    rows = 2 * batch if guided else batch
+    row_labels = torch.cat([labels, torch.full_like(labels, config.null_class)]) if guided else labels
+
+    def both(x: Tensor) -> Tensor:
+        return torch.cat([x, x]) if guided else x
+
+    def guide(logits: Tensor, rows_guided: Tensor) -> Tensor:
+        if not guided:
+            return logits
+        cond, uncond = logits.chunk(2)
+        return torch.where(rows_guided[:, None], cond + (cfg_scale - 1.0) * (cond - uncond), cond)
+
+    was_training = model.training
+    model.eval()
+    rule = ValidityRule(spec, batch, device)
+    steps = spec.max_length - 1 if max_steps is None else min(max_steps, spec.max_length - 1)
+    decoder = CachedDecoder(model, rows, spec.max_length) if use_cache else RecomputeDecoder(model)
+    none = spec.none_content.to(device).expand(batch, -1)
+    token_position = torch.full((batch,), spec.bos, dtype=torch.long, device=device)
+    token_content = none
+    positions, contents = [token_position], [token_content]
+    first, last = cfg_interval if cfg_interval is not None else (0, spec.num_levels - 1)
+    for _ in range(steps):
+        rows_guided = (rule.level >= first) & (rule.level <= last)
+        inputs = model.embed_inputs(both(token_position)[:, None], both(token_content)[:, None], row_labels[:, None])
+        hidden = decoder.position(inputs)
+        token_position = draw(guide(model.position_logits(hidden), rows_guided), rule.allowed(), position, generator)
+        context = decoder.content(hidden, both(token_position))
+        needs_content = token_position < spec.num_cells
+        token_content = none
+        if bool(needs_content.any()):
+            head_caches = model.content_head.new_caches(rows, context)
+            subcodes, previous = [], None
+            for slot in range(spec.num_subcodes):
+                logits = guide(model.content_head.step(context, previous, slot, head_caches), rows_guided)
+                subcodes.append(draw(logits, None, content, generator))
+                previous = both(subcodes[-1])
+            token_content = torch.where(needs_content[:, None], torch.stack(subcodes, 1), none)
+        rule.advance(token_position)
+        positions.append(token_position)
+        contents.append(token_content)
+        if bool(rule.done.all()):
+            break
+    model.train(was_training)
+    return SampledTokens(torch.stack(positions, 1), torch.stack(contents, 1), rule.done)
+
+
+def sample(model: Generator, labels: Sequence[int] | Tensor, **options) -> list[tuple[Tensor, Tensor]]:
+    """Sample one code map per label: ``(grain uint8 [Hs, Ws], codes int64 [L, K])`` in canonical order.
+
+    Options as :func:`generate_tokens` (``position``/``content`` filters, ``cfg_scale``,
+    ``cfg_interval``, ``generator``, ``use_cache``).
+    """
+    if "max_steps" in options:
+        raise TypeError("sample() always finishes the sequences; use generate_tokens(max_steps=...)")
+    tokens = generate_tokens(model, torch.as_tensor(labels), **options)
+    return decode_sequences(model.spec, tokens.sequences(model.spec))
