@@ -151,6 +151,54 @@ def test_incomplete_parts_are_ignored_and_complete_ones_skipped(tmp_path):
     assert not report.ok and "part-000005.arrow: part file not recorded" in report.problems[0]
 
 
+def test_empty_part_is_complete_and_readable(tmp_path):
+    manifest = CodeManifest.create(tmp_path, IDENTITY, 2, 2, (16384, 4096), GRAIN_SHAPE)
+    with CodeWriter(tmp_path, 0, manifest):
+        pass                                                        # a shard whose images were all rejected
+    rows = synthetic_rows(3, 1)
+    with CodeWriter(tmp_path, 1, manifest) as w:
+        w.write(rows["keys"], rows["labels"], rows["views"], rows["grains"], rows["codes"])
+    reader = CodeReader(tmp_path)
+    assert manifest.parts[0]["rows"] == 0 and len(reader) == 3 and reader[0].key == rows["keys"][0]
+    assert verify_codes(tmp_path, expected_keys=rows["keys"]).ok
+
+
+KILLED_WRITER = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from tests.test_codes import synthetic_rows, CodeManifest, CodeWriter, IDENTITY, GRAIN_SHAPE
+manifest = CodeManifest.create({out!r}, IDENTITY, 2, 2, (16384, 4096), GRAIN_SHAPE)
+for part in (0, 1):
+    if manifest.is_complete(part):
+        continue
+    rows = synthetic_rows(20, part)
+    with CodeWriter({out!r}, part, manifest, max_rows_per_batch=8) as w:
+        w.write(rows["keys"], rows["labels"], rows["views"], rows["grains"], rows["codes"])
+        if part == 1 and {kill}:
+            os.kill(os.getpid(), signal.SIGKILL)   # after two full record batches reached the temp file
+"""
+
+
+def test_kill_9_mid_part_then_rerun(tmp_path):
+    import subprocess
+    import sys
+
+    repo = str(Path(__file__).resolve().parent.parent)
+
+    def run(kill: bool) -> subprocess.CompletedProcess:
+        script = KILLED_WRITER.format(repo=repo, out=str(tmp_path), kill=kill)
+        return subprocess.run([sys.executable, "-c", script], cwd=repo, timeout=60)
+
+    assert run(True).returncode == -9
+    assert len(CodeReader(tmp_path)) == 20 and len(list(tmp_path.glob(".part-000001.arrow.tmp-*"))) == 1
+    assert verify_codes(tmp_path).ok
+    assert run(False).returncode == 0
+    reader = CodeReader(tmp_path)
+    rows = concat_rows([synthetic_rows(20, 0), synthetic_rows(20, 1)])
+    assert len(reader) == 40 and all(reader[i].key == rows["keys"][i] for i in range(40))
+    np.testing.assert_array_equal(reader[39].codes, rows["codes"][39])
+
+
 def write_raw_part(out: Path, manifest: CodeManifest, index: int, rows: dict, lengths: list[int]):
     """Writes a part bypassing CodeWriter's checks (to plant corrupt values) and records it."""
     offsets = np.concatenate([[0], np.cumsum([c.size for c in rows["codes"]])]).astype(np.int32)

@@ -108,12 +108,11 @@ class CodeWriter:
         Returns L as int64 [N] and all codes concatenated, (sum L_i, K) in the input dtype.
         """
         k = self.manifest.num_subcodes
-        expected = sequence_lengths(grains)
-        shapes = np.array([np.shape(c) for c in codes], dtype=np.int64).reshape(len(codes), -1)
-        if shapes.shape[1] != 2 or (len(codes) and (shapes[:, 1] != k).any()):
-            bad = next(i for i, c in enumerate(codes) if np.ndim(c) != 2 or np.shape(c)[1] != k)
+        bad = next((i for i, c in enumerate(codes) if np.ndim(c) != 2 or np.shape(c)[1] != k), None)
+        if bad is not None:
             raise ValueError(f"codes for key {keys[bad]!r} have shape {np.shape(codes[bad])}; expected (L, {k})")
-        lengths = shapes[:, 0]
+        lengths = np.array([len(c) for c in codes], dtype=np.int64)
+        expected = sequence_lengths(grains)
         mismatch = np.flatnonzero(lengths != expected)
         if mismatch.size:
             i = mismatch[0]
