@@ -235,3 +235,13 @@ def test_patch_alignment_loss_resizes_prediction_grid():
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
     with pytest.raises(ValueError, match="patch tokens"):
         patch_alignment_loss(target, target[:, :0], 4, 0)
+
+
+def test_open_clip_teacher_from_model_config_json(tmp_path):
+    """`arch` may be a model-config JSON path, so every process can build a custom (small) CLIP."""
+    config = tmp_path / "varitok-json-clip.json"
+    config.write_text(json.dumps(TINY_CLIP))
+    teacher = build_teacher(TeacherConfig(name="clip", backend="open_clip", arch=str(config), image_size=56),
+                            random_init=True)
+    pooled, patches = teacher(_images())
+    assert pooled.shape == (2, 24) and patches.shape == (2, 16, 24)

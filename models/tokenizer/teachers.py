@@ -40,7 +40,7 @@ class TeacherConfig(ConfigBase):
 
     name: str = "dinov2"
     backend: str = "timm"
-    arch: str = "vit_small_patch14_dinov2"
+    arch: str = "vit_small_patch14_dinov2"   # open_clip: a model name or a model-config .json path
     weights: str = ""
     image_size: int = 224
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -171,7 +171,13 @@ def build_teacher(cfg: TeacherConfig, key_path: str = "model.teachers[0]",
 def _build_open_clip(cfg: TeacherConfig, weights: str | None) -> FrozenTeacher:
     import open_clip
 
-    model = open_clip.create_model(cfg.arch, pretrained=weights, force_image_size=cfg.image_size,
+    arch = cfg.arch
+    if arch.endswith(".json"):  # a model config file (e.g. a small ViT for the demo): register it under its stem
+        if not Path(arch).is_file():
+            raise ConfigError(f"teacher {cfg.name!r}: open_clip model config {arch} not found")
+        open_clip.add_model_config(arch)
+        arch = Path(arch).stem
+    model = open_clip.create_model(arch, pretrained=weights, force_image_size=cfg.image_size,
                                    **cfg.model_kwargs)
     tower = model.visual
     preprocess = getattr(tower, "preprocess_cfg", {}) or {}
