@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import webdataset as wds
 from PIL import Image
 
 from data.demo_images import procedural_image
-from data.stream import ShardStream, deal_shards, expand_shard_spec
+from data.stream import ShardStream, deal_shards, expand_shard_spec, iter_tar_members
 from data.transforms import crop_resize_flip, decode_pil, decode_torchvision, load_image, sample_augmentation
 
 SIZE = 16
@@ -99,6 +100,27 @@ def test_deal_shards_balances_and_gives_every_unit_a_shard():
     bins = deal_shards([0, 1, 2, 3, 4], sizes=[10, 0, 3, 4, 5], units=3)
     assert sorted(i for b in bins for i in b) == [0, 1, 2, 3, 4]
     assert all(bins) and bins == [[0], [1, 3], [2, 4]]  # empty shard 1 still fills a bin first
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_reader_matches_tarfile(tmp_path, tar_format):
+    path = tmp_path / "x.tar"
+    members = {"a.jpg": b"1" * 700, "d" * 120 + "/k.cls": b"3", "p" * 90 + "/" + "q" * 60 + ".txt": b"",
+               "\u00e9t\u00e9.json": b"{}" * 300, "__meta__": b"skipped"}
+    with tarfile.open(path, "w", format=tar_format) as archive:
+        directory = tarfile.TarInfo("a_dir")
+        directory.type = tarfile.DIRTYPE  # not a regular file: skipped
+        archive.addfile(directory)
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    del members["__meta__"]
+    assert list(iter_tar_members(str(path))) == list(members.items())
+    assert [n for n, d in iter_tar_members(str(path), read_data=False)] == list(members)
+    path.write_bytes(path.read_bytes()[:1200])  # cut inside the second member's header
+    with pytest.raises(tarfile.ReadError, match="truncated|garbled"):
+        list(iter_tar_members(str(path)))
 
 
 # ----------------------------------------------------------------------------------------- round trips
