@@ -198,12 +198,14 @@ class StreamStats:
     """Per-process counters with a rate-limited warning per reason (first 3, then every 100th)."""
 
     def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()  # reported with each batch, then cleared
+        self._seen: Counter[str] = Counter()  # cumulative, for the rate limit
 
     def bad(self, reason: str, where: str, detail: Any) -> None:
         self.counts["corrupt"] += 1
         self.counts["reason:" + reason] += 1
-        seen = self.counts["reason:" + reason]
+        self._seen[reason] += 1
+        seen = self._seen[reason]
         if seen <= 3 or seen % 100 == 0:
             log.warning("skipping %s (%s): %s [%d so far for this reason in this process]",
                         where, reason, detail, seen)
@@ -298,6 +300,7 @@ def _shard_samples(path: str, stats: StreamStats) -> Iterator[dict[str, Any]]:
 def unit_raw_stream(plan: EpochPlan, unit: int, stats: StreamStats) -> Iterator[tuple[int, dict[str, Any]]]:
     """Endless ``(pass_index, raw sample)`` stream of one unit: passes over its shards, each through a
     shuffle buffer seeded by ``(seed, epoch, unit, pass)``. Nothing is decoded here."""
+    empty_passes = 0
     for pass_index in itertools.count():
         shard_ids, modulo_unit = plan.unit_pass_shards(unit, pass_index)
         samples: Iterator[dict[str, Any]] = itertools.chain.from_iterable(
@@ -311,7 +314,8 @@ def unit_raw_stream(plan: EpochPlan, unit: int, stats: StreamStats) -> Iterator[
         for sample in samples:
             produced += 1
             yield pass_index, sample
-        if produced == 0:
+        empty_passes = 0 if produced else empty_passes + 1
+        if empty_passes > (100 if plan.resampled else 0):  # a resampled draw may just hit empty shards
             raise RuntimeError(f"rank {plan.rank} worker {unit % plan.workers} read no sample from its shards "
                                f"{[plan.shards[i] for i in shard_ids][:5]}: they are empty or unreadable")
 
@@ -503,6 +507,25 @@ class ShardStream:
         samples its workers met. ``load_state_dict`` also accepts ``{"ranks": {rank: state}}``."""
         return {"format": STATE_FORMAT, "rank": self.rank, "epoch": self.epoch, "batch": self._batch,
                 "positions": list(self._positions), **self._identity()}
+
+    def save_state_file(self, directory: str | os.PathLike) -> Path:
+        """Write ``state_dict()`` to ``directory/stream-rank{rank:05d}.json`` atomically (temporary file,
+        then rename) and return the path. Every rank calls it: positions are per rank, and
+        ``accelerator.register_for_checkpointing`` would save rank 0's state only (and as a pickle)."""
+        path = Path(directory) / f"stream-rank{self.rank:05d}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".tmp{os.getpid()}")
+        temporary.write_text(json.dumps(self.state_dict(), indent=1))
+        os.replace(temporary, path)
+        return path
+
+    def load_state_file(self, directory: str | os.PathLike) -> None:
+        """Restore the state this rank wrote with :meth:`save_state_file`."""
+        path = Path(directory) / f"stream-rank{self.rank:05d}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no stream state for rank {self.rank} at {path}; was the checkpoint "
+                                    f"written by a run with world_size {self.world_size}?")
+        self.load_state_dict(json.loads(path.read_text()))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly after the batch at which ``state`` was saved."""

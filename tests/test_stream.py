@@ -209,9 +209,9 @@ def test_exact_resume_mid_epoch_and_across_epoch_boundary(tmp_path, num_workers)
     for stop in (3, steps, steps + 2):  # mid-epoch, exactly at the boundary, mid next epoch
         first = ShardStream(tmp_path, **settings)
         consumed = run_batches(first, stop)
-        state = json.loads(json.dumps(first.state_dict()))
+        first.save_state_file(tmp_path / f"ckpt-{stop}")
         resumed = ShardStream(tmp_path, **settings)
-        resumed.load_state_dict(state)
+        resumed.load_state_file(tmp_path / f"ckpt-{stop}")
         rest = run_batches(resumed, 2 * steps - stop)
         for got, want in zip(consumed + rest, uninterrupted, strict=True):
             assert got["key"] == want["key"]
@@ -279,7 +279,7 @@ def test_corrupt_member_and_truncated_tar_are_skipped_and_counted(tmp_path, capl
     assert "skipping" in caplog.text
 
 
-def test_unreadable_shards_raise_a_clear_error_instead_of_spinning(tmp_path):
+def test_unreadable_shards_raise_a_clear_error_instead_of_spinning(tmp_path, caplog):
     write_shards(tmp_path, [4])
     shard = tmp_path / "test-000000.tar"
     with wds.TarWriter(str(shard), mtime=0) as writer:
@@ -288,6 +288,7 @@ def test_unreadable_shards_raise_a_clear_error_instead_of_spinning(tmp_path):
     stream = ShardStream(tmp_path, batch_size=2, image_size=8, world_size=1, rank=0)
     with pytest.raises(RuntimeError, match="could be decoded"):
         run_batches(stream)
+    assert caplog.text.count("(decode_error)") == 3  # 9 failures before giving up, 3 warnings
 
 
 # ----------------------------------------------------------------------------------------- transforms
