@@ -15,6 +15,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -65,8 +66,12 @@ def accelerate_config(num_machines: int, nproc: int, cpu: bool) -> Path:
     return CONFIGS / "accelerate" / name
 
 
-def build_command(args: argparse.Namespace, cpu: bool) -> tuple[list[str], dict[str, str]]:
-    """``(argv, extra environment)`` of the ``accelerate launch`` command for ``args``."""
+def build_command(args: argparse.Namespace, cpu: bool,
+                  entry: Optional[Sequence[str]] = None) -> tuple[list[str], dict[str, str]]:
+    """``(argv, extra environment)`` of the ``accelerate launch`` command for ``args``.
+
+    ``entry`` is what every process runs: by default ``-m pipeline.cli train-<stage> <stage args>``.
+    """
     if args.nproc < 1 or args.num_machines < 1:
         raise SystemExit("varitok launch: --nproc and --num-machines must be >= 1")
     if not 0 <= args.machine_rank < args.num_machines:
@@ -79,12 +84,14 @@ def build_command(args: argparse.Namespace, cpu: bool) -> tuple[list[str], dict[
             "--num_processes", str(args.nproc * args.num_machines),
             "--num_machines", str(args.num_machines),
             "--machine_rank", str(args.machine_rank),
-            "--main_process_port", str(args.main_port)]
+            "--main_process_port", str(args.main_port),
+            # precision is train.precision's business (the runtime passes it to the Accelerator)
+            "--mixed_precision", "no", "--dynamo_backend", "no"]
     if args.main_ip:
         argv += ["--main_process_ip", args.main_ip]
     if args.num_machines > 1:
         argv += ["--rdzv_backend", "static", "--deepspeed_multinode_launcher", "standard"]
-    argv += ["-m", "pipeline.cli", STAGE_COMMANDS[args.stage], *args.stage_args]
+    argv += list(entry) if entry is not None else ["-m", "pipeline.cli", STAGE_COMMANDS[args.stage], *args.stage_args]
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
     if cpu:
         env["DS_ACCELERATOR"] = "cpu"

@@ -5,6 +5,7 @@ once per module, independent launches side by side, and shared by the tests that
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from toy_train import ToyConfig, ToyNet  # noqa: E402
 from pipeline.checkpoint import (CheckpointManager, ResumeError, check_compatible, complete_checkpoints,  # noqa: E402
                                  export_pretrained)
 from pipeline.ema import EMA  # noqa: E402
+from pipeline.launch import build_command  # noqa: E402
 from pipeline.schedule import warmup_cosine, warmup_cosine_factor  # noqa: E402
 
 STEPS, LR = 8, 1e-2
@@ -227,22 +229,27 @@ def _finish(processes: dict[str, subprocess.Popen], timeout: float = 400) -> dic
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Phase 1: ZeRO-2 (accelerate launch), ZeRO-1 on 2 simulated machines killed at step 5, ZeRO-3 (torchrun).
+    """Phase 1: ZeRO-2 (accelerate launch), ZeRO-1 on 2 simulated machines (the commands `varitok launch` builds,
+    static rendezvous on localhost) killed at step 5, ZeRO-3 (torchrun).
     Phase 2: resume of the killed run (torchrun), a 1-process resume with another world size and lr."""
     root = tmp_path_factory.mktemp("runs")
     dirs = {name: root / name for name in ("zero2", "killed", "zero3", "mismatch")}
     logs = {name: root / f"{name}.log" for name in ("zero2", "node0", "node1", "zero3", "resume", "mismatch")}
     common = ["--steps", str(STEPS), "--lr", str(LR), "--ckpt-every", "2", "--keep-last", "2"]
     port = _port()
-    node = ACCELERATE + ["--num_processes", "2", "--num_machines", "2", "--main_process_ip", "127.0.0.1",
-                         "--main_process_port", str(port), "--rdzv_backend", "static", "--use_deepspeed",
-                         "--zero_stage", "1", "--deepspeed_multinode_launcher", "standard"]
     killed = [TOY, "--run-dir", str(dirs["killed"]), *common, "--die-at-step", "5"]
+
+    def machine(rank: int) -> list[str]:
+        """The command `varitok launch` builds for machine ``rank`` of 2 (configs/accelerate + zero1.json)."""
+        args = argparse.Namespace(stage="tokenizer", nproc=1, zero=1, num_machines=2, machine_rank=rank,
+                                  main_ip="127.0.0.1", main_port=port, stage_args=[])
+        return build_command(args, cpu=True, entry=killed)[0]
+
     phase1 = {
         "zero2": _start(ACCELERATE + ["--num_processes", "2", "--main_process_port", str(_port()), "--use_deepspeed",
                                       "--zero_stage", "2", TOY, "--run-dir", str(dirs["zero2"]), *common], logs["zero2"]),
-        "node0": _start(node + ["--machine_rank", "0", *killed], logs["node0"]),
-        "node1": _start(node + ["--machine_rank", "1", *killed], logs["node1"]),
+        "node0": _start(machine(0), logs["node0"]),
+        "node1": _start(machine(1), logs["node1"]),
         "zero3": _start(TORCHRUN + ["--master_port", str(_port()), TOY, "--run-dir", str(dirs["zero3"]), "--zero", "3",
                                     "--single-model", *common], logs["zero3"]),
     }
