@@ -408,6 +408,7 @@ def run(args: argparse.Namespace) -> int:
         summary = tokenize(args.tokenizer, args.shards, args.output, views=args.views, batch_size=args.batch_size,
                            granularity_ratio=args.granularity_ratio, image_size=args.image_size,
                            workers=args.workers, precision=args.precision, progress=not args.no_progress)
+        is_rank_zero = summary["rank"] == 0
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
         summary = _reduce_summaries(summary)
@@ -417,7 +418,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if created_group:
             torch.distributed.destroy_process_group()
-    if summary.get("rank", 0) == 0:
+    if is_rank_zero:
         print(f"tokenized {summary['images']} images into {summary['rows']} rows "
               f"({summary['parts_written']} parts written, {summary['parts_already_complete']} already complete, "
               f"{summary['skipped']} samples skipped, listed in {Path(args.output) / SKIPPED_DIR}) in "
