@@ -1,0 +1,372 @@
+"""Stage 1: train the DQ x FQ VQ-GAN tokenizer (and its PatchGAN discriminator) under Accelerate + DeepSpeed.
+
+    varitok train-tokenizer --config configs/tokenizer/tiny.yaml [--resume auto|PATH|none] [key.path=value ...]
+
+Runs as one plain process or under ``accelerate launch`` / ``torchrun`` / ``deepspeed`` on any number of
+processes and machines (``varitok launch tokenizer --nproc N --zero Z -- --config ...`` builds the command).
+ZeRO-0 (data parallel), ZeRO-1 and ZeRO-2 are supported; ZeRO-3 is refused (the discriminator's detached
+functional call needs whole parameters, see PLATFORM.md).
+
+Outputs under ``run.dir``: ``config.yaml`` (resolved), ``checkpoints/step-N/`` (every ``train.ckpt_every``
+steps and at the end, last ``train.keep_last`` kept), ``logs/metrics.jsonl`` (one JSON per log step) and
+TensorBoard events, ``images/step-NNNNNNN.png`` (input | reconstruction | granularity overlay),
+``summary.json``, and ``export/`` (``Tokenizer.from_pretrained``; EMA weights when ``train.ema_decay > 0``).
+
+Every bad input (config, shards, teacher / LPIPS weights, a checkpoint of another config or world size) is
+reported before the first step. Per step, the only host synchronisation is the all-reduced "loss is finite"
+flag (NaN guard); metrics are reduced across ranks at log steps only.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from models.config import ConfigBase, ConfigError
+from models.tokenizer import Tokenizer, TokenizerConfig, build_teachers
+from models.tokenizer.losses import LossConfig, TokenizerGANLoss
+from models.tokenizer.training import TokenizerTrainingModule
+from pipeline.config import LoggingConfig, OptimConfig, RunConfig, TrainConfig, load_config, save_resolved_config
+
+__all__ = ["TokenizerDataConfig", "TokenizerStageConfig", "NonFiniteGuard", "MetricWindow", "config_identity",
+           "prepare", "train", "add_arguments", "run"]
+
+# Keys that may change between a checkpoint and its resume (everything else must match).
+RESUMABLE_CHANGES = ("run.dir", "train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_last",
+                     "train.image_every", "train.max_bad_steps", "train.zero_stage", "logging")
+GRID_IMAGES = 4
+
+
+@dataclasses.dataclass
+class TokenizerDataConfig(ConfigBase):
+    shards: str = ""             # directory, brace pattern or comma list of WebDataset .tar shards
+    batch_size: int = 32         # images per rank per micro-step
+    num_workers: int = 2         # decoding processes per rank
+    image_size: int = 256        # square crop side, pixels
+    shuffle_buffer: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "image_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0 or self.shuffle_buffer < 0:
+            raise ConfigError("data.num_workers and data.shuffle_buffer must be >= 0")
+
+
+@dataclasses.dataclass
+class TokenizerStageConfig(ConfigBase):
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    data: TokenizerDataConfig = dataclasses.field(default_factory=TokenizerDataConfig)
+    model: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+class NonFiniteGuard:
+    """Counts optimizer steps whose loss was NaN/Inf on some rank; raises after ``limit`` in a row."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_a_row = 0
+        self.total = 0
+
+    def record(self, bad: bool, step: int) -> None:
+        if not bad:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row >= self.limit:
+            raise FloatingPointError(
+                f"loss was NaN/Inf for {self.in_a_row} steps in a row (at step {step}; train.max_bad_steps="
+                f"{self.limit}): lower optim.lr, check the data, or raise train.max_bad_steps")
+
+
+class MetricWindow:
+    """Running sums of scalar logs on the device (no host sync) between log steps."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, logs: dict[str, torch.Tensor]) -> None:
+        for name, value in logs.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def reduce(self, accelerator) -> dict[str, float]:
+        """Mean over the window's micro-steps and over ranks (one all-reduce; every rank must call it)."""
+        names = sorted(self.sums)
+        if not names:
+            return {}
+        means = torch.stack([self.sums[n] / self.counts[n] for n in names])
+        reduced = accelerator.reduce(means, reduction="mean").tolist()
+        self.sums, self.counts = {}, {}
+        return dict(zip(names, reduced))
+
+
+def config_identity(cfg: TokenizerStageConfig) -> dict[str, Any]:
+    """What a resumed run must share with the checkpoint (the resolved config without RESUMABLE_CHANGES)."""
+    values = cfg.to_dict()
+    for key in RESUMABLE_CHANGES:
+        section, _, name = key.partition(".")
+        if name:
+            values[section].pop(name, None)
+        else:
+            values.pop(section, None)
+    return values
+
+
+def param_digest(module: torch.nn.Module) -> str:
+    """sha256 of every state tensor (name + fp32 bytes): equal digests = identical parameters."""
+    blob = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        blob.update(name.encode())
+        blob.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+    return blob.hexdigest()
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of the optimizer state tensors this rank holds (ZeRO partitions them), wrappers unwrapped."""
+    inner = optimizer
+    while hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    return sum(t.numel() * t.element_size() for state in inner.state.values()
+               for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
+
+
+def peak_memory_bytes() -> int:
+    """Peak device memory on a GPU, else peak resident memory of this process (bytes)."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _endless(stream) -> Iterator[dict]:
+    while True:
+        yield from stream
+
+
+def _flat_scalars(values: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config -> {"a.b": scalar} (lists as strings), the form TensorBoard hparams accept."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat_scalars(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+# ------------------------------------------------------------------------------------------ preflight
+@dataclasses.dataclass
+class Prepared:
+    """Everything built (and validated) before the first collective."""
+
+    module: TokenizerTrainingModule
+    teachers: dict
+    stream: Any
+    identity: dict
+
+
+def prepare(cfg: TokenizerStageConfig, resume: Optional[str]) -> Prepared:
+    """Validate the inputs and build the models and the stream, raising ConfigError on anything bad.
+
+    Runs on every rank before any process group exists, so a bad input fails fast on every rank alike.
+    """
+    from data.stream import ShardStream
+    from pipeline.checkpoint import check_compatible, find_checkpoint, read_meta
+
+    if not str(cfg.data.shards).strip():
+        raise ConfigError("data.shards is empty: set data.shards=DIR (or a brace pattern / comma list of .tar "
+                          "shards written by `varitok shard`)")
+    try:
+        # Rank and world size come from the launcher's environment (RANK / WORLD_SIZE; 0 / 1 when absent).
+        stream = ShardStream(cfg.data.shards, cfg.data.batch_size, cfg.data.image_size,
+                             num_workers=cfg.data.num_workers, seed=cfg.run.seed,
+                             shuffle_buffer=cfg.data.shuffle_buffer)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"data.shards={cfg.data.shards!r}: {exc}") from None
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    try:
+        tokenizer = Tokenizer(cfg.model)   # entropy mode inlines its calibrated table into cfg.model here
+        teachers = build_teachers(cfg.model)
+        gan_loss = TokenizerGANLoss(cfg.loss)
+    except FileNotFoundError as exc:       # teacher / LPIPS weights; the message names the config key
+        raise ConfigError(str(exc)) from None
+    tokenizer.attach_teachers(teachers)
+    identity = config_identity(cfg)
+    checkpoint = find_checkpoint(cfg.run.dir, resume)
+    if checkpoint is not None:
+        meta = read_meta(checkpoint)
+        # The ZeRO stage is only known once the accelerator exists: CheckpointManager.resume checks it.
+        check_compatible(meta, int(os.environ.get("WORLD_SIZE", "1")), meta["zero_stage"], identity)
+    return Prepared(TokenizerTrainingModule(tokenizer, gan_loss), teachers, stream, identity)
+
+
+# ------------------------------------------------------------------------------------------ training
+def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] = "auto") -> dict:
+    """Train to ``train.max_steps`` (resuming per ``resume``), export, and return the summary (rank 0)."""
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    from pipeline.checkpoint import CheckpointManager
+    from pipeline.ema import EMA
+    from pipeline.export import export_run
+    from pipeline.runtime import build_accelerator
+    from pipeline.schedule import warmup_cosine
+    from pipeline.visual import grain_overlay, image_grid, save_png
+
+    run_dir = Path(cfg.run.dir)
+    trackers = [name for name, wanted in (("tensorboard", cfg.logging.tensorboard), ("wandb", cfg.logging.wandb))
+                if wanted]
+    accelerator = build_accelerator(cfg.train, run_dir, grad_clip=cfg.optim.grad_clip,
+                                    micro_batch_size=cfg.data.batch_size, seed=cfg.run.seed, log_with=trackers,
+                                    project_name=cfg.logging.project, tracker_config=_flat_scalars(cfg.to_dict()))
+    zero_stage = int(accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage"])
+    if zero_stage == 3:
+        raise ConfigError("ZeRO-3 is not supported for train-tokenizer (the discriminator's detached functional "
+                          "call needs whole parameters): use --zero 2 (train.zero_stage=2) or --zero 1")
+    stream = prepared.stream
+    if (stream.rank, stream.world_size) != (accelerator.process_index, accelerator.num_processes):
+        raise RuntimeError(f"the launcher's RANK/WORLD_SIZE ({stream.rank}/{stream.world_size}) disagree with the "
+                           f"process group ({accelerator.process_index}/{accelerator.num_processes})")
+    main = accelerator.is_main_process
+    if main:
+        save_resolved_config(cfg, run_dir)
+
+    module = prepared.module
+    optimizer = torch.optim.AdamW(module.param_groups(cfg.optim.lr, cfg.loss.disc_lr_ratio),
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    scheduler = warmup_cosine(optimizer, cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio)
+    model, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    unwrapped: TokenizerTrainingModule = accelerator.unwrap_model(model)
+    for teacher in prepared.teachers.values():
+        teacher.to(accelerator.device)
+    ema = EMA(unwrapped.tokenizer, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    ckpt = CheckpointManager(run_dir, accelerator, cfg.train.keep_last, prepared.identity, stage="tokenizer")
+    step = start_step = ckpt.resume(resume, ema=ema, extra={"stream": stream})
+
+    def export_state() -> dict[str, torch.Tensor]:
+        state = accelerator.get_state_dict(model)
+        return {k[len("tokenizer."):]: v for k, v in state.items() if k.startswith("tokenizer.")}
+
+    def zero_gradient() -> torch.Tensor:
+        """A finite loss whose gradient is 0 for every parameter (stands in for a dropped micro-batch)."""
+        return torch.stack([p.sum() for p in model.parameters() if p.requires_grad]).sum() * 0.0
+
+    images_per_step = cfg.data.batch_size * cfg.train.grad_accum * accelerator.num_processes
+    batches = _endless(stream)
+    guard = NonFiniteGuard(cfg.train.max_bad_steps)
+    window = MetricWindow()
+    metrics: dict[str, float] = {}
+    metrics_file = run_dir / "logs" / "metrics.jsonl"
+    if main:
+        metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not main, desc="train-tokenizer", unit="step")
+    started = window_start = time.perf_counter()
+    window_images = 0
+    model.train()
+    while step < cfg.train.max_steps:
+        bad, stepped = False, False
+        for micro in range(cfg.train.grad_accum):
+            images = next(batches)["image"].to(accelerator.device, non_blocking=True)
+            with accelerator.accumulate(model):
+                loss, logs, rec, grain = model(images, step)
+                flag = torch.isfinite(loss.detach()).float().reshape(1)
+                finite = int(accelerator.reduce(flag, reduction="sum").item()) == accelerator.num_processes
+                if finite:
+                    accelerator.backward(loss)
+                    window.add(logs)
+                    stepped = True
+                elif stepped and micro == cfg.train.grad_accum - 1:
+                    # Earlier micro-batches already hold gradients: the boundary backward must still run.
+                    accelerator.backward(zero_gradient())
+                bad |= not finite
+                optimizer.step()
+                optimizer.zero_grad()
+        guard.record(bad, step + 1)
+        window_images += images_per_step
+        if not stepped:  # every micro-batch was non-finite: the optimizer step is skipped
+            continue
+        scheduler.step()
+        step += 1
+        if ema is not None:
+            ema.update()
+        bar.update(1)
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            metrics = window.reduce(accelerator)
+            quantizer = unwrapped.tokenizer.quantizer
+            metrics.update({k: float(v) for k, v in quantizer.reduced_usage().items()})
+            quantizer.reset_usage()
+            grad_norm = model.get_global_grad_norm() if hasattr(model, "get_global_grad_norm") else None
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            tokenizer_lr, disc_lr = scheduler.get_last_lr()
+            elapsed = time.perf_counter() - window_start
+            metrics.update({"lr/tokenizer": tokenizer_lr, "lr/discriminator": disc_lr,
+                            "images_per_s": window_images / max(elapsed, 1e-9), "bad_steps": guard.total})
+            window_start, window_images = time.perf_counter(), 0
+            if main:
+                with open(metrics_file, "a") as handle:
+                    handle.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+                accelerator.log(metrics, step=step)
+                bar.set_postfix(loss=f"{metrics.get('loss/total', float('nan')):.4f}",
+                                img_s=f"{metrics['images_per_s']:.1f}")
+        if main and step % cfg.train.image_every == 0:
+            shown = slice(0, GRID_IMAGES)
+            grid = image_grid([images[shown], rec.detach()[shown], grain_overlay(images[shown], grain[shown])])
+            save_png(grid, run_dir / "images" / f"step-{step:07d}.png")
+        if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
+            ckpt.save(step, export_state=export_state, ema=ema, extra={"stream": stream})
+    bar.close()
+    seconds = time.perf_counter() - started
+
+    per_rank = gather_object([{"rank": accelerator.process_index,
+                               "digest_tokenizer": param_digest(unwrapped.tokenizer),
+                               "digest_discriminator": param_digest(unwrapped.gan_loss),
+                               "peak_memory_bytes": peak_memory_bytes(),
+                               "optimizer_state_bytes": optimizer_state_bytes(optimizer)}])
+    summary: dict[str, Any] = {}
+    if main:
+        export_dir = export_run(run_dir, run_dir / "export", raw=ema is None)
+        summary = {"steps": step, "resumed_from": start_step, "seconds": seconds,
+                   "images_per_s": (step - start_step) * images_per_step / max(seconds, 1e-9),
+                   "world_size": accelerator.num_processes, "zero_stage": zero_stage,
+                   "bad_steps": guard.total, "final_metrics": metrics, "ranks": per_rank,
+                   "stream": stream.stats, "export": str(export_dir), "export_weights": "raw" if ema is None else "ema"}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+# ------------------------------------------------------------------------------------------ command
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="stage config YAML (or a preset name, e.g. tiny)")
+    parser.add_argument("--resume", default="auto",
+                        help="auto: newest complete checkpoint of run.dir (if any); PATH: that checkpoint; none")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides (dotlist)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(TokenizerStageConfig, args.config, args.overrides, kind="tokenizer")
+    prepared = prepare(cfg, args.resume)
+    summary = train(cfg, prepared, args.resume)
+    if summary:
+        print(f"trained {summary['steps']} steps in {summary['seconds']:.1f} s ({summary['images_per_s']:.1f} images/s); "
+              f"export: {summary['export']}")
+    return 0

@@ -1,0 +1,307 @@
+"""varitok train-tokenizer / calibrate-entropy: real launches on generated shards, resume, bad inputs.
+
+Launches (subprocesses, started together to share the start-up cost), all on 32px images of tiny.yaml:
+phase 1: ``single`` (1 plain process, one fixed 2-image batch, no discriminator: loss must fall),
+``zero2`` (accelerate launch, 2 processes, ZeRO-2, grad_accum 2, discriminator from step 2, EMA),
+``node0``/``node1`` (the same run as ZeRO-1 on 2 simulated machines with a static rendezvous, killed with
+SIGKILL once its step-3 checkpoint exists). Phase 2: ``resume`` (the killed run resumed by a 2-process
+accelerate launch), ``nan`` (an infinite loss weight: the NaN guard must stop the run), ``zero3`` (refused).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 6
+SIZE = 32
+# tiny.yaml at 32px with a narrow discriminator; every launch below shares these.
+SMALL = [f"data.image_size={SIZE}", f"model.encoder.resolution={SIZE}", f"model.decoder.resolution={SIZE}",
+         "data.batch_size=2", "data.num_workers=0", "loss.disc_ndf=16", "train.zero_stage=0"]
+PAIR = SMALL + [f"train.max_steps={STEPS}", "train.log_every=2", "train.ckpt_every=3", "train.image_every=3",
+                "loss.disc_start=2", "train.ema_decay=0.9", "train.grad_accum=2", "train.keep_last=2"]
+SINGLE = SMALL + ["train.max_steps=24", "train.log_every=1", "train.ckpt_every=100", "train.image_every=100",
+                  "loss.disc_start=1000", "optim.lr=2e-3", "optim.warmup_steps=2", "model.router.budget_weight=0"]
+
+
+def make_shards(root: Path, num_images: int, per_shard: int) -> Path:
+    """Real shards (varitok shard's library) of procedural 32px images."""
+    from data.demo_images import write_image_folder
+    from data.shards import ShardOptions, shard_images
+
+    folder = write_image_folder(root / "images", num_images=num_images, size=SIZE, num_classes=2)
+    shard_images([str(folder)], root / "shards", ShardOptions(image_size=SIZE, format="png", shard_size=per_shard),
+                 progress=False)
+    return root / "shards"
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "OMPI_", "PMI_", "SLURM_"))}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def _port() -> int:
+    from pipeline.runtime import free_port
+
+    return free_port()
+
+
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--mixed_precision", "no", "--dynamo_backend", "no"]
+STAGE = ["-m", "pipeline.cli", "train-tokenizer", "--config", "tiny"]
+
+
+def _start(argv: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(argv, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=str(REPO))
+
+
+def _kill_tree(pid: int) -> None:
+    """kill -9 a launcher and every process under it (the workers may run in sessions of their own)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        victims = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for process in victims:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_tokenizer")
+    shards = make_shards(root / "data", num_images=16, per_shard=8)
+    fixed = make_shards(root / "fixed", num_images=2, per_shard=2)
+    dirs = {name: root / name for name in ("single", "zero2", "killed", "nan", "zero3")}
+    logs = {name: root / f"{name}.log" for name in ("single", "zero2", "node0", "node1", "resume", "nan", "zero3")}
+    pair = [f"data.shards={shards}", *PAIR]
+    two = ACCELERATE + ["--num_processes", "2", "--use_deepspeed"]
+    node = ACCELERATE + ["--num_processes", "2", "--num_machines", "2", "--main_process_ip", "127.0.0.1",
+                         "--main_process_port", str(_port()), "--rdzv_backend", "static", "--use_deepspeed",
+                         "--zero_stage", "1", "--deepspeed_multinode_launcher", "standard"]
+    killed = [*STAGE, f"run.dir={dirs['killed']}", *pair]
+    procs = {
+        "single": _start([sys.executable, *STAGE, f"data.shards={fixed}", f"run.dir={dirs['single']}", *SINGLE],
+                         logs["single"]),
+        "zero2": _start(two + ["--main_process_port", str(_port()), "--zero_stage", "2", *STAGE,
+                               f"run.dir={dirs['zero2']}", *pair], logs["zero2"]),
+        "node0": _start(node + ["--machine_rank", "0", *killed], logs["node0"]),
+        "node1": _start(node + ["--machine_rank", "1", *killed], logs["node1"]),
+    }
+    half = dirs["killed"] / "checkpoints" / f"step-{STEPS // 2}" / "meta.json"
+    deadline = time.monotonic() + 500
+    while not half.is_file() and time.monotonic() < deadline and procs["node0"].poll() is None:
+        time.sleep(0.05)
+    finished_before_kill = (dirs["killed"] / "checkpoints" / f"step-{STEPS}").exists()
+    for name in ("node0", "node1"):
+        _kill_tree(procs[name].pid)
+    codes = {name: p.wait(timeout=500) for name, p in procs.items()}
+    phase2 = {
+        "resume": _start(two + ["--main_process_port", str(_port()), "--zero_stage", "1", *STAGE,
+                                f"run.dir={dirs['killed']}", *pair, "--resume", "auto"], logs["resume"]),
+        "nan": _start([sys.executable, *STAGE, f"data.shards={shards}", f"run.dir={dirs['nan']}", *SMALL,
+                       "loss.rec_weight=inf", "train.max_bad_steps=2", "train.max_steps=5"], logs["nan"]),
+        "zero3": _start([sys.executable, *STAGE, f"data.shards={shards}", f"run.dir={dirs['zero3']}", *SMALL,
+                         "train.zero_stage=3"], logs["zero3"]),
+    }
+    codes.update({name: p.wait(timeout=500) for name, p in phase2.items()})
+    return {"dirs": dirs, "logs": logs, "codes": codes, "shards": shards, "fixed": fixed,
+            "finished_before_kill": finished_before_kill}
+
+
+def _check(runs, *names):
+    for name in names:
+        assert runs["codes"][name] == 0, runs["logs"][name].read_text()[-4000:]
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def _initial_digests(shards: Path, overrides: list[str]) -> dict[str, str]:
+    """Digests of the weights a run starts from (prepare() seeds and builds exactly as the stage does)."""
+    from pipeline.config import load_config
+    from pipeline.train_tokenizer import TokenizerStageConfig, param_digest, prepare
+
+    cfg = load_config(TokenizerStageConfig, "tiny", [f"data.shards={shards}", *overrides], kind="tokenizer")
+    module = prepare(cfg, None).module
+    return {"tokenizer": param_digest(module.tokenizer), "discriminator": param_digest(module.gan_loss)}
+
+
+# ------------------------------------------------------------------------------------------ launches
+def test_single_process_loss_decreases_on_a_fixed_batch(runs):
+    _check(runs, "single")
+    run_dir = runs["dirs"]["single"]
+    rec = [m["loss/rec"] for m in _metrics(run_dir)]
+    assert len(rec) == 24
+    first, last = sum(rec[:4]) / 4, sum(rec[-4:]) / 4
+    assert last < 0.8 * first, rec
+    summary = _summary(run_dir)
+    assert summary["steps"] == 24 and summary["world_size"] == 1 and summary["bad_steps"] == 0
+    # disc_start beyond the run: the discriminator never ran, so it never changed.
+    initial = _initial_digests(runs["fixed"], SINGLE)
+    assert summary["ranks"][0]["digest_discriminator"] == initial["discriminator"]
+    assert summary["ranks"][0]["digest_tokenizer"] != initial["tokenizer"]
+
+
+def test_zero2_two_processes_stay_in_sync_train_both_and_export(runs):
+    from models.tokenizer import Tokenizer
+
+    _check(runs, "zero2")
+    run_dir = runs["dirs"]["zero2"]
+    summary = _summary(run_dir)
+    rank0, rank1 = summary["ranks"]
+    assert summary["world_size"] == 2 and summary["zero_stage"] == 2 and summary["steps"] == STEPS
+    assert rank0["digest_tokenizer"] == rank1["digest_tokenizer"]
+    assert rank0["digest_discriminator"] == rank1["digest_discriminator"]
+    initial = _initial_digests(runs["shards"], PAIR)
+    assert rank0["digest_tokenizer"] != initial["tokenizer"]
+    assert rank0["digest_discriminator"] != initial["discriminator"]
+
+    metrics = _metrics(run_dir)
+    assert [m["step"] for m in metrics] == [2, 4, 6]
+    assert "loss/gan_d" not in metrics[0] and "loss/gan_d" in metrics[1]  # D starts at step 2
+    for key in ("loss/rec", "loss/codebook", "perplexity/0", "perplexity/1", "usage/0", "usage/1", "share/level0",
+                "share/level1", "codes_per_image", "grad_norm", "lr/tokenizer", "lr/discriminator", "images_per_s"):
+        assert all(key in m for m in metrics), key
+    assert all(abs(m["share/level0"] + m["share/level1"] - 1) < 1e-5 for m in metrics)
+    assert sorted(p.name for p in (run_dir / "images").iterdir()) == ["step-0000003.png", "step-0000006.png"]
+    assert list((run_dir / "logs").rglob("events.out.tfevents*"))  # TensorBoard through Accelerate
+
+    last = run_dir / "checkpoints" / f"step-{STEPS}"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-")) == \
+        ["step-3", "step-6"]
+    assert (last / "extra-rank00000.pt").is_file() and (last / "extra-rank00001.pt").is_file()
+    tok = Tokenizer.from_pretrained(run_dir / "export")
+    ema = load_file(str(last / "ema.safetensors"))
+    assert all(torch.equal(tok.state_dict()[k], v) for k, v in ema.items())  # EMA weights exported
+    images = torch.rand(2, 3, SIZE, SIZE) * 2 - 1
+    codes = tok.encode(images)
+    assert len(codes) == 2 and codes[0].grain.shape == (2, 2) and codes[0].codes.shape[1] == 2
+    assert codes[0].codes.shape[0] == int((4 ** codes[0].grain.long()).sum())
+
+
+def test_kill9_on_two_machines_then_resume_matches_the_straight_run(runs):
+    assert not runs["finished_before_kill"], "the killed run finished before the kill; the test proved nothing"
+    assert runs["codes"]["node0"] != 0
+    _check(runs, "resume")
+    killed, straight = runs["dirs"]["killed"], runs["dirs"]["zero2"]
+    summary = _summary(killed)
+    assert summary["resumed_from"] == STEPS // 2 and summary["zero_stage"] == 1 and summary["steps"] == STEPS
+    assert summary["ranks"][0]["digest_tokenizer"] == summary["ranks"][1]["digest_tokenizer"]
+    # ZeRO-1 resumed vs ZeRO-2 straight: same batches, same RNG, same updates (up to reduction order).
+    for name in ("model.safetensors", "ema.safetensors"):
+        resumed = load_file(str(killed / f"checkpoints/step-{STEPS}" / name))
+        reference = load_file(str(straight / f"checkpoints/step-{STEPS}" / name))
+        assert resumed.keys() == reference.keys()
+        for key, value in reference.items():
+            torch.testing.assert_close(resumed[key], value, rtol=1e-4, atol=1e-5, msg=f"{name}:{key}")
+    resumed_metrics = _metrics(killed)
+    assert resumed_metrics[-1]["step"] == STEPS
+    assert resumed_metrics[-1]["loss/rec"] == pytest.approx(_metrics(straight)[-1]["loss/rec"], rel=1e-4)
+
+
+def test_nan_loss_stops_after_max_bad_steps_and_zero3_is_refused(runs):
+    assert runs["codes"]["nan"] != 0
+    log = runs["logs"]["nan"].read_text()
+    assert "loss was NaN/Inf for 2 steps in a row" in log and "train.max_bad_steps=2" in log
+    assert not (runs["dirs"]["nan"] / "checkpoints" / "step-1").exists()
+    assert runs["codes"]["zero3"] == 2
+    assert "ZeRO-3 is not supported for train-tokenizer" in runs["logs"]["zero3"].read_text()
+
+
+def test_resume_with_other_config_or_world_size_fails_before_training(runs, capsys):
+    from pipeline.cli import main
+
+    pair = [f"data.shards={runs['shards']}", *PAIR, f"run.dir={runs['dirs']['zero2']}"]
+    assert main(["train-tokenizer", "--config", "tiny", *pair, "optim.lr=1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "config differs (optim.lr: checkpoint 0.0002, this run 0.001)" in err
+    assert "world size: checkpoint 2 processes, this run 1" in err
+    assert main(["train-tokenizer", "--config", "tiny", *pair, "train.max_steps=12"]) == 2  # only the world size
+    err = capsys.readouterr().err
+    assert "world size" in err and "config differs" not in err
+
+
+# ------------------------------------------------------------------------------------------ in-process
+@pytest.mark.parametrize("overrides, message", [
+    (["data.shards=' '"], "data.shards is empty"),
+    (["data.shards=/nonexistent/x-{000000..000001}.tar"], "data.shards='/nonexistent/x-{000000..000001}.tar'"),
+    (["train.bogus=1"], "train.bogus"),
+    (["optim.lr=-1"], "optim.lr must be > 0"),
+    (["loss.lpips_weight=1.0", "loss.lpips_weights=/nonexistent/lpips.safetensors"], "loss.lpips_weights"),
+])
+def test_bad_inputs_fail_before_training(overrides, message, tmp_path, capsys):
+    from pipeline.cli import main
+
+    shards = make_shards(tmp_path, num_images=2, per_shard=2)
+    args = ["train-tokenizer", "--config", "tiny", f"data.shards={shards}", f"run.dir={tmp_path / 'run'}", *SMALL,
+            *overrides]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_teacher_weights_name_the_config_key(tmp_path, capsys):
+    from pipeline.cli import main
+
+    config = OmegaConf.load(REPO / "configs/tokenizer/tiny.yaml")
+    config.model.teachers = [{"name": "dino", "backend": "timm", "weights": str(tmp_path / "missing.safetensors")}]
+    OmegaConf.save(config, tmp_path / "with_teacher.yaml")
+    shards = make_shards(tmp_path, num_images=2, per_shard=2)
+    assert main(["train-tokenizer", "--config", str(tmp_path / "with_teacher.yaml"), f"data.shards={shards}",
+                 f"run.dir={tmp_path / 'run'}", *SMALL]) == 2
+    assert "model.teachers[0].weights" in capsys.readouterr().err
+
+
+def test_nonfinite_guard_counts_and_resets():
+    from pipeline.train_tokenizer import NonFiniteGuard
+
+    guard = NonFiniteGuard(limit=3)
+    for step, bad in enumerate([True, True, False, True, True]):
+        guard.record(bad, step)
+    assert guard.total == 4 and guard.in_a_row == 2
+    with pytest.raises(FloatingPointError, match="3 steps in a row"):
+        guard.record(True, 5)
+
+
+def test_calibrate_entropy_gives_the_requested_share_through_the_router(tmp_path, capsys):
+    from data.stream import ShardStream
+    from models.tokenizer.router import Router, RouterConfig
+    from pipeline.cli import main
+
+    shards = make_shards(tmp_path, num_images=10, per_shard=4)
+    out = tmp_path / "thresholds.json"
+    assert main(["calibrate-entropy", "--shards", str(shards), "--config", "tiny", "--ratios", "0.25",
+                 "--max-images", "8", "--out", str(out), f"data.image_size={SIZE}"]) == 0
+    table = json.loads(out.read_text())
+    assert table["num_images"] == 8 and table["num_regions"] == 8 * 4 and table["region_size"] == 16
+    assert table["achieved_shares"] == [0.25]
+    # The tokenizer's entropy router, configured from the file, routes 25% of those regions to the fine level.
+    router = Router(RouterConfig(mode="entropy", targets=[0.25], entropy_table=str(out)), [8, 16], z_channels=1)
+    stream = ShardStream(shards, 8, SIZE, rank=0, world_size=1, shuffle=False, crop="center", flip=False)
+    images = next(iter(stream))["image"]
+    route = router([torch.zeros(8, 1, 2, 2)], images)
+    assert route.shares.tolist() == [0.75, 0.25]
+    assert main(["calibrate-entropy", "--shards", str(tmp_path / "none"), "--config", "tiny", "--out",
+                 str(tmp_path / "x.json")]) == 2
+    assert "--shards" in capsys.readouterr().err
