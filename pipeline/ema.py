@@ -58,7 +58,9 @@ class EMA:
     def copy_to(self, module: Optional[nn.Module] = None) -> None:
         """Write the averaged weights into the tracked parameters (local partitions under ZeRO-3).
 
-        ``module`` is accepted for symmetry and must be the tracked one.
+        ``module`` is accepted for symmetry and must be the tracked one. Under ZeRO-3 this writes the
+        partitions, which the next gather (forward, ``accelerator.get_state_dict``) reads; for exports
+        prefer :meth:`state_dict_for`, which leaves the training weights alone.
         """
         if module is not None and self.module is not None and module is not self.module:
             raise ValueError("EMA.copy_to: module is not the one this EMA tracks")

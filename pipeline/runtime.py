@@ -119,12 +119,11 @@ def _trackers(log_with: Iterable[str]) -> list[str]:
     """Requested trackers that are importable; wandb only when installed (a warning otherwise)."""
     chosen = []
     for name in log_with:
-        module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name, name)
         try:
-            __import__(module)
+            __import__(name)
         except ImportError:
-            warnings.warn(f"logging to {name} requested but {module} is not installed; skipping it "
-                          f"(pip install {module})", stacklevel=3)
+            warnings.warn(f"logging to {name} requested but it is not installed; skipping it (pip install {name})",
+                          stacklevel=3)
             continue
         chosen.append(name)
     return chosen
@@ -139,7 +138,8 @@ def build_accelerator(train: TrainConfig, run_dir: str | os.PathLike, *, grad_cl
     ``micro_batch_size`` is the per-rank batch of one forward (images or sequences); ``grad_clip`` is the
     global gradient norm clip (0 disables). CPU: gloo, fp32, DS_ACCELERATOR=cpu. GPU: NCCL, TF32, bf16 by
     default. Seeds ``seed + process_index`` on every rank (DeepSpeed broadcasts rank 0's initial weights,
-    so models still start identical). Trackers log under ``run_dir/logs`` (rank 0 only).
+    so models still start identical). Trackers (``log_with``: "tensorboard", "wandb") log under
+    ``run_dir/logs`` on rank 0; ``tracker_config`` is a flat dict of scalars recorded as hyperparameters.
     """
     cuda = torch.cuda.is_available()
     if cuda:

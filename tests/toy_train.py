@@ -105,7 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--keep-last", type=int, default=2)
     parser.add_argument("--ema-decay", type=float, default=0.8)
     parser.add_argument("--resume", default="auto")
-    parser.add_argument("--die-at-step", type=int, default=0, help="os._exit(1) right after this step (kill test)")
+    parser.add_argument("--die-in-save", type=int, default=0,
+                        help="os._exit(1) in the middle of saving this step's checkpoint (kill -9 test)")
     parser.add_argument("--single-model", action="store_true")
     return parser.parse_args(argv)
 
@@ -165,9 +166,8 @@ def main(argv=None) -> int:
         lrs.append([group["lr"] for group in optimizer.param_groups])
         accelerator.log({"loss": loss.item()}, step=step)
         if step % args.ckpt_every == 0 or step == args.steps:
-            ckpt.save(step, export_state=export_state, ema=ema, extra={"stream": stream})
-        if step == args.die_at_step:
-            os._exit(1)
+            extra = {"stream": stream, **({"crash": _CrashWhenSaved()} if step == args.die_in_save else {})}
+            ckpt.save(step, export_state=export_state, ema=ema, extra=extra)
 
     # Under ZeRO-3 the module's parameters are placeholders: compare the gathered state instead.
     final = export_state()
@@ -196,6 +196,16 @@ def main(argv=None) -> int:
         result["ema_copy_max_diff"] = max((after_copy[k].float() - ema_full[k]).abs().max().item() for k in ema_full)
     (run_dir / f"results-rank{accelerator.process_index}.json").write_text(json.dumps(result, indent=1))
     return 0
+
+
+class _CrashWhenSaved:
+    """Saved right after accelerator.save_state wrote the DeepSpeed state: dies like kill -9 (no cleanup)."""
+
+    def state_dict(self) -> dict:
+        os._exit(1)
+
+    def load_state_dict(self, state: dict) -> None:
+        raise AssertionError("a crashed save must never be resumed")
 
 
 @dataclasses.dataclass
