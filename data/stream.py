@@ -358,6 +358,9 @@ class _EpochDataset(IterableDataset):
         physical = info.id if info is not None else 0
         logical = (plan.start_batch + physical) % plan.workers
         unit = plan.rank * plan.workers + logical
+        my_batches = range(plan.start_batch + physical, plan.steps, plan.workers)
+        if not my_batches:
+            return
         stats = StreamStats()
         stream = unit_raw_stream(plan, unit, stats)
         position = plan.positions[logical]
@@ -366,7 +369,7 @@ class _EpochDataset(IterableDataset):
         # A whole pass without a decodable sample means the unit can never fill its quota.
         hopeless_gap = 100 if plan.resampled else 2
         last_good_pass = None
-        for _ in range(plan.start_batch + physical, plan.steps, plan.workers):
+        for _ in my_batches:
             # uint8 crosses the worker->main queue (4x less shared memory to fault in than float32);
             # written in place into a tensor already in shared memory, so sending it copies nothing.
             images = torch.empty(plan.batch_size, 3, plan.image_size, plan.image_size, dtype=torch.uint8)
