@@ -20,6 +20,7 @@ partitioned), so a stage loop never branches on the launch. Canonical loop (see 
         ema.update()
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
             ckpt.save(step, ema=ema, extra={"stream": stream})
+    finish_training(accelerator)
 
 Launchers: plain ``python`` (this module fills RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* for a world of 1),
 ``accelerate launch`` (its DeepSpeed config and ZeRO stage are respected when it passes one),
@@ -40,14 +41,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from accelerate import Accelerator  # noqa: E402  (after DS_ACCELERATOR)
+from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration, set_seed  # noqa: E402
 
 from models.config import ConfigError  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
 
-__all__ = ["build_accelerator", "mixed_precision_for", "launched_with_deepspeed_config", "free_port"]
+__all__ = ["build_accelerator", "finish_training", "mixed_precision_for", "launched_with_deepspeed_config", "free_port"]
 
 _MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+# Read before any Accelerator exists: Accelerate sets this variable itself once a DeepSpeed plugin is used.
+_LAUNCHER_GAVE_DEEPSPEED = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
 def free_port() -> int:
@@ -71,7 +75,18 @@ def mixed_precision_for(precision: str, cuda: bool) -> str:
 
 def launched_with_deepspeed_config() -> bool:
     """True when ``accelerate launch --use_deepspeed`` (or a DEEPSPEED accelerate config) started us."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return _LAUNCHER_GAVE_DEEPSPEED
+
+
+def _forget_previous_accelerator() -> None:
+    """Let a second run in the same process (tests, notebooks) build its own Accelerator.
+
+    Accelerate keeps its state in process-wide singletons and refuses a second DeepSpeed plugin; the
+    process group (PartialState) is kept.
+    """
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
 
 
 def _ensure_process_group_env() -> None:
@@ -146,6 +161,7 @@ def build_accelerator(train: TrainConfig, run_dir: str | os.PathLike, *, grad_cl
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     _ensure_process_group_env()
+    _forget_previous_accelerator()
     plugin = _deepspeed_plugin(train, grad_clip)
     _make_batch_sizes_consistent(plugin, micro_batch_size)
     handlers = [] if cuda else [InitProcessGroupKwargs(backend="gloo")]
@@ -166,3 +182,14 @@ def build_accelerator(train: TrainConfig, run_dir: str | os.PathLike, *, grad_cl
     if trackers:
         accelerator.init_trackers(project_name, config=tracker_config)
     return accelerator
+
+
+def finish_training(accelerator: Accelerator) -> None:
+    """End of a stage: flush and close the trackers and wait for every rank.
+
+    Use instead of ``accelerator.end_training()``, which also destroys the process group: DeepSpeed caches
+    its groups, so a second run in the same process (tests, notebooks) would fail. Process exit frees it.
+    """
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.wait_for_everyone()

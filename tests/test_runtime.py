@@ -227,13 +227,23 @@ def _finish(processes: dict[str, subprocess.Popen], timeout: float = 400) -> dic
     return {name: process.wait(timeout=timeout) for name, process in processes.items()}
 
 
+# Plain `python` (a world of one, ZeRO-0), then, in the same process, a resume that must be refused.
+ONE_PROCESS_THEN_MISMATCH = f"""
+import sys
+sys.path.insert(0, {str(TESTS)!r})
+import toy_train
+assert toy_train.main(["--run-dir", sys.argv[1], "--steps", "2", "--zero", "0"]) == 0
+toy_train.main(["--run-dir", *sys.argv[2:]])
+"""
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Phase 1: ZeRO-2 (accelerate launch), ZeRO-1 on 2 simulated machines (the commands `varitok launch` builds,
     static rendezvous on localhost) killed while saving step 6, ZeRO-3 (torchrun).
     Phase 2: resume of the killed run (torchrun), a 1-process resume with another world size and lr."""
     root = tmp_path_factory.mktemp("runs")
-    dirs = {name: root / name for name in ("zero2", "killed", "zero3", "mismatch")}
+    dirs = {name: root / name for name in ("zero2", "killed", "zero3", "one", "mismatch")}
     logs = {name: root / f"{name}.log" for name in ("zero2", "node0", "node1", "zero3", "resume", "mismatch")}
     common = ["--steps", str(STEPS), "--lr", str(LR), "--ckpt-every", "2", "--keep-last", "2"]
     port = _port()
@@ -260,8 +270,8 @@ def runs(tmp_path_factory):
     phase2 = {
         "resume": _start(TORCHRUN + ["--master_port", str(_port()), TOY, "--run-dir", str(dirs["killed"]), "--zero", "1",
                                      *common], logs["resume"]),
-        "mismatch": _start([sys.executable, TOY, "--run-dir", str(dirs["mismatch"]), *common[:2], "--lr", str(2 * LR),
-                            *common[4:]], logs["mismatch"]),
+        "mismatch": _start([sys.executable, "-c", ONE_PROCESS_THEN_MISMATCH, str(dirs["one"]), str(dirs["mismatch"]),
+                            *common[:2], "--lr", str(2 * LR), *common[4:]], logs["mismatch"]),
     }
     codes.update(_finish(phase2))
     return {"dirs": dirs, "logs": logs, "codes": codes}
@@ -343,7 +353,10 @@ def test_zero3_single_model_trains_and_exports_consolidated_weights(runs, tmp_pa
                                                                           reference["body.0.weight"])
 
 
-def test_resume_with_other_world_size_and_config_fails_before_training(runs):
+def test_one_process_run_then_resume_with_other_world_size_and_config_fails_before_training(runs):
+    one = json.loads((runs["dirs"]["one"] / "results-rank0.json").read_text())
+    assert one["distributed_type"] == "DistributedType.DEEPSPEED" and one["world_size"] == 1
+    assert one["zero_stage"] == 0 and one["steps"] == 2 and one["net_change"] > 1e-3 and one["critic_change"] > 1e-3
     log = runs["logs"]["mismatch"].read_text()
     assert runs["codes"]["mismatch"] != 0
     assert "world size: checkpoint 2 processes, this run 1" in log

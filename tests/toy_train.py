@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from pipeline.checkpoint import CheckpointManager
     from pipeline.ema import EMA
-    from pipeline.runtime import build_accelerator
+    from pipeline.runtime import build_accelerator, finish_training
     from pipeline.schedule import warmup_cosine
 
     run_dir = Path(args.run_dir)
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     ema_full = ema.state_dict_for()
     ema.copy_to()
     after_copy = export_state()
-    accelerator.end_training()
+    finish_training(accelerator)
     result = {
         "distributed_type": str(accelerator.distributed_type),
         "world_size": accelerator.num_processes,
