@@ -1,0 +1,358 @@
+"""Stage 3: train the coarse-to-fine generator on pre-tokenized code files (Accelerate + DeepSpeed ZeRO-0..3).
+
+    varitok train-generator --config configs/generator/tiny.yaml data.codes=codes/ [--resume auto|PATH|none]
+    accelerate launch --num_processes 8 --use_deepspeed --zero_stage 3 -m pipeline.cli train-generator ...
+    varitok launch generator --nproc 8 --zero 3 -- --config configs/generator/base.yaml data.codes=codes/
+
+Data: the memory-mapped code files are read by a token-budget batcher (one view per image drawn per epoch,
+shuffled, greedily packed to ``data.max_tokens`` tokens per micro batch, the same number of micro batches on
+every rank); each micro batch is one packed row (block-diagonal causal attention). The data position
+(epoch, micro batches consumed) is saved with every checkpoint and restored exactly.
+
+Optimiser: AdamW; weight decay only on the weight matrices of linear layers (embedding tables, including
+output tables tied to them, slot embeddings, norms and biases get none); linear warmup + cosine; global-norm
+clipping; accumulation; EMA. The tokenizer is never run, except to decode the optional sample grids
+(``logging.tokenizer``: a Tokenizer export directory).
+
+Outputs under ``run.dir``: ``config.yaml``, ``logs/metrics.jsonl`` (one JSON line per log step; TensorBoard
+next to it), ``images/samples-step-N.png``, ``checkpoints/step-N/``, ``export/`` (EMA weights when EMA is
+on, else raw; ``Generator.from_pretrained``), ``summary.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from data.codes import CodeReader, TokenBudgetBatcher
+from models.config import ConfigBase, ConfigError, check_choice
+from models.generator import Generator, GeneratorConfig, PackedBatch, SequenceSpec, encode_sequences, pack
+from pipeline.config import LoggingConfig, OptimConfig, RunConfig, TrainConfig, load_config, save_resolved_config
+
+__all__ = ["GeneratorStageConfig", "GeneratorDataConfig", "GeneratorLoggingConfig", "PackedCodeStream",
+           "check_vocabulary", "optimizer_groups", "train", "add_arguments", "run"]
+
+VIEW_MODES = ("random", "all")
+
+
+@dataclasses.dataclass
+class GeneratorDataConfig(ConfigBase):
+    codes: str = ""              # directory written by `varitok tokenize` (manifest.json + part-*.arrow)
+    max_tokens: int = 512        # token budget (incl. BOS / level markers) of one packed micro batch per rank
+    num_workers: int = 2         # DataLoader worker processes packing micro batches ahead of the step
+    views: str = "random"        # random: one view per image per epoch; all: every stored view
+
+    def __post_init__(self) -> None:
+        check_choice("data", "views", self.views, VIEW_MODES)
+        if self.max_tokens < 1 or self.num_workers < 0:
+            raise ConfigError(f"data.max_tokens must be >= 1 and data.num_workers >= 0, got {self.max_tokens}, "
+                              f"{self.num_workers}")
+
+
+@dataclasses.dataclass
+class GeneratorLoggingConfig(LoggingConfig):
+    tokenizer: str = ""          # Tokenizer export dir for sample grids every train.image_every steps ("" = none)
+    grid_classes: list[int] = dataclasses.field(default_factory=list)  # classes of the grid ([] = 0..7)
+    grid_cfg: float = 1.5        # classifier-free guidance scale of the grid samples (1 = none)
+
+
+@dataclasses.dataclass
+class GeneratorStageConfig(ConfigBase):
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    data: GeneratorDataConfig = dataclasses.field(default_factory=GeneratorDataConfig)
+    model: GeneratorConfig = dataclasses.field(default_factory=GeneratorConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    logging: GeneratorLoggingConfig = dataclasses.field(default_factory=GeneratorLoggingConfig)
+
+
+def check_vocabulary(reader: CodeReader, model: GeneratorConfig, codes_dir: str) -> None:
+    """Raise ConfigError naming every field where the code files and the generator config disagree."""
+    pairs = {"num_levels": (reader.num_levels, model.num_levels),
+             "num_subcodes (K)": (reader.num_subcodes, model.num_subcodes),
+             "codebook_sizes": (list(reader.codebook_sizes), list(model.codebook_sizes)),
+             "grain_shape": (list(reader.grain_shape), list(model.grain_shape))}
+    differing = {name: values for name, values in pairs.items() if values[0] != values[1]}
+    if differing:
+        listed = "; ".join(f"{name}: code files {codes} vs model.{name.split()[0]} {cfg}"
+                           for name, (codes, cfg) in differing.items())
+        raise ConfigError(f"the code files in {codes_dir} do not match the generator vocabulary ({listed}). "
+                          f"Train on codes of the matching tokenizer, or set the model section to the code "
+                          f"files' layout (see {codes_dir}/manifest.json)")
+
+
+class _PackedBatches(torch.utils.data.Dataset):
+    """Micro batch ``i`` of one epoch's plan as a PackedBatch (one row); opens the reader lazily per worker."""
+
+    def __init__(self, codes_dir: str, spec: SequenceSpec, plan: list[list[int]], max_tokens: int,
+                 num_classes: int):
+        self.codes_dir, self.spec, self.plan = codes_dir, spec, plan
+        self.max_tokens, self.num_classes = max_tokens, num_classes
+        self._reader: Optional[CodeReader] = None
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> PackedBatch:
+        if self._reader is None:
+            self._reader = CodeReader(self.codes_dir)
+        rows = self._reader.gather(self.plan[i])
+        labels = torch.from_numpy(rows.labels.astype(np.int64))
+        if self.num_classes and int(labels.max()) >= self.num_classes:
+            raise ConfigError(f"code files hold label {int(labels.max())} but model.num_classes={self.num_classes}; "
+                              f"raise model.num_classes")
+        labels = torch.where((labels < 0) | (self.num_classes == 0), self.num_classes, labels)
+        codes = torch.from_numpy(rows.codes.astype(np.int64)).split(rows.lengths.tolist())
+        seqs = encode_sequences(self.spec, list(torch.from_numpy(rows.grains)), list(codes))
+        return pack(self.spec, seqs, labels, self.max_tokens, null_label=self.num_classes)
+
+
+class PackedCodeStream:
+    """Endless stream of this rank's packed micro batches; ``state_dict`` is the batcher's (epoch, position).
+
+    Workers prefetch micro batches of the current epoch; the position counts batches handed to the
+    training loop, so a saved state never includes prefetched-but-unused batches.
+    """
+
+    def __init__(self, codes_dir: str, model: GeneratorConfig, max_tokens: int, rank: int, world_size: int,
+                 seed: int, views: str = "random", num_workers: int = 0):
+        self.codes_dir, self.model, self.num_workers = codes_dir, model, num_workers
+        self.reader = CodeReader(codes_dir)
+        check_vocabulary(self.reader, model, codes_dir)
+        self.spec = model.spec
+        self.batcher = TokenBudgetBatcher(self.reader, max_tokens, rank=rank, world_size=world_size, seed=seed,
+                                          views=views, extra_tokens=model.num_levels + 1)
+        if len(self.batcher) == 0:
+            raise ConfigError(f"{codes_dir} holds no rows to train on")
+        self._batches: Optional[Iterator[PackedBatch]] = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.batcher)
+
+    def _epoch(self) -> Iterator[PackedBatch]:
+        if self.batcher.position >= len(self.batcher.plan()):
+            self.batcher.set_epoch(self.batcher.epoch + 1)
+        plan = self.batcher.plan()
+        dataset = _PackedBatches(self.codes_dir, self.spec, plan, self.batcher.max_tokens, self.model.num_classes)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(self.batcher.position, len(plan)),
+                                             num_workers=self.num_workers, collate_fn=lambda batch: batch,
+                                             # its own generator: drawing worker seeds must not touch the
+                                             # global RNG that class dropout uses (exact resume)
+                                             generator=torch.Generator().manual_seed(self.batcher.epoch))
+        for batch in loader:
+            self.batcher.position += 1
+            yield batch
+
+    def __iter__(self) -> "PackedCodeStream":
+        return self
+
+    def __next__(self) -> PackedBatch:
+        while True:
+            if self._batches is None:
+                self._batches = self._epoch()
+            batch = next(self._batches, None)
+            if batch is not None:
+                return batch
+            self._batches = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.batcher.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batcher.load_state_dict(state)
+        self._batches = None
+
+
+def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on ``nn.Linear`` weight matrices not shared with an embedding table; none elsewhere."""
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) not in embedded}
+    params = list(model.parameters())   # tied tables appear once
+    return [{"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
+
+
+def config_identity(cfg: GeneratorStageConfig, reader: CodeReader) -> dict[str, Any]:
+    """What a checkpoint must share with the run resuming it (logging / checkpoint cadence may change)."""
+    train = cfg.train
+    return {"model": cfg.model.to_dict(), "optim": cfg.optim.to_dict(), "seed": cfg.run.seed,
+            "data": {"max_tokens": cfg.data.max_tokens, "views": cfg.data.views, "rows": len(reader),
+                     "tokenizer": reader.manifest.tokenizer_identity},
+            "train": {"max_steps": train.max_steps, "grad_accum": train.grad_accum, "ema_decay": train.ema_decay}}
+
+
+class MetricsLog:
+    """Rank 0 appends one JSON line per log step to ``RUN/logs/metrics.jsonl`` and mirrors it to the trackers."""
+
+    def __init__(self, accelerator, run_dir: Path):
+        self.accelerator = accelerator
+        self.path = run_dir / "logs" / "metrics.jsonl"
+        if accelerator.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        self.accelerator.log(values, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps({"step": step, **values}) + "\n")
+
+
+class StepMeter:
+    """Sums per-micro-batch loss metrics and token counts between log steps (tensors, reduced on demand)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.micro_batches = 0
+        self.tokens = 0
+        self.budget = 0
+        self.started = time.perf_counter()
+
+    def add(self, metrics: dict[str, torch.Tensor], batch: PackedBatch, max_tokens: int) -> None:
+        for name, value in metrics.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.micro_batches += 1
+        self.tokens += batch.num_tokens
+        self.budget += max_tokens
+
+    def reduce(self, accelerator) -> dict[str, float]:
+        """Means over micro batches and ranks; tokens/s over all ranks; packing = tokens / token budget."""
+        names = sorted(self.sums)
+        local = torch.stack([self.sums[n] / self.micro_batches for n in names] +
+                            [torch.tensor(float(self.tokens)), torch.tensor(float(self.budget))]).to(accelerator.device)
+        summed = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
+        values = summed.tolist()
+        world = accelerator.num_processes
+        out = {name: values[i] / world for i, name in enumerate(names)}
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        out["tokens_per_s"] = values[-2] / elapsed
+        out["packing_efficiency"] = values[-2] / values[-1]
+        return out
+
+
+def _sample_grid(accelerator, model, ema, cfg: GeneratorStageConfig, tokenizer, step: int, run_dir: Path) -> None:
+    """Decode class-conditional samples of the (EMA) weights to ``RUN/images/samples-step-N.png`` (rank 0).
+
+    The consolidated weights are gathered on every rank (a collective under ZeRO-3); rank 0 samples with
+    a plain copy of the generator.
+    """
+    from models.generator import sample
+    from models.tokenizer import ImageCodes
+    from pipeline.visual import grain_overlay, save_png, tile
+
+    state = ema.state_dict_for() if ema is not None else accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return
+    generator = Generator(cfg.model)
+    generator.load_state_dict(state)
+    classes = cfg.logging.grid_classes or list(range(min(8, max(cfg.model.num_classes, 1))))
+    labels = [c if cfg.model.num_classes else cfg.model.null_class for c in classes]
+    guided = cfg.logging.grid_cfg != 1.0 and cfg.model.num_classes > 0
+    maps = sample(generator, labels, cfg_scale=cfg.logging.grid_cfg if guided else None,
+                  generator=torch.Generator().manual_seed(cfg.run.seed))
+    images = tokenizer.decode([ImageCodes(g, c) for g, c in maps])
+    grains = torch.stack([g for g, _ in maps])
+    grid = torch.cat([images, grain_overlay(images, grains)])
+    save_png(tile(grid, ncol=len(maps)), run_dir / "images" / f"samples-step-{step}.png")
+
+
+def train(cfg: GeneratorStageConfig, resume: Optional[str] = "auto") -> dict[str, Any]:
+    """Run (or continue) training; returns the summary written to ``RUN/summary.json``."""
+    from pipeline.checkpoint import CheckpointManager
+    from pipeline.ema import EMA
+    from pipeline.export import export_run
+    from pipeline.runtime import build_accelerator
+    from pipeline.schedule import warmup_cosine
+
+    if not cfg.data.codes:
+        raise ConfigError("data.codes is empty: pass data.codes=DIR (a directory written by `varitok tokenize`)")
+    run_dir = Path(cfg.run.dir)
+    trackers = [name for name, on in (("tensorboard", cfg.logging.tensorboard), ("wandb", cfg.logging.wandb)) if on]
+    accelerator = build_accelerator(cfg.train, run_dir, grad_clip=cfg.optim.grad_clip, micro_batch_size=1,
+                                    seed=cfg.run.seed, log_with=trackers, project_name=cfg.logging.project)
+    stream = PackedCodeStream(cfg.data.codes, cfg.model, cfg.data.max_tokens, accelerator.process_index,
+                              accelerator.num_processes, cfg.run.seed, cfg.data.views, cfg.data.num_workers)
+    if accelerator.is_main_process:
+        save_resolved_config(cfg, run_dir)
+    tokenizer = None
+    if cfg.logging.tokenizer and accelerator.is_main_process:
+        from models.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_pretrained(cfg.logging.tokenizer).eval()
+
+    model = Generator(cfg.model)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    scheduler = warmup_cosine(optimizer, cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio)
+    num_parameters = model.num_parameters()
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ema = EMA(accelerator.unwrap_model(model), cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    ckpt = CheckpointManager(run_dir, accelerator, cfg.train.keep_last, config_identity(cfg, stream.reader),
+                             stage="generator")
+    step = start = ckpt.resume(resume, ema=ema, extra={"stream": stream})
+    log = MetricsLog(accelerator, run_dir)
+    meter, bad_steps, last = StepMeter(), 0, {}
+    model.train()
+    while step < cfg.train.max_steps:
+        for _ in range(cfg.train.grad_accum):
+            batch = next(stream).to(accelerator.device)
+            with accelerator.accumulate(model):
+                metrics = model(batch)
+                accelerator.backward(metrics["loss"])
+                optimizer.step()
+                optimizer.zero_grad()
+            meter.add(metrics, batch, cfg.data.max_tokens)
+        scheduler.step()
+        step += 1
+        if ema is not None:
+            ema.update()
+        finite = torch.isfinite(metrics["loss"].detach()).float().to(accelerator.device)
+        bad_steps = 0 if bool(accelerator.reduce(finite, reduction="sum") == accelerator.num_processes) else bad_steps + 1
+        if bad_steps >= cfg.train.max_bad_steps:
+            raise RuntimeError(f"{bad_steps} consecutive optimizer steps with a non-finite loss (step {step}); "
+                               f"lower optim.lr or raise optim.warmup_steps, then resume from an earlier checkpoint")
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            last = {**meter.reduce(accelerator), "lr": scheduler.get_last_lr()[0],
+                    "epoch": float(stream.batcher.epoch)}
+            log.write(step, last)
+            meter = StepMeter()
+        if cfg.logging.tokenizer and (step % cfg.train.image_every == 0 or step == cfg.train.max_steps):
+            _sample_grid(accelerator, model, ema, cfg, tokenizer, step, run_dir)
+        if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
+            ckpt.save(step, ema=ema, extra={"stream": stream})
+    summary = {"steps": step, "resumed_from": start, "world_size": accelerator.num_processes,
+               "zero_stage": ckpt.zero_stage, "parameters": num_parameters,
+               "steps_per_epoch": stream.steps_per_epoch, "final": last}
+    if accelerator.is_main_process:
+        if step > start or not (run_dir / "export").is_dir():
+            export_run(run_dir, run_dir / "export", raw=ema is None)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="stage config (path or preset name: tiny, base, large)")
+    parser.add_argument("--resume", default="auto",
+                        help="auto (newest complete checkpoint of run.dir), a checkpoint directory, or none")
+    parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. data.codes=DIR optim.lr=1e-4")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(GeneratorStageConfig, args.config, args.overrides, kind="generator")
+    summary = train(cfg, args.resume)
+    final = summary["final"]
+    loss = final.get("loss", math.nan)
+    print(f"train-generator: {summary['steps']} steps (from {summary['resumed_from']}), loss {loss:.4f}, "
+          f"{final.get('tokens_per_s', 0.0):.0f} tokens/s -> {Path(cfg.run.dir) / 'export'}")
+    return 0
