@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crop", choices=("center", "random"), default="random")
     parser.add_argument("--decoder", choices=("pil", "torchvision"), default="pil")
     parser.add_argument("--shard-size", type=int, default=100, help="images per shard")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (one epoch of each configuration per round; median)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed rounds, each running every configuration once (figures are medians)")
     args = parser.parse_args(argv)
 
     import torch
