@@ -1,0 +1,151 @@
+"""Generator throughput: packed vs padded-in-the-middle training, KV-cached vs recompute sampling.
+
+Training: the same variable-length batch (dual granularity, 16 x 16 coarse grid, fine share of the
+regions ~ Beta(a, a) around 0.5, so about 640 codes per image) trained forward + backward either
+packed into rows (block-diagonal mask) or in the reference layout, where the coarse and fine segments
+of every image are each padded to their maximum (256 and 1024 codes). Figure: real tokens / s.
+
+Sampling: the first ``--steps`` steps of the same seeded sampling run, with the KV cache and with the
+reference decoder that re-runs both stacks over the whole prefix at every step, at the tiny widths and at a
+mid config of about 50M parameters (both on the 16 x 16 dual grid, sequences of 256 - 1024 codes).
+
+    .venv/bin/python benchmarks/generator.py [--device cpu] [--batch 8] [--steps 256] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from common import emit, median_time, target  # noqa: E402  (common puts the repo on sys.path)
+from models.generator import Generator, GeneratorConfig, PackedBatch, encode_sequences, generate_tokens, pack
+
+GRID = [16, 16]
+TINY_WIDTHS = dict(dim=128, heads=4, position_depth=2, content_depth=4, head_dim=64, head_depth=1, head_heads=2)
+MID_WIDTHS = dict(dim=512, heads=8, position_depth=4, content_depth=10, head_dim=256, head_depth=1, head_heads=4)
+
+
+def config(widths: dict, codebook: int) -> GeneratorConfig:
+    return GeneratorConfig(num_levels=2, num_subcodes=2, codebook_sizes=[codebook, codebook], grain_shape=GRID,
+                           num_classes=1000, dropout=0.0, class_dropout=0.1, **widths)
+
+
+def realistic_maps(count: int, beta: float, codebook: int, seed: int):
+    """Dual-granularity code maps whose fine share of the regions is Beta(beta, beta)-distributed."""
+    gen = torch.Generator().manual_seed(seed)
+    regions = GRID[0] * GRID[1]
+    share = torch.distributions.Beta(beta, beta).sample((count,))
+    grains, codes = [], []
+    for fine in (share * regions).round().long().tolist():
+        order = torch.randperm(regions, generator=gen)
+        grain = torch.zeros(regions, dtype=torch.long)
+        grain[order[:fine]] = 1
+        grains.append(grain.view(*GRID))
+        length = (regions - fine) + 4 * fine
+        codes.append(torch.randint(0, codebook, (length, 2), generator=gen))
+    return grains, codes
+
+
+def padded_in_the_middle(packed: PackedBatch, spec) -> PackedBatch:
+    """Reference layout: one image per row, ``BOS | coarse codes padded to 256 | EOL | fine padded to 1024 | END``.
+
+    Padding slots (``doc = -1``, excluded from the loss) sit in the middle of the rows and are attended
+    to, as in the reference implementation.
+    """
+    valid = packed.valid
+    doc, index = packed.doc[valid], packed.index[valid]
+    position, content, label = packed.position[valid], packed.content[valid], packed.label[valid]
+    coarse_cells, fine_cells = spec.level_sizes  # dual granularity
+    is_coarse = position < coarse_cells
+    coarse_count = torch.zeros(int(doc.max()) + 1, dtype=torch.long).scatter_add(0, doc, is_coarse.long())[doc]
+    slot = torch.where(position == spec.end_id(0), torch.full_like(index, 1 + coarse_cells), index)
+    fine = (position >= coarse_cells) & (position < spec.num_cells)
+    slot = torch.where(fine, index - coarse_count + coarse_cells, slot)  # fine code j sits at index 2 + n0 + j
+    slot = torch.where(position == spec.end, torch.full_like(index, 2 + coarse_cells + fine_cells), slot)
+    rows, width = int(doc.max()) + 1, 3 + coarse_cells + fine_cells
+    out = PackedBatch(torch.full((rows, width), spec.end, dtype=torch.long),
+                      spec.none_content.repeat(rows, width, 1), torch.zeros((rows, width), dtype=torch.long),
+                      torch.full((rows, width), -1, dtype=torch.long), torch.arange(width).repeat(rows, 1))
+    out.position[doc, slot], out.content[doc, slot], out.label[doc, slot], out.doc[doc, slot] = \
+        position, content, label, doc
+    return out
+
+
+def causal_mask(batch: PackedBatch) -> torch.Tensor:
+    width = batch.doc.shape[1]
+    return torch.ones(width, width, dtype=torch.bool, device=batch.doc.device).tril().expand(batch.doc.shape[0], 1,
+                                                                                           width, width)
+
+
+def bench_training(args) -> tuple[dict, dict]:
+    torch.manual_seed(0)
+    model = Generator(config(TINY_WIDTHS, args.codebook)).to(args.device).train()
+    spec = model.spec
+    grains, codes = realistic_maps(args.batch, args.beta, args.codebook, seed=1)
+    labels = torch.randint(0, 1000, (args.batch,))
+    packed = pack(spec, encode_sequences(spec, grains, codes), labels, args.max_tokens, model.config.null_class)
+    padded = padded_in_the_middle(packed, spec)
+    assert padded.num_tokens == packed.num_tokens
+    layouts = {"packed": (packed.to(args.device), None),
+               "padded": (padded.to(args.device), causal_mask(padded.to(args.device)))}
+    figures = {"train_model_params_M": round(model.num_parameters() / 1e6, 2), "train_sequences": args.batch,
+               "train_real_tokens": packed.num_tokens, "mean_codes_per_image": round(sum(c.shape[0] for c in codes)
+                                                                                     / len(codes), 1)}
+    for name, (batch, mask) in layouts.items():
+        def step():
+            model.zero_grad(set_to_none=True)
+            model(batch, mask)["loss"].backward()
+        seconds = median_time(step, repeats=args.repeats, warmup=1, sync=args.device != "cpu")
+        figures[f"{name}_slots"] = batch.doc.numel()
+        figures[f"{name}_efficiency"] = round(batch.efficiency, 4)
+        figures[f"{name}_train_tokens_per_s"] = round(batch.num_tokens / seconds, 1)
+    speedup = figures["packed_train_tokens_per_s"] / figures["padded_train_tokens_per_s"]
+    figures["train_speedup_packed_vs_padded"] = round(speedup, 3)
+    return figures, {"train_packed_vs_padded": target(speedup, ">= 1.5")}
+
+
+def bench_sampling(args, name: str, widths: dict, repeats_recompute: int) -> dict:
+    torch.manual_seed(0)
+    model = Generator(config(widths, args.codebook)).to(args.device).eval()
+    labels = torch.arange(args.sample_batch) % 1000
+
+    def run(use_cache: bool):
+        gen = torch.Generator(device=args.device).manual_seed(0)
+        return generate_tokens(model, labels, generator=gen, use_cache=use_cache, max_steps=args.steps)
+
+    same = torch.equal(run(True).position, run(False).position)
+    sync = args.device != "cpu"
+    cached = median_time(lambda: run(True), repeats=args.repeats, warmup=1, sync=sync)
+    recompute = median_time(lambda: run(False), repeats=repeats_recompute, warmup=0, sync=sync)
+    return {f"{name}_params_M": round(model.num_parameters() / 1e6, 2),
+            f"{name}_cached_steps_per_s": round(args.steps / cached, 2),
+            f"{name}_recompute_steps_per_s": round(args.steps / recompute, 2),
+            f"{name}_sampling_speedup": round(recompute / cached, 3),
+            f"{name}_same_tokens": same}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=8, help="images in the training batch")
+    parser.add_argument("--max-tokens", type=int, default=1536, help="slots per packed row")
+    parser.add_argument("--beta", type=float, default=4.0, help="fine share ~ Beta(beta, beta)")
+    parser.add_argument("--codebook", type=int, default=1024, help="entries per sub-codebook (K = 2)")
+    parser.add_argument("--steps", type=int, default=256, help="sampling steps timed")
+    parser.add_argument("--sample-batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    figures, targets = bench_training(args)
+    figures.update(bench_sampling(args, "tiny", TINY_WIDTHS, repeats_recompute=args.repeats))
+    mid = bench_sampling(args, "mid", MID_WIDTHS, repeats_recompute=1)
+    figures.update(mid)
+    figures.update({"device": args.device, "sampling_steps": args.steps, "sample_batch": args.sample_batch})
+    targets["sampling_kv_cache_vs_recompute_mid"] = target(mid["mid_sampling_speedup"], ">= 5.0")
+    emit("generator", figures, targets)
+
+
+if __name__ == "__main__":
+    main()
