@@ -26,8 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-# Import from the repo root, not from benchmarks/ (sys.path[0] when run as a script): a script there named
-# like a stdlib module (benchmarks/tokenize.py) would otherwise shadow it for torch's imports.
+# Import the repo's packages from the repo root.
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 from benchmarks.common import REPO, emit, target  # noqa: E402
 

@@ -9,31 +9,25 @@ are not needed to encode), on the CPU and, when one is present, the GPU (bf16 au
   encode, Arrow writing, manifest) over procedural 64 px shards, against the encode-only rate at the
   same batch size: the share of the encoder's speed the stage keeps.
 
-    .venv/bin/python benchmarks/tokenize.py [--repeats 2] [--paper-batch 2] [--images 128] [--no-paper]
+    .venv/bin/python benchmarks/tokenize_throughput.py [--repeats 2] [--paper-batch 2] [--images 128] [--no-paper]
 """
 from __future__ import annotations
 
-import os
+import argparse
 import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
 
-# Run as a script, this file's folder heads sys.path and this file would shadow the standard library's
-# `tokenize` module (imported by inspect, linecache, torch): put the repository root there instead.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+import torch
 
-import argparse  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import torch  # noqa: E402
-
-from benchmarks.common import emit, median_time, target  # noqa: E402
-from data.demo_images import write_image_folder  # noqa: E402
-from data.shards import ShardOptions, shard_images  # noqa: E402
-from models.tokenizer import Tokenizer, TokenizerConfig  # noqa: E402
-from pipeline.tokenize import tokenize  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import emit, median_time, target
+from data.demo_images import write_image_folder
+from data.shards import ShardOptions, shard_images
+from models.tokenizer import Tokenizer, TokenizerConfig
+from pipeline.tokenize import tokenize
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "tokenizer"
 
