@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import math
+import resource
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -225,7 +226,8 @@ class StepMeter:
         self.budget += max_tokens
 
     def reduce(self, accelerator) -> dict[str, float]:
-        """Means over micro batches and ranks; tokens/s over all ranks; packing = tokens / token budget."""
+        """Means over micro batches and ranks; tokens/s over all ranks; packing = tokens / token budget;
+        memory_gb = the largest per-rank peak."""
         names = sorted(self.sums)
         local = torch.stack([self.sums[n] / self.micro_batches for n in names] +
                             [torch.tensor(float(self.tokens)), torch.tensor(float(self.budget))]).to(accelerator.device)
@@ -236,7 +238,17 @@ class StepMeter:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         out["tokens_per_s"] = values[-2] / elapsed
         out["packing_efficiency"] = values[-2] / values[-1]
+        out["memory_gb"] = float(accelerator.gather(_peak_memory_gb(accelerator.device)).max())
         return out
+
+
+def _peak_memory_gb(device: torch.device) -> torch.Tensor:
+    """``[1]``: this process's peak GPU memory allocated (CUDA) or peak resident set size (CPU), GiB."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
+    return torch.tensor([peak / 2 ** 30], device=device)
 
 
 def _sample_grid(accelerator, model, ema, cfg: GeneratorStageConfig, tokenizer, step: int, run_dir: Path) -> None:
@@ -275,6 +287,8 @@ def train(cfg: GeneratorStageConfig, resume: Optional[str] = "auto") -> dict[str
 
     if not cfg.data.codes:
         raise ConfigError("data.codes is empty: pass data.codes=DIR (a directory written by `varitok tokenize`)")
+    # Fail on a vocabulary mismatch before any process group or DeepSpeed engine exists.
+    check_vocabulary(CodeReader(cfg.data.codes), cfg.model, cfg.data.codes)
     run_dir = Path(cfg.run.dir)
     trackers = [name for name, on in (("tensorboard", cfg.logging.tensorboard), ("wandb", cfg.logging.wandb)) if on]
     accelerator = build_accelerator(cfg.train, run_dir, grad_clip=cfg.optim.grad_clip, micro_batch_size=1,

@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data.codes import CodeManifest, CodeWriter
+from benchmarks.train_generator import write_corpus
 from models.config import ConfigError
 from models.generator import Generator, GeneratorConfig, unpack
+from pipeline.cli import main as cli
 from pipeline.train_generator import (GeneratorStageConfig, PackedCodeStream, check_vocabulary, optimizer_groups)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,28 +27,9 @@ SMALL = ["model.dim=32", "model.heads=2", "model.position_depth=1", "model.conte
          "model.head_heads=1", "model.num_classes=4"]
 
 
-def write_corpus(out: Path, rows: int = 48, views: int = 2, seed: int = 0, grain_shape=(4, 4), sizes=(256, 256),
-                 num_levels: int = 2, num_classes: int = 4) -> Path:
-    """Valid random code maps: per region a random level, per code position K random sub-codes."""
-    rng = np.random.default_rng(seed)
-    manifest = CodeManifest.create(out, {"config_hash": "synthetic", "weights_sha256": "none"}, num_levels,
-                                   len(sizes), sizes, grain_shape)
-    keys = [f"img{i:04d}" for i in range(rows) for _ in range(views)]
-    grains = rng.integers(0, num_levels, size=(len(keys), *grain_shape))
-    lengths = (1 << (2 * grains)).reshape(len(keys), -1).sum(1)
-    codes = [rng.integers(0, sizes, size=(n, len(sizes))) for n in lengths]
-    labels = np.repeat(rng.integers(0, num_classes, size=rows), views)
-    half = len(keys) // 2
-    for part, part_slice in enumerate((slice(0, half), slice(half, None))):
-        with CodeWriter(out, part, manifest, max_rows_per_batch=16) as writer:
-            writer.write(keys[part_slice], labels[part_slice], np.tile(np.arange(views), rows)[part_slice],
-                         grains[part_slice], codes[part_slice])
-    return out
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("codes"))
+    return write_corpus(tmp_path_factory.mktemp("codes"), rows=48, max_rows_per_batch=16)
 
 
 def _env() -> dict[str, str]:
@@ -82,10 +64,27 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def tokenizer_export(tmp_path_factory) -> Path:
+    """Random-weight tiny tokenizer (64px, 2 levels, K=2 x 256: the tiny generator's vocabulary)."""
+    from models.tokenizer import Tokenizer, TokenizerConfig
+
+    torch.manual_seed(0)
+    tokenizer = Tokenizer(TokenizerConfig.from_yaml(REPO / "configs" / "tokenizer" / "tiny.yaml"))
+    return tokenizer.save_pretrained(tmp_path_factory.mktemp("tokenizer"))
+
+
 @pytest.mark.parametrize("zero", [2, 3])
-def test_two_process_zero_training_exports_a_loadable_generator(tmp_path, corpus, zero):
+def test_two_process_zero_training_exports_a_loadable_generator(tmp_path, corpus, tokenizer_export, zero):
     run_dir = tmp_path / "run"
-    _launch(_train_args(run_dir, corpus, steps=4), nproc=2, zero=zero)
+    # Under ZeRO-3 the sample grid gathers partitioned (EMA) weights: exercise it there.
+    grid = [f"logging.tokenizer={tokenizer_export}", "train.image_every=4"] if zero == 3 else []
+    _launch(_train_args(run_dir, corpus, steps=4, extra=grid), nproc=2, zero=zero)
+    if zero == 3:
+        from PIL import Image
+
+        picture = Image.open(run_dir / "images" / "samples-step-4.png")
+        assert picture.size[0] > 4 * 64 and picture.size[1] > 2 * 64    # 4 classes, samples + granularity rows
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["zero_stage"] == zero and summary["steps"] == 4
     rows = _metrics(run_dir)
@@ -94,6 +93,7 @@ def test_two_process_zero_training_exports_a_loadable_generator(tmp_path, corpus
         assert {"loss", "position", "content/0", "content/1", "accuracy/position", "accuracy/content/0",
                 "tokens_per_s", "packing_efficiency", "lr"} <= row.keys()
         assert np.isfinite(row["loss"]) and row["tokens_per_s"] > 0 and 0 < row["packing_efficiency"] <= 1
+        assert 0.05 < row["memory_gb"] < 16
         assert row["loss"] == pytest.approx(row["position"] + (row["content/0"] + row["content/1"]) / 2, rel=1e-5)
     exported = Generator.from_pretrained(run_dir / "export")
     ema = load_file(str(run_dir / "checkpoints" / "step-4" / "ema.safetensors"))
@@ -127,15 +127,15 @@ def test_resume_after_kill_equals_straight_run(tmp_path, corpus):
     assert saved["position"] == 2 and saved["views"] == "random"
 
 
-def test_vocabulary_mismatch_names_both_sides(tmp_path):
+def test_vocabulary_mismatch_names_both_sides(tmp_path, capsys):
     codes = write_corpus(tmp_path / "codes", rows=4, sizes=(256, 512))
     from data.codes import CodeReader
 
     with pytest.raises(ConfigError, match=r"codebook_sizes: code files \[256, 512\] vs model.codebook_sizes \[256, 256\]"):
         check_vocabulary(CodeReader(codes), GeneratorConfig(), str(codes))
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", *_train_args(tmp_path / "run", codes, 1)],
-                            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "codebook_sizes" in result.stderr and "[256, 512]" in result.stderr
+    assert cli(_train_args(tmp_path / "run", codes, 1)) == 2           # fails before any DeepSpeed set-up
+    error = capsys.readouterr().err
+    assert "codebook_sizes" in error and "[256, 512]" in error and str(codes) in error
 
 
 def test_packed_stream_covers_one_view_per_image_and_resumes_exactly(corpus):
