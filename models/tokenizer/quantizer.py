@@ -27,6 +27,9 @@ from models.config import ConfigBase, ConfigError
 from models.tokenizer.blocks import ResBlock, group_norm
 
 UINT16_CODES = 1 << 16
+# Log-probabilities are clamped here before exp: below about -87 fp32 exp() returns denormals, which are
+# an order of magnitude slower on CPUs, and such probabilities (< 1.7e-38) do not change the entropies.
+MIN_LOG_PROB = -87.0
 
 
 @dataclasses.dataclass
@@ -97,40 +100,83 @@ class ChunkedLookupEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, codebook, weights, temperature: float, chunk_size: int):
-        scale = 2.0 / temperature
+        scaled = z * (2.0 / temperature)
         w = weights / weights.sum().clamp_min(1e-12)
         pbar = z.new_zeros(codebook.shape[0])
         token_entropy = z.new_empty(z.shape[0])
+        log_norm = z.new_empty(z.shape[0])         # logsumexp of each token's logits
         indices = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
         for start, end in _chunks(z.shape[0], chunk_size):
-            logits = (z[start:end] @ codebook.T) * scale
-            indices[start:end] = logits.argmax(1)
-            logp = logits.log_softmax(1)
-            p = logp.exp()
-            token_entropy[start:end] = -(p * logp).sum(1)
-            pbar += w[start:end] @ p
+            logits = scaled[start:end] @ codebook.T                      # chunk x V
+            top, indices[start:end] = logits.max(1)
+            unnormalized = (logits - top[:, None]).clamp_min_(MIN_LOG_PROB).exp_()
+            total = unnormalized.sum(1)
+            lse = top + total.log()
+            log_norm[start:end] = lse
+            # H = -sum p (s - lse) = lse - <p, s>, with p = unnormalized / total
+            dot = torch.bmm(unnormalized.unsqueeze(1), logits.unsqueeze(2)).view(-1)
+            token_entropy[start:end] = lse - dot / total
+            pbar += (w[start:end] / total) @ unnormalized
         loss = (w * token_entropy).sum() + torch.xlogy(pbar, pbar).sum()
-        ctx.save_for_backward(z, codebook, w, token_entropy, pbar)
-        ctx.scale, ctx.chunk_size = scale, chunk_size
+        ctx.save_for_backward(scaled, codebook, w, token_entropy, log_norm, pbar)
+        ctx.scale, ctx.chunk_size = 2.0 / temperature, chunk_size
         ctx.mark_non_differentiable(indices)
         return indices, loss
 
     @staticmethod
     def backward(ctx, _grad_indices, grad_loss):
-        z, codebook, w, token_entropy, pbar = ctx.saved_tensors
+        scaled, codebook, w, token_entropy, log_norm, pbar = ctx.saved_tensors
         log_pbar = pbar.clamp_min(torch.finfo(pbar.dtype).tiny).log()
-        grad_z = torch.empty_like(z)
+        dim = codebook.shape[1]
+        grad_z = torch.empty_like(scaled)
         grad_codebook = torch.zeros_like(codebook)
-        for start, end in _chunks(z.shape[0], ctx.chunk_size):
-            zc = z[start:end]
-            logp = ((zc @ codebook.T) * ctx.scale).log_softmax(1)
-            p = logp.exp()
-            # d/ds [w~ H(p)] = -w~ p (log p + H);  d/ds [-H(pbar)] = w~ p (log pbar - <p, log pbar>)
-            inner = log_pbar - logp - token_entropy[start:end, None] - (p @ log_pbar)[:, None]
-            grad_s = (grad_loss * ctx.scale) * w[start:end, None] * p * inner
-            grad_z[start:end] = grad_s @ codebook
-            grad_codebook += grad_s.T @ zc
-        return grad_z, grad_codebook, None, None, None
+        coeff = w * grad_loss
+        codes_ext = torch.cat([log_pbar[:, None] * codebook, codebook], dim=1)        # V x 2D
+        # With a = log pbar and r_i = -(H_i + <p_i, a>), the logit gradient is
+        #   g_ij = c_i p_ij (a_j + r_i - log p_ij)
+        # (d/ds of w~ H(p) is -w~ p (log p + H); of -H(pbar) it is w~ p (a - <p, a>)). It is never
+        # materialised: g @ E and g^T @ x are expanded into products of p and p * log p with thin matrices.
+        for start, end in _chunks(scaled.shape[0], ctx.chunk_size):
+            x = scaled[start:end]
+            log_p = (x @ codebook.T).sub_(log_norm[start:end, None]).clamp_min_(MIN_LOG_PROB)  # chunk x V
+            p = log_p.exp()
+            row = -(token_entropy[start:end] + p @ log_pbar)
+            p_log_p = log_p.mul_(p)
+            c = coeff[start:end, None]
+            to_codes = p @ codes_ext
+            grad_z[start:end] = c * (to_codes[:, :dim] + row[:, None] * to_codes[:, dim:] - p_log_p @ codebook)
+            cx = c * x
+            from_tokens = p.T @ torch.cat([cx, row[:, None] * cx], dim=1)              # V x 2D
+            grad_codebook += log_pbar[:, None] * from_tokens[:, :dim] + from_tokens[:, dim:] - p_log_p.T @ cx
+        # s = scaled @ codebook.T with scaled = z * scale: ds/dz carries the scale, ds/dcodebook = scaled
+        return grad_z * ctx.scale, grad_codebook, None, None, None
+
+
+def quantize_tokens(u: torch.Tensor, codebook: torch.Tensor, weights: torch.Tensor, config: QuantizerConfig,
+                    training: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Cosine-quantize tokens against one sub-codebook, in fp32 whatever the autocast state.
+
+    u: N x D adapter outputs (normalised here); codebook: V x D raw parameter; weights: N token weights.
+    Returns (q N x D: unit codes, straight-through in training; indices int64 N; weighted loss terms
+    codebook / commitment / entropy, empty when not training).
+    """
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        u = F.normalize(u.float(), dim=-1)
+        codes = F.normalize(codebook.float(), dim=-1)
+        terms: dict[str, torch.Tensor] = {}
+        if training and config.entropy_weight > 0 and torch.is_grad_enabled():
+            idx, entropy = ChunkedLookupEntropy.apply(u, codes, weights, config.entropy_temperature,
+                                                      config.chunk_size)
+            terms["entropy"] = config.entropy_weight * entropy
+        else:
+            idx = cosine_lookup(u, codes, config.chunk_size)
+        q = codes[idx]
+        if not training:
+            return q, idx, terms
+        total = weights.sum().clamp_min(1.0)
+        terms["codebook"] = config.codebook_weight * (weights * ((q - u.detach()) ** 2).mean(-1)).sum() / total
+        terms["commitment"] = config.beta * (weights * ((q.detach() - u) ** 2).mean(-1)).sum() / total
+        return u + (q - u).detach(), idx, terms
 
 
 class QuantizerOutput(NamedTuple):
@@ -175,30 +221,16 @@ class FactorizedQuantizer(nn.Module):
         cfg = self.config
         shapes = [z.shape for z in levels]
         weights = torch.cat([m.detach().float().flatten() for m in masks])
-        total = weights.sum().clamp_min(1.0)
         zero = weights.new_zeros(())
         losses = {"codebook": zero, "commitment": zero, "entropy": zero, "disentangle": zero}
         stats: dict[str, torch.Tensor] = {}
         per_codebook_q, per_codebook_idx = [], []
-        with_entropy = self.training and cfg.entropy_weight > 0 and torch.is_grad_enabled()
         for k, adapter in enumerate(self.adapters):
             u = torch.cat([adapter(z).float().permute(0, 2, 3, 1).reshape(-1, self.dims[k]) for z in levels])
-            u = F.normalize(u, dim=-1)
-            codebook = self.normalized_codebook(k)
-            with torch.autocast(device_type=u.device.type, enabled=False):
-                if with_entropy:
-                    idx, entropy = ChunkedLookupEntropy.apply(u, codebook, weights, cfg.entropy_temperature,
-                                                              cfg.chunk_size)
-                    losses["entropy"] = losses["entropy"] + cfg.entropy_weight * entropy
-                else:
-                    idx = cosine_lookup(u, codebook, cfg.chunk_size)
-                q = codebook[idx]
+            q, idx, terms = quantize_tokens(u, self.codebooks[k], weights, cfg, self.training)
+            for name, value in terms.items():
+                losses[name] = losses[name] + value
             if self.training:
-                sq_codebook = ((q - u.detach()) ** 2).mean(-1)
-                sq_commit = ((q.detach() - u) ** 2).mean(-1)
-                losses["codebook"] = losses["codebook"] + cfg.codebook_weight * (weights * sq_codebook).sum() / total
-                losses["commitment"] = losses["commitment"] + cfg.beta * (weights * sq_commit).sum() / total
-                q = u + (q - u).detach()
                 with torch.no_grad():
                     self.usage_counts(k).index_add_(0, idx, weights)
             stats[f"perplexity/{k}"] = _perplexity(idx, weights, self.sizes[k])
