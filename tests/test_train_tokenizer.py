@@ -5,7 +5,8 @@ phase 1: ``single`` (1 plain process, one fixed 2-image batch, no discriminator:
 ``zero2`` (accelerate launch, 2 processes, ZeRO-2, grad_accum 2, discriminator from step 2, EMA),
 ``node0``/``node1`` (the same run as ZeRO-1 on 2 simulated machines with a static rendezvous, killed with
 SIGKILL once its step-3 checkpoint exists). Phase 2: ``resume`` (the killed run resumed by a 2-process
-accelerate launch), ``nan`` (an infinite loss weight: the NaN guard must stop the run), ``zero3`` (refused).
+accelerate launch), ``zero1`` (the same run straight through, as ZeRO-1: the resume's reference),
+``nan`` (an infinite loss weight: the NaN guard must stop the run), ``zero3`` (refused).
 """
 from __future__ import annotations
 
@@ -87,8 +88,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_tokenizer")
     shards = make_shards(root / "data", num_images=16, per_shard=8)
     fixed = make_shards(root / "fixed", num_images=2, per_shard=2)
-    dirs = {name: root / name for name in ("single", "zero2", "killed", "nan", "zero3")}
-    logs = {name: root / f"{name}.log" for name in ("single", "zero2", "node0", "node1", "resume", "nan", "zero3")}
+    dirs = {name: root / name for name in ("single", "zero2", "killed", "zero1", "nan", "zero3")}
+    logs = {name: root / f"{name}.log" for name in ("single", "zero2", "node0", "node1", "resume", "zero1", "nan",
+                                                     "zero3")}
     pair = [f"data.shards={shards}", *PAIR]
     two = ACCELERATE + ["--num_processes", "2", "--use_deepspeed"]
     node = ACCELERATE + ["--num_processes", "2", "--num_machines", "2", "--main_process_ip", "127.0.0.1",
@@ -114,6 +116,8 @@ def runs(tmp_path_factory):
     phase2 = {
         "resume": _start(two + ["--main_process_port", str(_port()), "--zero_stage", "1", *STAGE,
                                 f"run.dir={dirs['killed']}", *pair, "--resume", "auto"], logs["resume"]),
+        "zero1": _start(two + ["--main_process_port", str(_port()), "--zero_stage", "1", *STAGE,
+                               f"run.dir={dirs['zero1']}", *pair], logs["zero1"]),
         "nan": _start([sys.executable, *STAGE, f"data.shards={shards}", f"run.dir={dirs['nan']}", *SMALL,
                        "loss.rec_weight=inf", "train.max_bad_steps=2", "train.max_steps=5"], logs["nan"]),
         "zero3": _start([sys.executable, *STAGE, f"data.shards={shards}", f"run.dir={dirs['zero3']}", *SMALL,
@@ -200,26 +204,37 @@ def test_zero2_two_processes_stay_in_sync_train_both_and_export(runs):
     assert codes[0].codes.shape[0] == int((4 ** codes[0].grain.long()).sum())
 
 
-@pytest.mark.xfail(strict=True, reason="open: after a 2-process ZeRO-1 resume the first step's grad norm is ~60x the "
-                   "straight run's (1321 vs 20) and weights drift by ~4e-4; 1-process ZeRO-0 resume is bit-exact")
 def test_kill9_on_two_machines_then_resume_matches_the_straight_run(runs):
+    """N steps straight == N/2 steps, kill -9, resume, N/2 steps: bit for bit, on the same ZeRO stage.
+
+    The reference must be the same ZeRO stage and world size: ZeRO-1 sums a rank's micro-batches before
+    the cross-rank reduction, ZeRO-2 reduces every micro-batch, so their gradients differ in the last bits.
+    Biases feeding a GroupNorm have an exactly-zero true gradient (its rounding noise, ~1e-9) and AdamW turns
+    noise of either sign into a step of about +-lr, so ZeRO-1 and ZeRO-2 runs drift apart by ~1e-4 in a few
+    steps, kill or no kill. Against its own stage a resume has no excuse for any difference.
+    """
     assert not runs["finished_before_kill"], "the killed run finished before the kill; the test proved nothing"
     assert runs["codes"]["node0"] != 0
-    _check(runs, "resume")
-    killed, straight = runs["dirs"]["killed"], runs["dirs"]["zero2"]
-    summary = _summary(killed)
+    _check(runs, "resume", "zero1")
+    killed, straight = runs["dirs"]["killed"], runs["dirs"]["zero1"]
+    summary, reference = _summary(killed), _summary(straight)
     assert summary["resumed_from"] == STEPS // 2 and summary["zero_stage"] == 1 and summary["steps"] == STEPS
-    assert summary["ranks"][0]["digest_tokenizer"] == summary["ranks"][1]["digest_tokenizer"]
-    # ZeRO-1 resumed vs ZeRO-2 straight: same batches, same RNG, same updates (up to reduction order).
-    for name in ("model.safetensors", "ema.safetensors"):
-        resumed = load_file(str(killed / f"checkpoints/step-{STEPS}" / name))
-        reference = load_file(str(straight / f"checkpoints/step-{STEPS}" / name))
-        assert resumed.keys() == reference.keys()
-        for key, value in reference.items():
-            torch.testing.assert_close(resumed[key], value, rtol=1e-4, atol=1e-5, msg=f"{name}:{key}")
-    resumed_metrics = _metrics(killed)
-    assert resumed_metrics[-1]["step"] == STEPS
-    assert resumed_metrics[-1]["loss/rec"] == pytest.approx(_metrics(straight)[-1]["loss/rec"], rel=1e-4)
+    assert reference["resumed_from"] == 0 and reference["zero_stage"] == 1
+    # Every parameter and buffer of the whole training module (discriminator included), on every rank.
+    for rank in range(2):
+        for part in ("digest_tokenizer", "digest_discriminator"):
+            assert summary["ranks"][rank][part] == reference["ranks"][0][part], (rank, part)
+    # Before the kill (written by the 2-machine launch) and after the resume (the 2-process one).
+    for step, name in ((STEPS // 2, "model.safetensors"), (STEPS, "model.safetensors"), (STEPS, "ema.safetensors")):
+        resumed = load_file(str(killed / f"checkpoints/step-{step}" / name))
+        expected = load_file(str(straight / f"checkpoints/step-{step}" / name))
+        assert resumed.keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=f"step {step} {name}:{key}")
+    last, expected_last = _metrics(killed)[-1], _metrics(straight)[-1]
+    assert last["step"] == expected_last["step"] == STEPS
+    for key in ("loss/rec", "loss/gan_d", "grad_norm", "lr/tokenizer", "lr/discriminator"):
+        assert last[key] == expected_last[key], key
 
 
 def test_nan_loss_stops_after_max_bad_steps_and_zero3_is_refused(runs):
