@@ -241,10 +241,11 @@ toy_train.main(["--run-dir", *sys.argv[2:]])
 def runs(tmp_path_factory):
     """Phase 1: ZeRO-2 (accelerate launch), ZeRO-1 on 2 simulated machines (the commands `varitok launch` builds,
     static rendezvous on localhost) killed while saving step 6, ZeRO-3 (torchrun).
-    Phase 2: resume of the killed run (torchrun), a 1-process resume with another world size and lr."""
+    Phase 2: resume of the killed run (torchrun), the same run straight as ZeRO-1 (the resume's reference),
+    a 1-process resume with another world size and lr."""
     root = tmp_path_factory.mktemp("runs")
-    dirs = {name: root / name for name in ("zero2", "killed", "zero3", "one", "mismatch")}
-    logs = {name: root / f"{name}.log" for name in ("zero2", "node0", "node1", "zero3", "resume", "mismatch")}
+    dirs = {name: root / name for name in ("zero2", "killed", "zero1", "zero3", "one", "mismatch")}
+    logs = {name: root / f"{name}.log" for name in ("zero2", "node0", "node1", "zero3", "resume", "zero1", "mismatch")}
     common = ["--steps", str(STEPS), "--lr", str(LR), "--ckpt-every", "2", "--keep-last", "2"]
     port = _port()
     killed = [TOY, "--run-dir", str(dirs["killed"]), *common, "--die-in-save", "6"]
@@ -270,6 +271,8 @@ def runs(tmp_path_factory):
     phase2 = {
         "resume": _start(TORCHRUN + ["--master_port", str(_port()), TOY, "--run-dir", str(dirs["killed"]), "--zero", "1",
                                      *common], logs["resume"]),
+        "zero1": _start(TORCHRUN + ["--master_port", str(_port()), TOY, "--run-dir", str(dirs["zero1"]), "--zero", "1",
+                                    *common], logs["zero1"]),
         "mismatch": _start([sys.executable, "-c", ONE_PROCESS_THEN_MISMATCH, str(dirs["one"]), str(dirs["mismatch"]),
                             *common[:2], "--lr", str(2 * LR), *common[4:]], logs["mismatch"]),
     }
@@ -322,17 +325,21 @@ def test_zero2_two_processes_sync_schedule_checkpoints_export(runs, tmp_path):
 def test_kill_and_resume_on_two_simulated_machines_matches_straight_run(runs):
     assert runs["codes"]["node0"] != 0 and runs["codes"]["node1"] != 0  # both "machines" died saving step 6
     assert runs["codes"]["partial_save_left"] == 1  # a half-written .tmp-step-6 (DeepSpeed shards, no meta.json)
-    _check(runs, "resume")
-    killed, straight = runs["dirs"]["killed"], runs["dirs"]["zero2"]
+    _check(runs, "resume", "zero1")
+    # Same ZeRO stage as the straight run: ZeRO-1 and ZeRO-2 sum micro-batches in another order, so only a
+    # same-stage reference can demand bit-exact equality (tests/test_train_tokenizer.py shows the drift).
+    killed, straight = runs["dirs"]["killed"], runs["dirs"]["zero1"]
     rank0, rank1 = _results(killed)
     assert rank0["resumed_from"] == 4 and rank0["digest"] == rank1["digest"] and rank0["zero_stage"] == 1
+    assert rank0["digest"] == _results(straight)[0]["digest"]  # every parameter and buffer, critic included
+    assert rank0["lrs"] == _results(straight)[0]["lrs"][4:]
     assert rank0["stream_position"] == _results(straight)[0]["stream_position"] == 2 * STEPS
     assert not (killed / "checkpoints" / ".tmp-step-6").exists()
     for name in ("model.safetensors", "ema.safetensors"):
         resumed = load_file(str(killed / "checkpoints/step-8" / name))
         reference = load_file(str(straight / "checkpoints/step-8" / name))
         for key, value in reference.items():
-            torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6, msg=f"{name}:{key}")
+            torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=f"{name}:{key}")
 
 
 def test_zero3_single_model_trains_and_exports_consolidated_weights(runs, tmp_path):
