@@ -5,6 +5,8 @@ paper-scale ``dqfq-f8f16-k3.yaml`` at batch 2, 256px. The paper config's teacher
 CLIP ViT-B/16 via open_clip) are built with RANDOM weights here (same compute, no weight files needed);
 ``--teachers none`` drops alignment instead. Runs on the GPU (bf16 autocast) when one is available.
 Reconstruction / LPIPS / GAN losses are not part of ``Tokenizer.forward`` and not timed here.
+Reported per configuration: median wall seconds per step, images/s, and median process CPU seconds per
+step (all threads; meaningful when the machine is shared).
 
     python benchmarks/tokenizer_step.py [--repeats 3] [--paper-batch 2] [--teachers random|none]
 """
@@ -13,7 +15,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,8 +48,15 @@ def measure(config_path: Path, batch: int, size: int, repeats: int, teachers: st
         loss.backward()
         tok.zero_grad(set_to_none=True)
 
-    seconds = median_time(step, repeats=repeats, warmup=1, sync=device == "cuda")
-    return {"batch": batch, "image_size": size, "params_m": round(sum(p.numel() for p in tok.parameters()) / 1e6, 2),
+    cpu_times = []
+
+    def timed_step():
+        start = time.process_time()
+        step()
+        cpu_times.append(time.process_time() - start)
+
+    seconds = median_time(timed_step, repeats=repeats, warmup=1, sync=device == "cuda")
+    return {"cpu_s": round(statistics.median(cpu_times[1:]), 4),"batch": batch, "image_size": size, "params_m": round(sum(p.numel() for p in tok.parameters()) / 1e6, 2),
             "teachers": [t.name for t in config.teachers], "step_s": round(seconds, 4),
             "images_per_s": round(batch / seconds, 3)}
 
@@ -57,8 +68,12 @@ def main() -> None:
     parser.add_argument("--paper-size", type=int, default=256)
     parser.add_argument("--teachers", choices=["random", "none"], default="random")
     parser.add_argument("--skip-paper", action="store_true", help="only the tiny configuration")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     args = parser.parse_args()
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from omegaconf import OmegaConf
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
