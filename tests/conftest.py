@@ -20,3 +20,14 @@ def image_folder(tmp_path: Path) -> Path:
     from data.demo_images import write_image_folder
 
     return write_image_folder(tmp_path / "images", num_images=12, size=64, num_classes=4)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for modules of tiny models: avoids oversubscribing the 2 shared cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

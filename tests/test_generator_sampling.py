@@ -7,13 +7,7 @@ from models.generator.sampling import filter_logits
 from models.layout import codes_to_level_maps, level_maps_to_codes, num_codes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread avoids oversubscribing the shared cores (10x faster under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(num_levels=2, num_subcodes=2, grain_shape=(2, 2), num_classes=3, seed=0, position_bias=None):
