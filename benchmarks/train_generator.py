@@ -7,6 +7,9 @@ random sub-codes, 2 views per image. Figures per configuration: tokens/s over al
 per-step values after ``--warmup`` steps, from ``RUN/logs/metrics.jsonl``), peak memory per rank (largest
 rank's peak RSS on the CPU, peak allocated on a GPU), wall seconds of the launch (start-up included), and on a
 GPU the model FLOPs utilisation ``6 * parameters * tokens/s / peak`` (attention FLOPs not counted).
+Every rank runs with ``--threads-per-proc`` OpenMP threads (default 1, so 1 vs 2 processes compares 1 vs
+2 cores): on a busy 2-core machine a single process with 2 threads was measured 10x slower at ZeRO-0/2
+than with 1 thread (OpenMP threads waiting on each other), which would swamp the comparison.
 
 Default (about 3-5 min on 2 CPU cores): the ``tiny`` preset, ``--steps 12``. ``--base`` adds the ``base``
 preset with a reduced token budget (``--base-max-tokens 2048``, 3 steps: one step takes minutes on a CPU
@@ -68,7 +71,7 @@ def _corpus_for(preset: str, root: Path, rows: int) -> Path:
 
 
 def launch(preset: str, corpus: Path, run_dir: Path, nproc: int, zero: int, steps: int,
-           overrides: list[str]) -> tuple[list[dict], float]:
+           overrides: list[str], threads: int) -> tuple[list[dict], float]:
     """Train ``steps`` steps; returns the metrics.jsonl rows and the wall seconds of the whole launch."""
     from pipeline.runtime import free_port
 
@@ -82,8 +85,7 @@ def launch(preset: str, corpus: Path, run_dir: Path, nproc: int, zero: int, step
                    "--main_process_port", str(free_port()), *args]
     else:
         command = [sys.executable, *args]
-    cores = os.cpu_count() or 1
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(max(1, cores // nproc))}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
     if not _cuda():
         env["DS_ACCELERATOR"] = "cpu"
     started = time.time()
@@ -101,11 +103,11 @@ def _cuda() -> bool:
 
 
 def measure(preset: str, corpus: Path, root: Path, steps: int, warmup: int, overrides: list[str],
-            parameters: int, peak_tflops: float) -> dict[str, float]:
+            parameters: int, peak_tflops: float, threads: int) -> dict[str, float]:
     figures = {}
     for nproc, zero in LAUNCHES:
         name = f"{preset}_{nproc}proc_zero{zero}"
-        rows, seconds = launch(preset, corpus, root / name, nproc, zero, steps, overrides)
+        rows, seconds = launch(preset, corpus, root / name, nproc, zero, steps, overrides, threads)
         rates = [r["tokens_per_s"] for r in rows[warmup:]] or [rows[-1]["tokens_per_s"]]
         figures[f"{name}_tokens_per_s"] = round(statistics.median(rates), 1)
         figures[f"{name}_memory_gb_per_rank"] = round(rows[-1]["memory_gb"], 3)
@@ -123,6 +125,8 @@ def main(argv=None) -> int:
     parser.add_argument("--base", action="store_true", help="also the base preset (slow on a CPU)")
     parser.add_argument("--base-max-tokens", type=int, default=2048)
     parser.add_argument("--base-steps", type=int, default=3)
+    parser.add_argument("--threads-per-proc", type=int, default=1,
+                        help="OMP_NUM_THREADS of every rank (1: n processes use n cores)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak for MFU (H100 bf16 dense)")
     args = parser.parse_args(argv)
     import torch
@@ -140,8 +144,10 @@ def main(argv=None) -> int:
                 parameters = Generator(GeneratorConfig.from_yaml(CONFIGS / f"{preset}.yaml")).num_parameters()
             figures[f"{preset}_parameters"] = parameters
             corpus = _corpus_for(preset, root, args.rows)
-            figures.update(measure(preset, corpus, root, steps, args.warmup, overrides, parameters, args.peak_tflops))
+            figures.update(measure(preset, corpus, root, steps, args.warmup, overrides, parameters, args.peak_tflops,
+                                   args.threads_per_proc))
     figures["steps"] = args.steps
+    figures["threads_per_proc"] = args.threads_per_proc
     two_proc = figures["tiny_2proc_zero3_tokens_per_s"] / figures["tiny_2proc_zero2_tokens_per_s"]
     figures["tiny_2proc_zero3_over_zero2_tokens_per_s"] = round(two_proc, 3)
     targets = {"tiny_2proc_zero3_over_zero2_tokens_per_s": target(two_proc, ">= 0.5")}
