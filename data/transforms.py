@@ -24,8 +24,17 @@ DECODERS = ("pil", "torchvision")
 CROPS = ("random", "center")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
-# Refuse images whose declared size would need more than this many pixels (decompression bombs).
-Image.MAX_IMAGE_PIXELS = 16_000 * 16_000
+# Refuse images whose header declares more pixels than this (decompression bombs), before decoding: PIL's
+# default hard limit (2 x 89.5 Mpx), checked here explicitly because PIL's MAX_IMAGE_PIXELS is a process-wide
+# global that other code may change.
+MAX_PIXELS = 178_956_970
+
+
+def _check_declared_size(img: Image.Image) -> None:
+    width, height = img.size
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"image declares {width}x{height} pixels, above the {MAX_PIXELS} limit "
+                         f"(decompression bomb?)")
 
 
 def sample_augmentation(seed_words: Sequence[int], crop: str, flip: bool) -> tuple[float, bool]:
@@ -67,13 +76,25 @@ def _to_uint8(image: torch.Tensor) -> torch.Tensor:
     return (image.to(torch.float32) / 257.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
+def _open_checked(data: bytes) -> Image.Image:
+    """Open lazily (header only) and refuse decompression bombs; PIL's global limit is not relied on."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"{exc} (limit {MAX_PIXELS} pixels)") from None
+    _check_declared_size(img)
+    return img
+
+
 def decode_pil(data: bytes, min_side: int = 0) -> torch.Tensor:
     """Encoded image bytes -> uint8 ``3 x H x W`` RGB tensor, decoded with PIL.
 
     ``min_side`` > 0 lets JPEG decoding use DCT downscaling (``Image.draft``) while keeping the
     shorter side at least ``min_side`` pixels, which is much faster for large photos.
     """
-    with Image.open(io.BytesIO(data)) as img:
+    with _open_checked(data) as img:
         if min_side > 0 and img.format == "JPEG":
             width, height = img.size
             scale = min_side / min(width, height)
@@ -97,6 +118,7 @@ def decode_torchvision(data: bytes, min_side: int = 0) -> torch.Tensor:
     """
     from torchvision.io import ImageReadMode, decode_image
 
+    _open_checked(data).close()
     raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision 0.29 marks its decoders deprecated

@@ -322,3 +322,23 @@ def test_sample_augmentation_is_a_pure_function_of_its_seed():
     assert 20 < sum(flip for _, flip in draws) < 44 and len({o for o, _ in draws}) == 64
     assert all(0 <= o <= 1 for o, _ in draws)
     assert sample_augmentation((1, 2), "center", False) == (0.5, False)
+
+
+def test_decoders_refuse_decompression_bombs_without_touching_pil_globals():
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from data.transforms import MAX_PIXELS, decode_pil, decode_torchvision
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    limit_before = Image.MAX_IMAGE_PIXELS
+    side = int(MAX_PIXELS ** 0.5) + 1  # header-only PNG declaring just over the limit
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    for decode in (decode_pil, decode_torchvision):
+        with pytest.raises(ValueError, match="pixels"):
+            decode(bomb)
+    assert Image.MAX_IMAGE_PIXELS == limit_before
