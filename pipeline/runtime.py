@@ -90,12 +90,27 @@ def _forget_previous_accelerator() -> None:
 
 
 def _ensure_process_group_env() -> None:
-    """A plain ``python script.py`` run becomes a world of one, so DeepSpeed can initialise."""
+    """Fill the process-group environment a launcher did not set.
+
+    A plain ``python script.py`` run becomes a world of one. A hand-made launch (``RANK=1 WORLD_SIZE=2
+    MASTER_ADDR=... varitok ...``) or ``srun`` without torchrun keeps its rank and world size; only the
+    missing local rank is derived (from SLURM_LOCALID when present).
+    """
     if any(name in os.environ for name in ("LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
         return
-    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = os.environ["SLURM_PROCID"], os.environ["SLURM_NTASKS"]
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0" if os.environ["WORLD_SIZE"] == "1"
+                                                       else os.environ["RANK"]))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", os.environ["WORLD_SIZE"]))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if os.environ["WORLD_SIZE"] == "1":
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    elif "MASTER_PORT" not in os.environ:
+        raise RuntimeError("RANK/WORLD_SIZE are set for a multi-process run but MASTER_PORT is not: set "
+                           "MASTER_ADDR and MASTER_PORT (or use `varitok launch`, accelerate launch or torchrun)")
 
 
 def _deepspeed_plugin(train: TrainConfig, grad_clip: float) -> DeepSpeedPlugin:
