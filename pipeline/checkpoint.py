@@ -11,6 +11,11 @@ at worst a ``.tmp-*`` directory, removed by the next save)::
     ema.safetensors               consolidated fp32 EMA weights (rank 0), metadata: decay, num_updates
     meta.json                     {step, world_size, zero_stage, config_identity, time, stage, model_class}
 
+Rolling back (``resume`` from a checkpoint older than the newest, or saving step N while a ``step-M``,
+M > N, exists, e.g. after ``--resume none``) abandons the newer checkpoints: they are renamed to
+``abandoned-step-M-<YYYYmmdd-HHMMSS>`` (kept for inspection, ignored by ``--resume auto`` and by pruning),
+so pruning never deletes the checkpoint just written and ``auto`` never continues the abandoned run.
+
 The files written by Accelerate / DeepSpeed are pickles: resume only from checkpoints your own runs wrote.
 Everything varitok reads itself is safetensors, JSON, or ``torch.load(weights_only=True)``.
 The run directory must be on a file system shared by all machines (checked at construction).
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -43,6 +49,8 @@ META = "meta.json"
 MODEL_WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+log = logging.getLogger("varitok.checkpoint")
 
 # meta.json "stage" -> model class ("module:Class") that `varitok export` rebuilds.
 MODEL_CLASSES = {"tokenizer": "models.tokenizer:Tokenizer", "generator": "models.generator:Generator"}
@@ -222,6 +230,24 @@ class CheckpointManager:
         acc.wait_for_everyone()
         return final
 
+    def _abandon_newer_than(self, step: int, reason: str) -> list[Path]:
+        """Rank 0: rename every complete ``step-M`` with M > ``step`` to ``abandoned-step-M-<time>``."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        moved = []
+        for newer, path in complete_checkpoints(self.run_dir):
+            if newer <= step:
+                continue
+            target = self.root / f"abandoned-{path.name}-{stamp}"
+            if target.exists():
+                target = target.with_name(f"{target.name}-{uuid.uuid4().hex[:8]}")
+            os.replace(path, target)
+            moved.append(target)
+        if moved:
+            log.warning("%s: moved the newer checkpoint(s) of the abandoned run aside so that --resume auto and "
+                        "pruning ignore them: %s (delete them when no longer needed)", reason,
+                        ", ".join(p.name for p in moved))
+        return moved
+
     def _default_export_state(self) -> dict[str, Tensor]:
         models = self.accelerator._models
         if len(models) != 1:
@@ -241,6 +267,9 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        # Newer checkpoints are another timeline's (this run continued from an older step): with them in
+        # place, pruning by step number would delete ``final`` and ``--resume auto`` would pick them.
+        self._abandon_newer_than(step, f"saved step {step}")
         for _, path in complete_checkpoints(self.run_dir)[:-self.keep_last]:
             doomed = path.with_name(f".tmp-pruned-{path.name}")  # rename first: never a half-deleted step-N
             os.replace(path, doomed)
@@ -252,7 +281,8 @@ class CheckpointManager:
 
         ``spec``: "auto" (newest complete checkpoint of this run, 0 when there is none), a checkpoint
         directory, or None. Raises :class:`ResumeError` before loading anything when the checkpoint's
-        world size, ZeRO stage or config identity differ from this run.
+        world size, ZeRO stage or config identity differ from this run. After a successful load from an
+        older checkpoint than this run's newest, the newer ones are moved aside (``abandoned-step-M-<time>``).
         """
         path = find_checkpoint(self.run_dir, spec)
         if path is None:
@@ -272,7 +302,12 @@ class CheckpointManager:
                 obj.load_state_dict(saved[name])
         if ema is not None:
             ema.load_state_dict(read_ema_state(path))
-        return int(meta["step"])
+        step = int(meta["step"])
+        acc.wait_for_everyone()  # every rank has loaded before rank 0 renames anything
+        if acc.is_main_process:
+            self._abandon_newer_than(step, f"resumed from {path} (step {step})")
+        acc.wait_for_everyone()
+        return step
 
 
 def read_ema_state(checkpoint: str | os.PathLike) -> dict:
