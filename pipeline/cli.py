@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -58,6 +59,10 @@ def _stage_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # OpenMP threads that spin while they wait make torch 20-50x slower whenever the cores are shared (other
+    # ranks, data workers, other jobs); sleeping waiters cost little when they are not. Set before torch loads;
+    # an explicit OMP_WAIT_POLICY in the environment wins. Child processes (launchers, workers) inherit it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)
     top = build_parser()
     if not argv or argv[0] in ("-h", "--help"):

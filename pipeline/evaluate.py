@@ -141,6 +141,8 @@ def evaluate_reconstruction(tokenizer_dir: str, shards: str, out: str | Path, *,
                             lpips_weights: Optional[str] = None, inception_weights: Optional[str] = None,
                             no_lpips: bool = False, no_fid: bool = False, extremes: int = 6) -> dict[str, Any]:
     """Run the reconstruction evaluation and write its outputs under ``out``; returns the metrics."""
+    from tqdm.auto import tqdm
+
     from data.stream import ShardStream
     from models.tokenizer import Tokenizer
     from models.tokenizer.losses import LPIPS
@@ -157,13 +159,15 @@ def evaluate_reconstruction(tokenizer_dir: str, shards: str, out: str | Path, *,
                          crop="center", flip=False, drop_last=False)
     wanted = min(max_images or stream.num_samples, stream.num_samples)
     accumulator = ReconstructionAccumulator(tokenizer.num_levels, tokenizer.codebook_sizes, lpips, inception, extremes)
-    for batch in stream:
-        images = batch["image"][: wanted - accumulator.num_images].to(device)
-        codes = tokenizer.encode(images)
-        recs = tokenizer.decode(codes)
-        accumulator.update(images, recs, torch.stack([c.grain for c in codes]), [c.codes for c in codes])
-        if accumulator.num_images >= wanted:
-            break
+    with tqdm(total=wanted, desc="eval reconstruction", unit="img") as bar:
+        for batch in stream:
+            images = batch["image"][: wanted - accumulator.num_images].to(device)
+            codes = tokenizer.encode(images)
+            recs = tokenizer.decode(codes)
+            accumulator.update(images, recs, torch.stack([c.grain for c in codes]), [c.codes for c in codes])
+            bar.update(len(images))
+            if accumulator.num_images >= wanted:
+                break
     metrics = {"tokenizer": str(tokenizer_dir), "shards": str(shards), "image_size": size, **accumulator.result()}
     _write_reconstruction_outputs(Path(out), metrics, accumulator.extremes)
     return metrics

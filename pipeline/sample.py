@@ -50,7 +50,8 @@ def sample_labels(num: int, num_classes: int, classes: Optional[Sequence[int]] =
 
 def generate_images(generator, tokenizer, labels: Sequence[int], *, batch_size: int = 16,
                     seed_generator: Optional[torch.Generator] = None, cfg_scale: Optional[float] = None,
-                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> tuple[np.ndarray, list[Tensor]]:
+                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    progress: bool = False) -> tuple[np.ndarray, list[Tensor]]:
     """Sample code maps for ``labels`` in batches and decode them.
 
     Returns uint8 images ``[N, H, W, 3]`` and the ``N`` grain maps (uint8 ``[Hs, Ws]``). The temperature,
@@ -60,15 +61,19 @@ def generate_images(generator, tokenizer, labels: Sequence[int], *, batch_size: 
     from models.tokenizer import ImageCodes
     from pipeline.visual import to_uint8
 
+    from tqdm.auto import tqdm
+
     token_filter = TokenFilter(temperature, top_k, top_p)
     images, grains = [], []
-    for start in range(0, len(labels), batch_size):
-        batch = list(labels[start:start + batch_size])
-        maps = sample(generator, batch, position=token_filter, content=token_filter, cfg_scale=cfg_scale,
-                      generator=seed_generator)
-        decoded = tokenizer.decode([ImageCodes(g, c) for g, c in maps])
-        images.append(to_uint8(decoded))
-        grains += [g.cpu() for g, _ in maps]
+    with tqdm(total=len(labels), desc="sample", unit="img", disable=not progress) as bar:
+        for start in range(0, len(labels), batch_size):
+            batch = list(labels[start:start + batch_size])
+            maps = sample(generator, batch, position=token_filter, content=token_filter, cfg_scale=cfg_scale,
+                          generator=seed_generator)
+            decoded = tokenizer.decode([ImageCodes(g, c) for g, c in maps])
+            images.append(to_uint8(decoded))
+            grains += [g.cpu() for g, _ in maps]
+            bar.update(len(batch))
     return np.concatenate(images), grains
 
 
@@ -121,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     seed_generator = torch.Generator(device).manual_seed(args.seed * 1000003 + rank)
     images, grains = generate_images(generator, tokenizer, labels[mine].tolist(), batch_size=args.batch_size,
                                      seed_generator=seed_generator, cfg_scale=args.cfg, temperature=args.temperature,
-                                     top_k=args.top_k, top_p=args.top_p) if mine.size else (None, [])
+                                     top_k=args.top_k, top_p=args.top_p,
+                                     progress=rank == 0) if mine.size else (None, [])
     for index, image in zip(mine.tolist(), images if images is not None else []):
         save_png(image, out / "images" / f"{index:06d}.png")
     part = out / f".part-rank{rank:05d}.npz"
