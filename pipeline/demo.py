@@ -1,0 +1,299 @@
+"""Run the whole pipeline end to end on a small image set and write a report.
+
+shard -> train-tokenizer (2 processes, DeepSpeed ZeRO-2) -> tokenize -> train-generator (2 processes, ZeRO-2)
+-> sample -> eval reconstruction -> WORKDIR/report.html + report.md
+
+Without --images, a procedural image set (smooth and detailed regions, 4 classes) is generated: nothing
+downloads. Semantic alignment uses small random-weight teachers of the real architectures (open_clip ViT,
+timm DINOv2) unless --clip-weights / --dino-weights give real ones. Every stage is the real command, run as
+a subprocess; re-running resumes or reuses what is finished (each stage's own resumability).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from pipeline.report import Report
+
+TINY_CLIP = {"embed_dim": 64,
+             "vision_cfg": {"image_size": 56, "layers": 2, "width": 64, "patch_size": 14, "head_width": 32},
+             "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
+TINY_DINO = {"depth": 2, "embed_dim": 64, "num_heads": 2}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", default="demo-run", help="where every stage writes; re-running resumes")
+    parser.add_argument("--images", default=None, help="your own image folder (default: generated procedural images)")
+    parser.add_argument("--num-images", type=int, default=192, help="procedural images to generate")
+    parser.add_argument("--image-size", type=int, default=64, help="training resolution (the tiny presets use 64)")
+    parser.add_argument("--nproc", type=int, default=2, help="processes per training stage (DeepSpeed ranks)")
+    parser.add_argument("--zero", type=int, default=2, choices=(0, 1, 2), help="ZeRO stage for both training stages")
+    parser.add_argument("--tokenizer-steps", type=int, default=300)
+    parser.add_argument("--generator-steps", type=int, default=300)
+    parser.add_argument("--num-samples", type=int, default=16)
+    parser.add_argument("--clip-weights", default="", help="open_clip ViT-B-16 weights file (default: small random CLIP)")
+    parser.add_argument("--dino-weights", default="", help="timm vit_small_patch14_dinov2 weights (default: small random)")
+    parser.add_argument("--lpips-weights", default="", help="LPIPS-VGG weights file (enables LPIPS loss and metric)")
+    parser.add_argument("--inception-weights", default="", help="Inception weights file (enables rFID)")
+    parser.add_argument("--smoke", action="store_true", help="smallest run (a few steps per stage), for tests")
+
+
+class Pipeline:
+    """Runs stage commands as subprocesses, prints one progress line per stage, records what it ran."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.ran: list[tuple[str, str, float]] = []  # (stage, command, seconds)
+
+    def run(self, stage: str, args: list[str], launcher: Optional[list[str]] = None) -> float:
+        command = (launcher or [sys.executable, "-m", "pipeline.cli"]) + args
+        printable = " ".join(shlex.quote(c) for c in (["varitok"] + args if launcher is None else command))
+        print(f"[demo] {stage}: {printable}", flush=True)
+        log = self.workdir / "logs" / f"{stage}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu") if not _cuda() else
+               os.environ.get("DS_ACCELERATOR", "cuda"), "PYTHONUNBUFFERED": "1"}
+        with open(log, "w") as handle:
+            proc = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=Path.cwd())
+        seconds = time.time() - start
+        if proc.returncode != 0:
+            tail = log.read_text()[-3000:]
+            raise SystemExit(f"[demo] {stage} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+        print(f"[demo] {stage}: done in {seconds:.1f} s (log: {log})", flush=True)
+        self.ran.append((stage, printable, seconds))
+        return seconds
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _teachers(args: argparse.Namespace, weights_dir: Path) -> tuple[list[dict[str, Any]], str]:
+    """Teacher config entries; small random-weight teachers saved to files when no weights are given."""
+    import torch
+    from safetensors.torch import save_file
+
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    entries, notes = [], []
+    if args.dino_weights:
+        entries.append({"name": "dinov2", "backend": "timm", "arch": "vit_small_patch14_dinov2",
+                        "weights": str(Path(args.dino_weights).resolve()), "image_size": 224})
+        notes.append(f"DINOv2 from {args.dino_weights}")
+    else:
+        path = weights_dir / "dino-small-random.safetensors"
+        if not path.is_file():
+            import timm
+
+            torch.manual_seed(0)
+            net = timm.create_model("vit_small_patch14_dinov2", img_size=56, num_classes=0, **TINY_DINO)
+            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+        entries.append({"name": "dinov2", "backend": "timm", "arch": "vit_small_patch14_dinov2",
+                        "weights": str(path.resolve()), "image_size": 56, "model_kwargs": TINY_DINO})
+        notes.append("DINOv2: small random-weight timm vit_small_patch14_dinov2 (2 blocks), no --dino-weights given")
+    if args.clip_weights:
+        entries.append({"name": "clip", "backend": "open_clip", "arch": "ViT-B-16",
+                        "weights": str(Path(args.clip_weights).resolve()), "image_size": 224})
+        notes.append(f"CLIP from {args.clip_weights}")
+    else:
+        config = weights_dir / "varitok-demo-clip.json"
+        path = weights_dir / "clip-small-random.safetensors"
+        if not path.is_file():
+            import open_clip
+
+            config.write_text(json.dumps(TINY_CLIP))
+            open_clip.add_model_config(config)
+            torch.manual_seed(0)
+            logging.disable(logging.WARNING)  # open_clip warns that no pretrained weights were loaded: intended here
+            try:
+                model = open_clip.create_model(config.stem)
+            finally:
+                logging.disable(logging.NOTSET)
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        entries.append({"name": "clip", "backend": "open_clip", "arch": str(config.resolve()),
+                        "weights": str(path.resolve()), "image_size": 56})
+        notes.append("CLIP: small random-weight open_clip ViT (2 layers), no --clip-weights given")
+    return entries, "; ".join(notes)
+
+
+def _tokenizer_config(args: argparse.Namespace, work: Path, teachers: list[dict[str, Any]], steps: int) -> Path:
+    """The tiny preset with the demo's data, teachers and schedule, written as a full config file."""
+    from pipeline.config import resolve_config_path
+
+    config = yaml.safe_load(resolve_config_path("tiny", kind="tokenizer").read_text())
+    model = config["model"]
+    model["teachers"] = teachers
+    subcodebooks = model["quantizer"]["codebooks"]
+    # detail / DINOv2 / CLIP, as in the paper-scale K = 3 preset (FQGAN-Triple)
+    while len(subcodebooks) < 3:
+        subcodebooks.append(dict(subcodebooks[-1]))
+    # teacher feature widths: DINOv2-S 384, CLIP ViT-B/16 512, or the small random demo teachers'
+    widths = {"dinov2": 384 if args.dino_weights else TINY_DINO["embed_dim"],
+              "clip": 512 if args.clip_weights else TINY_CLIP["embed_dim"]}
+    for entry, align in zip(subcodebooks, ["", "dinov2", "clip"]):
+        entry["align"], entry["align_dim"] = align, widths.get(align, 0)
+    model["semantic"] = {"width": 64, "depth": 1, "heads": 2, "weight": 0.5, "temperature": 0.1}
+    config["run"]["dir"] = str(work / "tokenizer")
+    config["data"].update(shards=str(work / "shards"), image_size=args.image_size)
+    config["train"].update(max_steps=steps, ckpt_every=max(steps // 2, 1), log_every=max(steps // 30, 1),
+                           image_every=max(steps // 3, 1), zero_stage=args.zero)
+    config["loss"]["disc_start"] = steps // 2
+    if args.lpips_weights:
+        config["loss"].update(lpips_weight=1.0, lpips_weights=str(Path(args.lpips_weights).resolve()))
+    path = work / "configs" / "tokenizer.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _launch(kind: str, args: argparse.Namespace, stage_args: list[str]) -> list[str]:
+    return ["launch", kind, "--nproc", str(args.nproc), "--zero", str(args.zero), "--"] + stage_args
+
+
+def run(args: argparse.Namespace) -> int:
+    work = Path(args.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        args.num_images, args.tokenizer_steps, args.generator_steps, args.num_samples = 24, 4, 4, 4
+    steps_tok, steps_gen = args.tokenizer_steps, args.generator_steps
+    pipe = Pipeline(work)
+    started = time.time()
+
+    # Stage 0: images and shards
+    if args.images:
+        images = Path(args.images).resolve()
+        image_note = f"your images from {images}"
+    else:
+        from data.demo_images import write_image_folder
+
+        images = work / "images"
+        if not (images / ".complete").is_file():
+            write_image_folder(images, args.num_images, size=max(args.image_size, 96), num_classes=4)
+            (images / ".complete").write_text("ok")
+        image_note = f"{args.num_images} procedural images (4 classes) generated by data.demo_images"
+    shard_seconds = pipe.run("shard", ["shard", "--input", str(images), "--output", str(work / "shards"),
+                                       "--image-size", str(args.image_size), "--format", "png",
+                                       "--shard-size", str(max(args.num_images // 4, 4))])
+    shard_manifest = _read_json(work / "shards" / "manifest.json")
+
+    # Stage 1: tokenizer, 2 ranks under DeepSpeed
+    teachers, teacher_note = _teachers(args, work / "weights")
+    tok_config = _tokenizer_config(args, work, teachers, steps_tok)
+    tok_seconds = pipe.run("train-tokenizer", _launch("tokenizer", args, [
+        "--config", str(tok_config), "--resume", "auto"]))
+    tok_export = work / "tokenizer" / "export"
+
+    # Stage 2: codes
+    codes = work / "codes"
+    tokenize_seconds = pipe.run("tokenize", ["tokenize", "--tokenizer", str(tok_export), "--shards",
+                                             str(work / "shards"), "--output", str(codes), "--views", "flip",
+                                             "--batch-size", "16"])
+    pipe.run("verify", ["verify", "codes", str(codes), "--shards", str(work / "shards"), "--views", "2"])
+    pipe.run("stats", ["stats", "codes", str(codes), "--png", str(work / "figures" / "lengths.png"),
+                       "--json", str(work / "codes-stats.json")])
+
+    # Stage 3: generator
+    gen_run = work / "generator"
+    gen_seconds = pipe.run("train-generator", _launch("generator", args, [
+        "--config", "tiny", f"data.codes={codes}", f"run.dir={gen_run}", f"train.max_steps={steps_gen}",
+        f"train.ckpt_every={max(steps_gen // 2, 1)}", f"train.log_every={max(steps_gen // 30, 1)}",
+        f"train.zero_stage={args.zero}", "model.num_subcodes=3", "model.codebook_sizes=[256,256,256]",
+        "model.num_classes=4", "--resume", "auto"]))
+    sample_seconds = pipe.run("sample", ["sample", "--generator", str(gen_run / "export"), "--tokenizer",
+                                         str(tok_export), "--num", str(args.num_samples), "--class-balanced",
+                                         "--cfg", "2.0", "--out", str(work / "samples")])
+    eval_args = ["eval", "reconstruction", "--tokenizer", str(tok_export), "--shards", str(work / "shards"),
+                 "--out", str(work / "eval")]
+    eval_args += ["--lpips-weights", args.lpips_weights] if args.lpips_weights else ["--no-lpips"]
+    eval_args += ["--inception-weights", args.inception_weights] if args.inception_weights else ["--no-fid"]
+    pipe.run("eval", eval_args)
+
+    report = build_report(args, work, pipe, image_note, teacher_note, shard_manifest,
+                          {"shard": shard_seconds, "tokenizer": tok_seconds, "tokenize": tokenize_seconds,
+                           "generator": gen_seconds, "sample": sample_seconds})
+    print(f"[demo] finished in {time.time() - started:.0f} s; report: {report}", flush=True)
+    return 0
+
+
+def build_report(args, work: Path, pipe: Pipeline, image_note: str, teacher_note: str,
+                 shard_manifest: dict[str, Any], seconds: dict[str, float]) -> Path:
+    from pipeline.visual import plot_curves
+
+    report = Report("varitok demo")
+    overview = report.section("Overview")
+    overview.text(f"Images: {image_note}. Teachers: {teacher_note}. Training stages ran with {args.nproc} "
+                  f"processes under DeepSpeed ZeRO-{args.zero}.")
+    overview.table(["stage", "command", "seconds"], [[s, c, round(t, 1)] for s, c, t in pipe.ran])
+
+    written = shard_manifest.get("totals", {}).get("written", shard_manifest.get("written", "?"))
+    report.section("Stage 0: shards").figures({"images written": written,
+                                               "rejected": shard_manifest.get("totals", {}).get("rejected", "?"),
+                                               "seconds": round(seconds["shard"], 1)})
+
+    tok = report.section("Stage 1: tokenizer")
+    summary = _read_json(work / "tokenizer" / "summary.json")
+    tok.figures({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
+    metrics = _read_jsonl(work / "tokenizer" / "logs" / "metrics.jsonl")
+    if metrics:
+        keys = [k for k in metrics[-1] if k.startswith("loss") or k.startswith("train/loss")]
+        curves = {k: ([m.get("step", i) for i, m in enumerate(metrics) if k in m], [m[k] for m in metrics if k in m])
+                  for k in keys[:8]}
+        tok.image(plot_curves(curves, work / "figures" / "tokenizer-loss.png", "tokenizer losses", logy=True),
+                  "tokenizer loss terms")
+    grids = sorted((work / "tokenizer" / "images").glob("*.png"))
+    if grids:
+        tok.image(grids[-1], "input | reconstruction | granularity overlay (last training grid)")
+
+    codes = report.section("Stage 2: codes")
+    stats = _read_json(work / "codes-stats.json")
+    codes.figures({k: v for k, v in stats.items() if not isinstance(v, (dict, list))})
+    codes.figures({"tokenize seconds": round(seconds["tokenize"], 1)})
+    if (work / "figures" / "lengths.png").is_file():
+        codes.image(work / "figures" / "lengths.png", "sequence length histogram")
+
+    gen = report.section("Stage 3: generator")
+    gen.figures({k: v for k, v in _read_json(work / "generator" / "summary.json").items()
+                 if not isinstance(v, (dict, list))})
+    gmetrics = _read_jsonl(work / "generator" / "logs" / "metrics.jsonl")
+    if gmetrics:
+        keys = [k for k in gmetrics[-1] if "loss" in k][:6]
+        curves = {k: ([m.get("step", i) for i, m in enumerate(gmetrics) if k in m], [m[k] for m in gmetrics if k in m])
+                  for k in keys}
+        gen.image(plot_curves(curves, work / "figures" / "generator-loss.png", "generator losses"), "generator losses")
+    for grid in sorted((work / "samples").glob("grid*.png"))[:1]:
+        gen.image(grid, "class-conditional samples (CFG 2.0)")
+
+    ev = report.section("Evaluation: reconstruction")
+    metrics_eval = _read_json(work / "eval" / "metrics.json")
+    flat = {k: v for k, v in metrics_eval.items() if not isinstance(v, (dict, list))}
+    if not args.lpips_weights:
+        flat["LPIPS"] = "needs weights: --lpips-weights"
+    if not args.inception_weights:
+        flat["rFID"] = "needs weights: --inception-weights"
+    ev.figures(flat)
+    for png in sorted((work / "eval").glob("*.png"))[:2]:
+        ev.image(png, png.stem.replace("_", " "))
+    md, html = report.write(work)
+    return html
