@@ -29,36 +29,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import REPO, emit, target  # noqa: E402
+from data.codes.synthetic import write_corpus  # noqa: E402
 
 CONFIGS = REPO / "configs" / "generator"
 LAUNCHES = [(1, 2), (1, 3), (2, 2), (2, 3)]   # (processes, ZeRO stage)
-
-
-def write_corpus(out: Path, rows: int, views: int = 2, seed: int = 0, grain_shape=(4, 4), sizes=(256, 256),
-                 num_levels: int = 2, num_classes: int = 4, max_rows_per_batch: int = 256) -> Path:
-    """A valid code directory (2 parts): per region a random level, per code position K uniform random
-    sub-codes, ``views`` rows per image (view ids 0..views-1), a random class per image."""
-    from data.codes import CodeManifest, CodeWriter
-
-    rng = np.random.default_rng(seed)
-    manifest = CodeManifest.create(out, {"config_hash": "synthetic", "weights_sha256": "none"}, num_levels,
-                                   len(sizes), list(sizes), list(grain_shape))
-    keys = [f"img{i:06d}" for i in range(rows) for _ in range(views)]
-    grains = rng.integers(0, num_levels, size=(len(keys), *grain_shape))
-    lengths = (1 << (2 * grains)).reshape(len(keys), -1).sum(1)
-    codes = [rng.integers(0, sizes, size=(n, len(sizes))) for n in lengths]
-    labels = np.repeat(rng.integers(0, num_classes, size=rows), views)
-    half = len(keys) // 2
-    for part, part_slice in enumerate((slice(0, half), slice(half, None))):
-        with CodeWriter(out, part, manifest, max_rows_per_batch=max_rows_per_batch) as writer:
-            writer.write(keys[part_slice], labels[part_slice], np.tile(np.arange(views), rows)[part_slice],
-                         grains[part_slice], codes[part_slice])
-    return out
 
 
 def _corpus_for(preset: str, root: Path, rows: int) -> Path:

@@ -11,7 +11,10 @@ every rank); each micro batch is one packed row (block-diagonal causal attention
 
 Optimiser: AdamW; weight decay only on the weight matrices of linear layers (embedding tables, including
 output tables tied to them, slot embeddings, norms and biases get none); linear warmup + cosine; global-norm
-clipping; accumulation; EMA. The tokenizer is never run, except to decode the optional sample grids
+clipping; accumulation; EMA. A micro batch whose loss is NaN/Inf on any rank gets no backward on any rank
+(``pipeline.training.GuardedStep``, one all-reduced flag per micro batch, ZeRO-0..3 alike); a step whose
+micro batches were all dropped is skipped and counted (``bad_steps``), and ``train.max_bad_steps`` such steps
+in a row stop the run. The tokenizer is never run, except to decode the optional sample grids
 (``logging.tokenizer``: a Tokenizer export directory).
 
 Outputs under ``run.dir``: ``config.yaml``, ``logs/metrics.jsonl`` (one JSON line per log step; TensorBoard
@@ -22,10 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import resource
-import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -37,6 +37,8 @@ from data.codes import CodeReader, TokenBudgetBatcher
 from models.config import ConfigBase, ConfigError, check_choice
 from models.generator import Generator, GeneratorConfig, PackedBatch, SequenceSpec, encode_sequences, pack
 from pipeline.config import LoggingConfig, OptimConfig, RunConfig, TrainConfig, load_config, save_resolved_config
+from pipeline.training import (GuardedStep, MetricsLog, MetricWindow, NonFiniteGuard, add_stage_arguments,
+                               peak_memory_bytes, tracker_names, write_summary)
 
 __all__ = ["GeneratorStageConfig", "GeneratorDataConfig", "GeneratorLoggingConfig", "PackedCodeStream",
            "check_vocabulary", "optimizer_groups", "train", "add_arguments", "run"]
@@ -191,64 +193,14 @@ def config_identity(cfg: GeneratorStageConfig, reader: CodeReader) -> dict[str, 
             "train": {"max_steps": train.max_steps, "grad_accum": train.grad_accum, "ema_decay": train.ema_decay}}
 
 
-class MetricsLog:
-    """Rank 0 appends one JSON line per log step to ``RUN/logs/metrics.jsonl`` and mirrors it to the trackers."""
-
-    def __init__(self, accelerator, run_dir: Path):
-        self.accelerator = accelerator
-        self.path = run_dir / "logs" / "metrics.jsonl"
-        if accelerator.is_main_process:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(self, step: int, values: dict[str, float]) -> None:
-        self.accelerator.log(values, step=step)
-        if self.accelerator.is_main_process:
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps({"step": step, **values}) + "\n")
-
-
-class StepMeter:
-    """Sums per-micro-batch loss metrics and token counts between log steps (tensors, reduced on demand)."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.micro_batches = 0
-        self.tokens = 0
-        self.budget = 0
-        self.started = time.perf_counter()
-
-    def add(self, metrics: dict[str, torch.Tensor], batch: PackedBatch, max_tokens: int) -> None:
-        for name, value in metrics.items():
-            value = value.detach().float()
-            self.sums[name] = self.sums[name] + value if name in self.sums else value
-        self.micro_batches += 1
-        self.tokens += batch.num_tokens
-        self.budget += max_tokens
-
-    def reduce(self, accelerator) -> dict[str, float]:
-        """Means over micro batches and ranks; tokens/s over all ranks; packing = tokens / token budget;
-        memory_gb = the largest per-rank peak."""
-        names = sorted(self.sums)
-        local = torch.stack([self.sums[n] / self.micro_batches for n in names] +
-                            [torch.tensor(float(self.tokens)), torch.tensor(float(self.budget))]).to(accelerator.device)
-        summed = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
-        values = summed.tolist()
-        world = accelerator.num_processes
-        out = {name: values[i] / world for i, name in enumerate(names)}
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        out["tokens_per_s"] = values[-2] / elapsed
-        out["packing_efficiency"] = values[-2] / values[-1]
-        out["memory_gb"] = float(accelerator.gather(_peak_memory_gb(accelerator.device)).max())
-        return out
-
-
-def _peak_memory_gb(device: torch.device) -> torch.Tensor:
-    """``[1]``: this process's peak GPU memory allocated (CUDA) or peak resident set size (CPU), GiB."""
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
-    return torch.tensor([peak / 2 ** 30], device=device)
+def _log_values(window: MetricWindow, accelerator, max_tokens: int) -> dict[str, float]:
+    """Loss metrics averaged over micro batches and ranks; tokens/s over all ranks; packing = tokens / token
+    budget; memory_gb = the largest per-rank peak (GiB)."""
+    values, totals, seconds = window.reduce(accelerator)
+    peak = torch.tensor([peak_memory_bytes(accelerator.device) / 2 ** 30], device=accelerator.device)
+    return {**values, "tokens_per_s": totals["tokens"] / seconds,
+            "packing_efficiency": totals["tokens"] / (totals["micro_batches"] * max_tokens),
+            "memory_gb": float(accelerator.gather(peak).max())}
 
 
 def _sample_grid(accelerator, model, ema, cfg: GeneratorStageConfig, tokenizer, step: int, run_dir: Path) -> None:
@@ -290,9 +242,9 @@ def train(cfg: GeneratorStageConfig, resume: Optional[str] = "auto") -> dict[str
     # Fail on a vocabulary mismatch before any process group or DeepSpeed engine exists.
     check_vocabulary(CodeReader(cfg.data.codes), cfg.model, cfg.data.codes)
     run_dir = Path(cfg.run.dir)
-    trackers = [name for name, on in (("tensorboard", cfg.logging.tensorboard), ("wandb", cfg.logging.wandb)) if on]
     accelerator = build_accelerator(cfg.train, run_dir, grad_clip=cfg.optim.grad_clip, micro_batch_size=1,
-                                    seed=cfg.run.seed, log_with=trackers, project_name=cfg.logging.project)
+                                    seed=cfg.run.seed, log_with=tracker_names(cfg.logging),
+                                    project_name=cfg.logging.project)
     stream = PackedCodeStream(cfg.data.codes, cfg.model, cfg.data.max_tokens, accelerator.process_index,
                               accelerator.num_processes, cfg.run.seed, cfg.data.views, cfg.data.num_workers)
     if accelerator.is_main_process:
@@ -314,52 +266,46 @@ def train(cfg: GeneratorStageConfig, resume: Optional[str] = "auto") -> dict[str
                              stage="generator")
     step = start = ckpt.resume(resume, ema=ema, extra={"stream": stream})
     log = MetricsLog(accelerator, run_dir)
-    meter, bad_steps, last = StepMeter(), 0, {}
+    guard, window, last = NonFiniteGuard(cfg.train.max_bad_steps), MetricWindow(), {}
     model.train()
     while step < cfg.train.max_steps:
+        update = GuardedStep(accelerator, model, optimizer, cfg.train.grad_accum)
         for _ in range(cfg.train.grad_accum):
             batch = next(stream).to(accelerator.device)
             with accelerator.accumulate(model):
                 metrics = model(batch)
-                accelerator.backward(metrics["loss"])
-                optimizer.step()
-                optimizer.zero_grad()
-            meter.add(metrics, batch, cfg.data.max_tokens)
+                if update.backward(metrics["loss"]):
+                    window.add(metrics)
+            window.count(tokens=batch.num_tokens, micro_batches=1)
+        guard.record(update.bad, step + 1)
+        if not update.stepped:  # every micro batch was non-finite: the optimizer step is skipped
+            continue
         scheduler.step()
         step += 1
         if ema is not None:
             ema.update()
-        finite = torch.isfinite(metrics["loss"].detach()).float().to(accelerator.device)
-        bad_steps = 0 if bool(accelerator.reduce(finite, reduction="sum") == accelerator.num_processes) else bad_steps + 1
-        if bad_steps >= cfg.train.max_bad_steps:
-            raise RuntimeError(f"{bad_steps} consecutive optimizer steps with a non-finite loss (step {step}); "
-                               f"lower optim.lr or raise optim.warmup_steps, then resume from an earlier checkpoint")
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            last = {**meter.reduce(accelerator), "lr": scheduler.get_last_lr()[0],
-                    "epoch": float(stream.batcher.epoch)}
+            last = {**_log_values(window, accelerator, cfg.data.max_tokens), "lr": scheduler.get_last_lr()[0],
+                    "epoch": float(stream.batcher.epoch), "bad_steps": guard.total}
             log.write(step, last)
-            meter = StepMeter()
         if cfg.logging.tokenizer and (step % cfg.train.image_every == 0 or step == cfg.train.max_steps):
             _sample_grid(accelerator, model, ema, cfg, tokenizer, step, run_dir)
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
             ckpt.save(step, ema=ema, extra={"stream": stream})
     summary = {"steps": step, "resumed_from": start, "world_size": accelerator.num_processes,
                "zero_stage": ckpt.zero_stage, "parameters": num_parameters,
-               "steps_per_epoch": stream.steps_per_epoch, "final": last}
+               "steps_per_epoch": stream.steps_per_epoch, "bad_steps": guard.total, "final": last}
     if accelerator.is_main_process:
         if step > start or not (run_dir / "export").is_dir():
             export_run(run_dir, run_dir / "export", raw=ema is None)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_summary(run_dir, summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="stage config (path or preset name: tiny, base, large)")
-    parser.add_argument("--resume", default="auto",
-                        help="auto (newest complete checkpoint of run.dir), a checkpoint directory, or none")
-    parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. data.codes=DIR optim.lr=1e-4")
+    add_stage_arguments(parser, config_help="stage config (path or preset name: tiny, base, large)")
 
 
 def run(args: argparse.Namespace) -> int:

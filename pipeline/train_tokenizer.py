@@ -13,17 +13,15 @@ TensorBoard events, ``images/step-NNNNNNN.png`` (input | reconstruction | granul
 ``summary.json``, and ``export/`` (``Tokenizer.from_pretrained``; EMA weights when ``train.ema_decay > 0``).
 
 Every bad input (config, shards, teacher / LPIPS weights, a checkpoint of another config or world size) is
-reported before the first step. Per step, the only host synchronisation is the all-reduced "loss is finite"
-flag (NaN guard); metrics are reduced across ranks at log steps only.
+reported before the first step. Per micro-batch, the only host synchronisation is the all-reduced "loss is
+finite" flag (pipeline.training.GuardedStep: a NaN/Inf micro-batch gets no backward on any rank); metrics
+are reduced across ranks at log steps only.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import os
-import resource
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -35,9 +33,11 @@ from models.tokenizer import Tokenizer, TokenizerConfig, build_teachers
 from models.tokenizer.losses import LossConfig, TokenizerGANLoss
 from models.tokenizer.training import TokenizerTrainingModule
 from pipeline.config import LoggingConfig, OptimConfig, RunConfig, TrainConfig, load_config, save_resolved_config
+from pipeline.training import (GuardedStep, MetricsLog, MetricWindow, NonFiniteGuard, add_stage_arguments,
+                               peak_memory_bytes, state_digest, tracker_names, write_summary)
 
-__all__ = ["TokenizerDataConfig", "TokenizerStageConfig", "NonFiniteGuard", "MetricWindow", "config_identity",
-           "prepare", "train", "add_arguments", "run"]
+__all__ = ["TokenizerDataConfig", "TokenizerStageConfig", "config_identity", "prepare", "train",
+           "add_arguments", "run"]
 
 # Keys that may change between a checkpoint and its resume (everything else must match).
 RESUMABLE_CHANGES = ("run.dir", "train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_last",
@@ -73,50 +73,6 @@ class TokenizerStageConfig(ConfigBase):
 
 
 # ------------------------------------------------------------------------------------------ helpers
-class NonFiniteGuard:
-    """Counts optimizer steps whose loss was NaN/Inf on some rank; raises after ``limit`` in a row."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.in_a_row = 0
-        self.total = 0
-
-    def record(self, bad: bool, step: int) -> None:
-        if not bad:
-            self.in_a_row = 0
-            return
-        self.in_a_row += 1
-        self.total += 1
-        if self.in_a_row >= self.limit:
-            raise FloatingPointError(
-                f"loss was NaN/Inf for {self.in_a_row} steps in a row (at step {step}; train.max_bad_steps="
-                f"{self.limit}): lower optim.lr, check the data, or raise train.max_bad_steps")
-
-
-class MetricWindow:
-    """Running sums of scalar logs on the device (no host sync) between log steps."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, logs: dict[str, torch.Tensor]) -> None:
-        for name, value in logs.items():
-            value = value.detach().float()
-            self.sums[name] = self.sums[name] + value if name in self.sums else value
-            self.counts[name] = self.counts.get(name, 0) + 1
-
-    def reduce(self, accelerator) -> dict[str, float]:
-        """Mean over the window's micro-steps and over ranks (one all-reduce; every rank must call it)."""
-        names = sorted(self.sums)
-        if not names:
-            return {}
-        means = torch.stack([self.sums[n] / self.counts[n] for n in names])
-        reduced = accelerator.reduce(means, reduction="mean").tolist()
-        self.sums, self.counts = {}, {}
-        return dict(zip(names, reduced))
-
-
 def config_identity(cfg: TokenizerStageConfig) -> dict[str, Any]:
     """What a resumed run must share with the checkpoint (the resolved config without RESUMABLE_CHANGES)."""
     values = cfg.to_dict()
@@ -129,15 +85,6 @@ def config_identity(cfg: TokenizerStageConfig) -> dict[str, Any]:
     return values
 
 
-def param_digest(module: torch.nn.Module) -> str:
-    """sha256 of every state tensor (name + fp32 bytes): equal digests = identical parameters."""
-    blob = hashlib.sha256()
-    for name, value in sorted(module.state_dict().items()):
-        blob.update(name.encode())
-        blob.update(value.detach().float().cpu().contiguous().numpy().tobytes())
-    return blob.hexdigest()
-
-
 def optimizer_state_bytes(optimizer) -> int:
     """Bytes of the optimizer state tensors this rank holds (ZeRO partitions them), wrappers unwrapped."""
     inner = optimizer
@@ -145,13 +92,6 @@ def optimizer_state_bytes(optimizer) -> int:
         inner = inner.optimizer
     return sum(t.numel() * t.element_size() for state in inner.state.values()
                for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
-
-
-def peak_memory_bytes() -> int:
-    """Peak device memory on a GPU, else peak resident memory of this process (bytes)."""
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _endless(stream) -> Iterator[dict]:
@@ -230,10 +170,9 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
     from pipeline.visual import grain_overlay, image_grid, save_png
 
     run_dir = Path(cfg.run.dir)
-    trackers = [name for name, wanted in (("tensorboard", cfg.logging.tensorboard), ("wandb", cfg.logging.wandb))
-                if wanted]
     accelerator = build_accelerator(cfg.train, run_dir, grad_clip=cfg.optim.grad_clip,
-                                    micro_batch_size=cfg.data.batch_size, seed=cfg.run.seed, log_with=trackers,
+                                    micro_batch_size=cfg.data.batch_size, seed=cfg.run.seed,
+                                    log_with=tracker_names(cfg.logging),
                                     project_name=cfg.logging.project, tracker_config=_flat_scalars(cfg.to_dict()))
     zero_stage = int(accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage"])
     if zero_stage == 3:
@@ -263,43 +202,26 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
         state = accelerator.get_state_dict(model)
         return {k[len("tokenizer."):]: v for k, v in state.items() if k.startswith("tokenizer.")}
 
-    def zero_gradient() -> torch.Tensor:
-        """A finite loss whose gradient is 0 for every parameter (stands in for a dropped micro-batch)."""
-        return torch.stack([p.sum() for p in model.parameters() if p.requires_grad]).sum() * 0.0
-
     images_per_step = cfg.data.batch_size * cfg.train.grad_accum * accelerator.num_processes
     batches = _endless(stream)
     guard = NonFiniteGuard(cfg.train.max_bad_steps)
     window = MetricWindow()
     metrics: dict[str, float] = {}
-    metrics_file = run_dir / "logs" / "metrics.jsonl"
-    if main:
-        metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(accelerator, run_dir)
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not main, desc="train-tokenizer", unit="step")
-    started = window_start = time.perf_counter()
-    window_images = 0
+    started = time.perf_counter()
     model.train()
     while step < cfg.train.max_steps:
-        bad, stepped = False, False
-        for micro in range(cfg.train.grad_accum):
+        update = GuardedStep(accelerator, model, optimizer, cfg.train.grad_accum)
+        for _ in range(cfg.train.grad_accum):
             images = next(batches)["image"].to(accelerator.device, non_blocking=True)
             with accelerator.accumulate(model):
                 loss, logs, rec, grain = model(images, step)
-                flag = torch.isfinite(loss.detach()).float().reshape(1)
-                finite = int(accelerator.reduce(flag, reduction="sum").item()) == accelerator.num_processes
-                if finite:
-                    accelerator.backward(loss)
+                if update.backward(loss):
                     window.add(logs)
-                    stepped = True
-                elif stepped and micro == cfg.train.grad_accum - 1:
-                    # Earlier micro-batches already hold gradients: the boundary backward must still run.
-                    accelerator.backward(zero_gradient())
-                bad |= not finite
-                optimizer.step()
-                optimizer.zero_grad()
-        guard.record(bad, step + 1)
-        window_images += images_per_step
-        if not stepped:  # every micro-batch was non-finite: the optimizer step is skipped
+        guard.record(update.bad, step + 1)
+        window.count(images=cfg.data.batch_size * cfg.train.grad_accum)
+        if not update.stepped:  # every micro-batch was non-finite: the optimizer step is skipped
             continue
         scheduler.step()
         step += 1
@@ -308,7 +230,7 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
         bar.update(1)
 
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            metrics = window.reduce(accelerator)
+            metrics, totals, seconds = window.reduce(accelerator)
             quantizer = unwrapped.tokenizer.quantizer
             metrics.update({k: float(v) for k, v in quantizer.reduced_usage().items()})
             quantizer.reset_usage()
@@ -316,16 +238,11 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
             if grad_norm is not None:
                 metrics["grad_norm"] = float(grad_norm)
             tokenizer_lr, disc_lr = scheduler.get_last_lr()
-            elapsed = time.perf_counter() - window_start
             metrics.update({"lr/tokenizer": tokenizer_lr, "lr/discriminator": disc_lr,
-                            "images_per_s": window_images / max(elapsed, 1e-9), "bad_steps": guard.total})
-            window_start, window_images = time.perf_counter(), 0
-            if main:
-                with open(metrics_file, "a") as handle:
-                    handle.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
-                accelerator.log(metrics, step=step)
-                bar.set_postfix(loss=f"{metrics.get('loss/total', float('nan')):.4f}",
-                                img_s=f"{metrics['images_per_s']:.1f}")
+                            "images_per_s": totals["images"] / seconds, "bad_steps": guard.total})
+            log.write(step, metrics)
+            bar.set_postfix(loss=f"{metrics.get('loss/total', float('nan')):.4f}",
+                            img_s=f"{metrics['images_per_s']:.1f}")
         if main and step % cfg.train.image_every == 0:
             shown = slice(0, GRID_IMAGES)
             grid = image_grid([images[shown], rec.detach()[shown], grain_overlay(images[shown], grain[shown])])
@@ -336,9 +253,9 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
     seconds = time.perf_counter() - started
 
     per_rank = gather_object([{"rank": accelerator.process_index,
-                               "digest_tokenizer": param_digest(unwrapped.tokenizer),
-                               "digest_discriminator": param_digest(unwrapped.gan_loss),
-                               "peak_memory_bytes": peak_memory_bytes(),
+                               "digest_tokenizer": state_digest(unwrapped.tokenizer.state_dict()),
+                               "digest_discriminator": state_digest(unwrapped.gan_loss.state_dict()),
+                               "peak_memory_bytes": peak_memory_bytes(accelerator.device),
                                "optimizer_state_bytes": optimizer_state_bytes(optimizer)}])
     summary: dict[str, Any] = {}
     if main:
@@ -348,7 +265,7 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
                    "world_size": accelerator.num_processes, "zero_stage": zero_stage,
                    "bad_steps": guard.total, "final_metrics": metrics, "ranks": per_rank,
                    "stream": stream.stats, "export": str(export_dir), "export_weights": "raw" if ema is None else "ema"}
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_summary(run_dir, summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
@@ -356,10 +273,7 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
 
 # ------------------------------------------------------------------------------------------ command
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="stage config YAML (or a preset name, e.g. tiny)")
-    parser.add_argument("--resume", default="auto",
-                        help="auto: newest complete checkpoint of run.dir (if any); PATH: that checkpoint; none")
-    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides (dotlist)")
+    add_stage_arguments(parser, config_help="stage config YAML (or a preset name, e.g. tiny)")
 
 
 def run(args: argparse.Namespace) -> int:

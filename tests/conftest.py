@@ -1,13 +1,15 @@
-"""Shared fixtures. Tests generate their own data: nothing here reads ../shared or the network."""
+"""Shared fixtures and launch helpers. Tests generate their own data: nothing here reads ../shared or the network."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as pipeline.cli does: no spinning threads on shared cores
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -31,3 +33,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------- subprocess launches
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def launch_env() -> dict[str, str]:
+    """This environment without any launcher's rank variables, one OpenMP thread, the repo importable."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "OMPI_", "PMI_", "SLURM_"))}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def free_port() -> int:
+    from pipeline.runtime import free_port as port
+
+    return port()
+
+
+def start_process(argv: list[str], log: Path) -> subprocess.Popen:
+    """Start ``argv`` in the repo root with ``launch_env()``, stdout and stderr into ``log``."""
+    with open(log, "w") as handle:
+        return subprocess.Popen(argv, env=launch_env(), stdout=handle, stderr=subprocess.STDOUT, cwd=str(REPO))

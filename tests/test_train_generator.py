@@ -1,9 +1,9 @@
-"""varitok train-generator: 2-process ZeRO-2 / ZeRO-3 training from a synthetic code corpus, exact resume,
-vocabulary checks, packed data stream and optimiser groups."""
+"""varitok train-generator: 2-process ZeRO-2 / ZeRO-3 training from a synthetic code corpus, NaN/Inf losses
+skipped on every rank (ZeRO-3) and stopping the run after train.max_bad_steps, exact resume, vocabulary checks,
+packed data stream and optimiser groups."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.train_generator import write_corpus
+from conftest import ACCELERATE, free_port, launch_env
+from data.codes import write_corpus
 from models.config import ConfigError
 from models.generator import Generator, GeneratorConfig, unpack
 from pipeline.cli import main as cli
@@ -32,13 +33,6 @@ def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("codes"), rows=48, max_rows_per_batch=16)
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "LOCAL_RANK", "RANK",
-                                                                    "WORLD_SIZE", "MASTER_"))}
-    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
 def _train_args(run_dir: Path, corpus: Path, steps: int, extra=()) -> list[str]:
     return ["train-generator", "--config", str(TINY), f"run.dir={run_dir}", f"data.codes={corpus}",
             "data.max_tokens=160", "data.num_workers=0", f"train.max_steps={steps}", "train.log_every=1",
@@ -46,18 +40,58 @@ def _train_args(run_dir: Path, corpus: Path, steps: int, extra=()) -> list[str]:
             "logging.tensorboard=false", *SMALL, *extra]
 
 
-def _launch(args: list[str], nproc: int, zero: int, timeout: int = 240) -> subprocess.CompletedProcess:
-    if nproc == 1:
-        command = [sys.executable, "-m", "pipeline.cli", *args]
-    else:
-        from pipeline.runtime import free_port
+# Runs the CLI with Generator.forward wrapped: before every training forward it records a digest of this
+# rank's copy of the weights (its ZeRO-3 partition, else the whole tensors) and the loss; on rank POISON_RANK
+# it turns the loss of the listed forward calls (1-based) into NaN. Writes OUT-rank{R}.json even on failure.
+# argv: POISON_RANK CALLS OUT <train-generator args>
+NAN_HOOK = """
+import hashlib, json, os, sys
+from models.generator import Generator
+from pipeline.cli import main
 
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
-                   "--num_machines", "1", "--use_deepspeed", "--zero_stage", str(zero),
-                   "--main_process_port", str(free_port()), "-m", "pipeline.cli", *args]
-    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+poison_rank, poison_calls, out = int(sys.argv[1]), {int(c) for c in sys.argv[2].split(",")}, sys.argv[3]
+rank, calls, forward = int(os.environ.get("RANK", "0")), [], Generator.forward
+
+def local_digest(module):
+    blob = hashlib.sha256()
+    for p in module.parameters():
+        blob.update(getattr(p, "ds_tensor", p).detach().float().contiguous().numpy().tobytes())
+    return blob.hexdigest()
+
+def poisoned(self, batch):
+    digest = local_digest(self)
+    metrics = forward(self, batch)
+    calls.append({"digest": digest, "loss": metrics["loss"].item()})
+    if rank == poison_rank and len(calls) in poison_calls:
+        metrics["loss"] = metrics["loss"] * float("nan")
+    return metrics
+
+Generator.forward = poisoned
+try:
+    code = main(sys.argv[4:])
+finally:
+    with open(f"{out}-rank{rank}.json", "w") as handle:
+        json.dump(calls, handle)
+sys.exit(code)
+"""
+
+
+def _launch(args: list[str], nproc: int, zero: int, poison: tuple = (), ok: bool = True,
+            timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run train-generator on ``nproc`` processes; ``poison`` = (rank, "call,call", out) runs it under NAN_HOOK."""
+    program = [sys.executable, "-c", NAN_HOOK, *map(str, poison)] if poison else [sys.executable, "-m", "pipeline.cli"]
+    command = program + args
+    if nproc > 1:
+        command = ACCELERATE + ["--num_processes", str(nproc), "--num_machines", "1", "--use_deepspeed",
+                                "--zero_stage", str(zero), "--main_process_port", str(free_port()), "--no_python",
+                                *command]
+    result = subprocess.run(command, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+    assert (result.returncode == 0) == ok, result.stdout[-3000:] + result.stderr[-6000:]
     return result
+
+
+def _hook_calls(out: Path, world: int = 2) -> list[list[dict]]:
+    return [json.loads(Path(f"{out}-rank{rank}.json").read_text()) for rank in range(world)]
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -77,16 +111,27 @@ def tokenizer_export(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("zero", [2, 3])
 def test_two_process_zero_training_exports_a_loadable_generator(tmp_path, corpus, tokenizer_export, zero):
     run_dir = tmp_path / "run"
-    # Under ZeRO-3 the sample grid gathers partitioned (EMA) weights: exercise it there.
-    grid = [f"logging.tokenizer={tokenizer_export}", "train.image_every=4"] if zero == 3 else []
-    _launch(_train_args(run_dir, corpus, steps=4, extra=grid), nproc=2, zero=zero)
-    if zero == 3:
+    if zero == 2:
+        _launch(_train_args(run_dir, corpus, steps=4), nproc=2, zero=zero)
+    else:
+        # Under ZeRO-3 the sample grid gathers partitioned (EMA) weights, and the loss of rank 1's third
+        # micro batch is NaN: that step is skipped on both ranks and training goes on.
+        grid = [f"logging.tokenizer={tokenizer_export}", "train.image_every=4"]
+        _launch(_train_args(run_dir, corpus, steps=4, extra=grid), nproc=2, zero=zero,
+                poison=(1, "3", tmp_path / "hook"))
         from PIL import Image
 
         picture = Image.open(run_dir / "images" / "samples-step-4.png")
         assert picture.size[0] > 4 * 64 and picture.size[1] > 2 * 64    # 4 classes, samples + granularity rows
+        for calls in _hook_calls(tmp_path / "hook"):
+            digests = [c["digest"] for c in calls]
+            assert len(calls) == 5 and all(np.isfinite(c["loss"]) for c in calls)   # 4 steps + the skipped one
+            assert digests[3] == digests[2]                            # the NaN micro batch changed nothing
+            assert len({digests[0], digests[1], digests[2], digests[4]}) == 4   # every kept step did
+        assert [r["bad_steps"] for r in _metrics(run_dir)] == [0, 0, 1, 1]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["zero_stage"] == zero and summary["steps"] == 4
+    assert summary["bad_steps"] == (zero == 3)
     rows = _metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for row in rows:
@@ -102,6 +147,16 @@ def test_two_process_zero_training_exports_a_loadable_generator(tmp_path, corpus
     raw = load_file(str(run_dir / "checkpoints" / "step-4" / "model.safetensors"))
     initial = Generator(exported.config).state_dict()
     assert any(not torch.equal(raw[k], initial[k]) for k in raw)   # the weights were trained
+
+
+def test_non_finite_losses_in_a_row_stop_zero3_training_with_a_clear_error(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    result = _launch(_train_args(run_dir, corpus, steps=4, extra=["train.max_bad_steps=2"]), nproc=2, zero=3,
+                     poison=(0, "2,3", tmp_path / "hook"), ok=False)
+    assert "loss was NaN/Inf for 2 steps in a row (at step 2; train.max_bad_steps=2)" in result.stdout + result.stderr
+    for calls in _hook_calls(tmp_path / "hook"):
+        assert len(calls) == 3 and calls[2]["digest"] == calls[1]["digest"] != calls[0]["digest"]
+    assert not (run_dir / "checkpoints" / "step-2").exists()
 
 
 def test_resume_after_kill_equals_straight_run(tmp_path, corpus):

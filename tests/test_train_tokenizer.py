@@ -11,9 +11,7 @@ accelerate launch), ``zero1`` (the same run straight through, as ZeRO-1: the res
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +20,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
+
+from conftest import ACCELERATE, free_port, start_process
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -46,25 +46,7 @@ def make_shards(root: Path, num_images: int, per_shard: int) -> Path:
     return root / "shards"
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "OMPI_", "PMI_", "SLURM_"))}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
-    return env
-
-
-def _port() -> int:
-    from pipeline.runtime import free_port
-
-    return free_port()
-
-
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--mixed_precision", "no", "--dynamo_backend", "no"]
 STAGE = ["-m", "pipeline.cli", "train-tokenizer", "--config", "tiny"]
-
-
-def _start(argv: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(argv, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=str(REPO))
 
 
 def _kill_tree(pid: int) -> None:
@@ -94,16 +76,16 @@ def runs(tmp_path_factory):
     pair = [f"data.shards={shards}", *PAIR]
     two = ACCELERATE + ["--num_processes", "2", "--use_deepspeed"]
     node = ACCELERATE + ["--num_processes", "2", "--num_machines", "2", "--main_process_ip", "127.0.0.1",
-                         "--main_process_port", str(_port()), "--rdzv_backend", "static", "--use_deepspeed",
+                         "--main_process_port", str(free_port()), "--rdzv_backend", "static", "--use_deepspeed",
                          "--zero_stage", "1", "--deepspeed_multinode_launcher", "standard"]
     killed = [*STAGE, f"run.dir={dirs['killed']}", *pair]
     procs = {
-        "single": _start([sys.executable, *STAGE, f"data.shards={fixed}", f"run.dir={dirs['single']}", *SINGLE],
+        "single": start_process([sys.executable, *STAGE, f"data.shards={fixed}", f"run.dir={dirs['single']}", *SINGLE],
                          logs["single"]),
-        "zero2": _start(two + ["--main_process_port", str(_port()), "--zero_stage", "2", *STAGE,
+        "zero2": start_process(two + ["--main_process_port", str(free_port()), "--zero_stage", "2", *STAGE,
                                f"run.dir={dirs['zero2']}", *pair], logs["zero2"]),
-        "node0": _start(node + ["--machine_rank", "0", *killed], logs["node0"]),
-        "node1": _start(node + ["--machine_rank", "1", *killed], logs["node1"]),
+        "node0": start_process(node + ["--machine_rank", "0", *killed], logs["node0"]),
+        "node1": start_process(node + ["--machine_rank", "1", *killed], logs["node1"]),
     }
     half = dirs["killed"] / "checkpoints" / f"step-{STEPS // 2}" / "meta.json"
     deadline = time.monotonic() + 500
@@ -114,13 +96,13 @@ def runs(tmp_path_factory):
         _kill_tree(procs[name].pid)
     codes = {name: p.wait(timeout=500) for name, p in procs.items()}
     phase2 = {
-        "resume": _start(two + ["--main_process_port", str(_port()), "--zero_stage", "1", *STAGE,
+        "resume": start_process(two + ["--main_process_port", str(free_port()), "--zero_stage", "1", *STAGE,
                                 f"run.dir={dirs['killed']}", *pair, "--resume", "auto"], logs["resume"]),
-        "zero1": _start(two + ["--main_process_port", str(_port()), "--zero_stage", "1", *STAGE,
+        "zero1": start_process(two + ["--main_process_port", str(free_port()), "--zero_stage", "1", *STAGE,
                                f"run.dir={dirs['zero1']}", *pair], logs["zero1"]),
-        "nan": _start([sys.executable, *STAGE, f"data.shards={shards}", f"run.dir={dirs['nan']}", *SMALL,
+        "nan": start_process([sys.executable, *STAGE, f"data.shards={shards}", f"run.dir={dirs['nan']}", *SMALL,
                        "loss.rec_weight=inf", "train.max_bad_steps=2", "train.max_steps=5"], logs["nan"]),
-        "zero3": _start([sys.executable, *STAGE, f"data.shards={shards}", f"run.dir={dirs['zero3']}", *SMALL,
+        "zero3": start_process([sys.executable, *STAGE, f"data.shards={shards}", f"run.dir={dirs['zero3']}", *SMALL,
                          "train.zero_stage=3"], logs["zero3"]),
     }
     codes.update({name: p.wait(timeout=500) for name, p in phase2.items()})
@@ -144,11 +126,13 @@ def _metrics(run_dir: Path) -> list[dict]:
 def _initial_digests(shards: Path, overrides: list[str]) -> dict[str, str]:
     """Digests of the weights a run starts from (prepare() seeds and builds exactly as the stage does)."""
     from pipeline.config import load_config
-    from pipeline.train_tokenizer import TokenizerStageConfig, param_digest, prepare
+    from pipeline.train_tokenizer import TokenizerStageConfig, prepare
+    from pipeline.training import state_digest
 
     cfg = load_config(TokenizerStageConfig, "tiny", [f"data.shards={shards}", *overrides], kind="tokenizer")
     module = prepare(cfg, None).module
-    return {"tokenizer": param_digest(module.tokenizer), "discriminator": param_digest(module.gan_loss)}
+    return {"tokenizer": state_digest(module.tokenizer.state_dict()),
+            "discriminator": state_digest(module.gan_loss.state_dict())}
 
 
 # ------------------------------------------------------------------------------------------ launches
@@ -291,7 +275,7 @@ def test_missing_teacher_weights_name_the_config_key(tmp_path, capsys):
 
 
 def test_nonfinite_guard_counts_and_resets():
-    from pipeline.train_tokenizer import NonFiniteGuard
+    from pipeline.training import NonFiniteGuard
 
     guard = NonFiniteGuard(limit=3)
     for step, bad in enumerate([True, True, False, True, True]):

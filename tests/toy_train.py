@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -24,6 +23,7 @@ from torch import nn  # noqa: E402
 from models.config import ConfigBase  # noqa: E402
 from models.hub import PretrainedMixin  # noqa: E402
 from pipeline.config import TrainConfig, save_resolved_config  # noqa: E402
+from pipeline.training import state_digest  # noqa: E402
 
 MODEL_CLASS = "toy_train:ToyNet"
 
@@ -82,14 +82,6 @@ class ToyStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
-
-
-def digest(state: dict[str, torch.Tensor]) -> str:
-    blob = hashlib.sha256()
-    for name in sorted(state):
-        blob.update(name.encode())
-        blob.update(state[name].detach().float().cpu().contiguous().numpy().tobytes())
-    return blob.hexdigest()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -183,7 +175,7 @@ def main(argv=None) -> int:
         "steps": step,
         "stream_position": stream.position,
         "lrs": lrs,
-        "digest": digest(unwrapped.state_dict()) if ckpt.zero_stage < 3 else None,
+        "digest": state_digest(unwrapped.state_dict()) if ckpt.zero_stage < 3 else None,
         "net_change": None, "critic_change": None, "ema_copy_max_diff": None,
     }
     if accelerator.is_main_process:

@@ -9,9 +9,10 @@ from data.codes.format import code_dtype, code_schema, part_file_name, sequence_
 from data.codes.manifest import CodeManifest, ManifestMismatchError
 from data.codes.reader import CodeBatch, CodeReader, CodeRecord
 from data.codes.sampling import CodeIterator, TokenBudgetBatcher, pack_by_token_budget, rank_positions
+from data.codes.synthetic import write_corpus
 from data.codes.verify import VerifyReport, code_stats, verify_codes
 from data.codes.writer import CodeWriter
 
 __all__ = ["CodeWriter", "CodeReader", "CodeRecord", "CodeBatch", "CodeManifest", "ManifestMismatchError", "CodeIterator",
            "TokenBudgetBatcher", "VerifyReport", "verify_codes", "code_stats", "code_dtype", "code_schema",
-           "part_file_name", "sequence_lengths", "pack_by_token_budget", "rank_positions"]
+           "part_file_name", "sequence_lengths", "pack_by_token_budget", "rank_positions", "write_corpus"]
