@@ -6,6 +6,8 @@ so any input resolution works (the official code hard-codes the 256px grid).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -66,7 +68,9 @@ def _gather_batch(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """
     from torch.distributed.nn.functional import all_gather
 
-    parts = all_gather(x)
+    with warnings.catch_warnings():  # deprecated in favour of a private API; still the public autograd gather
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
+        parts = all_gather(x)
     return torch.cat(parts, dim=0), dist.get_rank() * x.shape[0]
 
 
