@@ -30,6 +30,8 @@ def table(records: dict[str, dict]) -> str:
         if "error" in record:
             lines += ["```", record["error"], "```", ""]
             continue
+        if record.get("note"):
+            lines += [f"Note: {record['note']}.", ""]
         lines += ["| figure | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in _flatten(record.get("figures", {})).items()]
         if record.get("targets"):
@@ -54,11 +56,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("names", nargs="*", help="benchmark script names without .py (default: all)")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--table-only", action="store_true", help="only rebuild README.md from the JSON files")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     records = {}
-    for script in scripts(args.names):
+    for script in [] if args.table_only else scripts(args.names):
         start = time.time()
         print(f"[bench] {script.name} ...", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
