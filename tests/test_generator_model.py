@@ -145,10 +145,65 @@ def test_losses_and_overfitting_a_few_sequences():
     assert final["accuracy/content/0"].item() > 0.9
 
 
+def masked_select_metrics(model: Generator, out) -> dict[str, torch.Tensor]:
+    """The former boolean-mask formulation of the losses, computed from the teacher-forced logits."""
+    target = out.targets.position[out.targets.position != IGNORE]
+    allowed = model.free_positions[model.spec.position_level(target)]
+    logits = out.position_logits[out.targets.position != IGNORE].masked_fill(~allowed, float("-inf"))
+    metrics = {"position": torch.nn.functional.cross_entropy(logits, target),
+               "accuracy/position": (logits.argmax(-1) == target).float().mean()}
+    content_target = out.targets.content[out.content_mask]
+    for j, content_logits in enumerate(out.content_logits):
+        metrics[f"content/{j}"] = torch.nn.functional.cross_entropy(content_logits, content_target[:, j])
+        metrics[f"accuracy/content/{j}"] = (content_logits.argmax(-1) == content_target[:, j]).float().mean()
+    return metrics
+
+
+@pytest.mark.parametrize("num_levels, from_pack", [(2, True), (3, True), (3, False)])
+def test_losses_equal_the_masked_select_formulation(num_levels, from_pack):
+    config = small_config(num_levels=num_levels, dropout=0.0, class_dropout=0.0)
+    torch.manual_seed(4)
+    model = Generator(config)
+    batch = random_batch(config, 5, seed=num_levels, max_tokens=60)
+    assert batch.position.shape[0] > 1 and (batch.doc < 0).any(), "the test needs several rows and padding"
+    if not from_pack:
+        batch.content_rows = None  # a hand-built batch: the rows are derived in the forward
+        batch = batch.to("cpu")
+    out = model.logits(batch)
+    assert torch.equal(out.content_rows, out.content_mask.flatten().nonzero().squeeze(1))
+    expected = masked_select_metrics(model, out)
+    metrics = model(batch)
+    for name, value in expected.items():
+        torch.testing.assert_close(metrics[name], value, rtol=1e-6, atol=0.0, msg=name)
+    assert out.targets.position.eq(IGNORE).any() and out.targets.position.ne(IGNORE).any()
+    # the gradients match too: no NaN leaks from rows without a position loss
+    metrics["loss"].backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    (expected["position"] + torch.stack([expected[f"content/{j}"] for j in range(2)]).mean()).backward()
+    for got, want in zip(grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_forward_has_no_data_dependent_shapes():
+    """Training must not sync with the host: under a fake-tensor mode a data-dependent op would raise."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    config = small_config(dropout=0.0, class_dropout=0.0)
+    model = Generator(config)
+    batch = random_batch(config, 3, seed=6, max_tokens=40)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = mode.from_tensor
+        fake_batch = type(batch)(*(fake(getattr(batch, name)) for name in
+                                   ("position", "content", "label", "doc", "index", "content_rows")))
+        metrics = model(fake_batch)
+    assert metrics["loss"].shape == ()
+
+
 def test_single_level_has_no_position_loss():
     config = small_config(num_levels=1)
     losses = Generator(config)(random_batch(config, 2, seed=0))
     assert losses["position"].item() == 0.0 and losses["loss"].requires_grad
+    assert losses["accuracy/position"].item() == 1.0
 
 
 def test_label_dropout_only_in_training():

@@ -33,7 +33,7 @@ only Python loop is the bin-packing decision over sequences.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -260,6 +260,10 @@ class PackedBatch:
     label: Tensor     # int64 [R, S]: class of the token's sequence (null class at padding)
     doc: Tensor       # int64 [R, S]: sequence index, -1 at padding
     index: Tensor     # int64 [R, S]: token index within its sequence (RoPE), 0 at padding
+    # int64 [M]: :func:`content_target_rows` of this batch, computed by :func:`pack` on the packing device so
+    # that training needs no device->host sync; None = derive it when needed. Recompute it (or set None)
+    # after editing ``position`` or ``doc``.
+    content_rows: Optional[Tensor] = None
 
     @property
     def valid(self) -> Tensor:
@@ -282,7 +286,8 @@ class PackedBatch:
         return ((same & causal) | eye)[:, None]
 
     def to(self, device: torch.device | str) -> "PackedBatch":
-        return PackedBatch(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+        return PackedBatch(*(None if (value := getattr(self, f.name)) is None else value.to(device)
+                             for f in dataclasses.fields(self)))
 
 
 def assign_rows(lengths: Sequence[int], max_tokens: int) -> tuple[list[int], list[int]]:
@@ -324,7 +329,9 @@ def pack(spec: SequenceSpec, seqs: FlatSequences, labels: Tensor, max_tokens: in
     label[row, col] = labels.to(device).long()[seqs.doc]
     doc[row, col] = seqs.doc
     token_index[row, col] = index
-    return PackedBatch(position, content, label, doc, token_index)
+    batch = PackedBatch(position, content, label, doc, token_index)
+    batch.content_rows = content_target_rows(spec, batch)
+    return batch
 
 
 def unpack(batch: PackedBatch) -> FlatSequences:
@@ -347,16 +354,29 @@ class Targets:
     content: Tensor          # int64 [R, S, K]: next token's sub-codes where it is a code token, else IGNORE
 
 
-def next_token_targets(spec: SequenceSpec, batch: PackedBatch) -> Targets:
-    """Shift a packed batch by one token within each sequence (never across sequences)."""
+def next_positions(spec: SequenceSpec, batch: PackedBatch) -> tuple[Tensor, Tensor]:
+    """``(has_next bool [R, S], next_position int64 [R, S])``: whether a token has a successor in its
+    sequence, and that successor's position id (END where none)."""
     has_next = torch.zeros_like(batch.valid)
     has_next[:, :-1] = batch.valid[:, :-1] & (batch.doc[:, 1:] == batch.doc[:, :-1])
     next_position = torch.full_like(batch.position, spec.end)
     next_position[:, :-1] = batch.position[:, 1:]
-    next_position = torch.where(has_next, next_position, torch.full_like(next_position, spec.end))
+    return has_next, torch.where(has_next, next_position, torch.full_like(next_position, spec.end))
+
+
+def content_target_rows(spec: SequenceSpec, batch: PackedBatch) -> Tensor:
+    """int64 ``[M]``: flat indices (``row * S + col``, ascending) of the tokens whose next token is a code,
+    i.e. where :func:`next_token_targets` has content targets. Data-dependent size: a host sync on GPU."""
+    _, next_position = next_positions(spec, batch)
+    return (next_position < spec.num_cells).flatten().nonzero().squeeze(1)
+
+
+def next_token_targets(spec: SequenceSpec, batch: PackedBatch) -> Targets:
+    """Shift a packed batch by one token within each sequence (never across sequences)."""
+    has_next, next_position = next_positions(spec, batch)
     next_content = torch.full_like(batch.content, IGNORE)
     next_content[:, :-1] = batch.content[:, 1:]
-    is_code = has_next & (next_position < spec.num_cells)
+    is_code = next_position < spec.num_cells  # END where there is no next token
     free_table = spec.free_positions(batch.position.device)
     free = has_next & free_table[spec.position_level(next_position), next_position]
     position = torch.where(free, next_position, torch.full_like(next_position, IGNORE))

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from models.config import ConfigBase, ConfigError
 from models.generator.layers import KVCache, Transformer
-from models.generator.sequence import IGNORE, PackedBatch, SequenceSpec, Targets, next_token_targets
+from models.generator.sequence import (IGNORE, PackedBatch, SequenceSpec, Targets, content_target_rows,
+                                       next_token_targets)
 from models.hub import PretrainedMixin
 
 
@@ -163,6 +164,7 @@ class GeneratorOutput:
     content_logits: list[Tensor]   # K tensors [M, V_j] at the M tokens whose next token is a code
     content_mask: Tensor           # bool [R, S]: where those M tokens are
     targets: Targets
+    content_rows: Tensor           # int64 [M]: flat indices (row * S + col, ascending) of those M tokens
 
 
 class Generator(nn.Module, PretrainedMixin):
@@ -234,15 +236,22 @@ class Generator(nn.Module, PretrainedMixin):
         return torch.where(drop, torch.full_like(label, self.config.null_class), label)
 
     def logits(self, batch: PackedBatch, mask: Optional[Tensor] = None) -> GeneratorOutput:
-        """Teacher-forced logits of a packed batch. ``mask`` defaults to ``batch.attention_mask()``."""
+        """Teacher-forced logits of a packed batch. ``mask`` defaults to ``batch.attention_mask()``.
+
+        The content rows come from ``batch.content_rows`` (set by ``pack`` on the host), so this needs no
+        device->host sync; a batch without them derives them here (one sync on GPU).
+        """
         targets = next_token_targets(self.spec, batch)
         mask = batch.attention_mask() if mask is None else mask
         inputs = self.embed_inputs(batch.position, batch.content, self.drop_labels(batch.label))
         hidden = self.position_hidden(inputs, batch.index, mask)
         content = self.content_hidden(hidden, targets.next_position, batch.index, mask)
-        content_mask = targets.content[..., 0] != IGNORE
-        content_logits = self.content_head(content[content_mask], targets.content[content_mask])
-        return GeneratorOutput(self.position_logits(hidden), content_logits, content_mask, targets)
+        rows = batch.content_rows if batch.content_rows is not None else content_target_rows(self.spec, batch)
+        rows = rows.to(content.device)
+        content_logits = self.content_head(content.flatten(0, 1).index_select(0, rows),
+                                           targets.content.flatten(0, 1).index_select(0, rows))
+        return GeneratorOutput(self.position_logits(hidden), content_logits, targets.content[..., 0] != IGNORE,
+                               targets, rows)
 
     def forward(self, batch: PackedBatch, mask: Optional[Tensor] = None) -> dict[str, Tensor]:
         """Losses and accuracies: ``loss = CE(position) + mean_j CE(sub-code j)``.
@@ -251,19 +260,8 @@ class Generator(nn.Module, PretrainedMixin):
         marker) and only where the position is a free choice; forced positions carry no loss.
         """
         out = self.logits(batch, mask)
-        pos_target = out.targets.position
-        pos_mask = pos_target != IGNORE
-        metrics: dict[str, Tensor] = {}
-        if pos_mask.any():
-            target = pos_target[pos_mask]
-            allowed = self.free_positions[self.spec.position_level(target)]
-            logits = out.position_logits[pos_mask].masked_fill(~allowed, float("-inf"))
-            metrics["position"] = F.cross_entropy(logits.float(), target)
-            metrics["accuracy/position"] = (logits.argmax(-1) == target).float().mean()
-        else:
-            metrics["position"] = out.position_logits.sum() * 0.0
-            metrics["accuracy/position"] = torch.ones((), device=pos_target.device)
-        content_target = out.targets.content[out.content_mask]
+        metrics = self.position_metrics(out.position_logits, out.targets.position)
+        content_target = out.targets.content.flatten(0, 1).index_select(0, out.content_rows)
         content_losses = []
         for j, logits in enumerate(out.content_logits):
             content_losses.append(F.cross_entropy(logits.float(), content_target[:, j]))
@@ -272,6 +270,24 @@ class Generator(nn.Module, PretrainedMixin):
         metrics["content"] = torch.stack(content_losses).mean()
         metrics["loss"] = metrics["position"] + metrics["content"]
         return metrics
+
+    def position_metrics(self, logits: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """Position CE and accuracy over the free choices, without device->host syncs.
+
+        logits ``[R, S, position_vocab]``, target ``[R, S]`` (IGNORE where forced). Each scored token's
+        logits are restricted to the ids free at its target's level; the mean is over scored tokens
+        (loss 0 and accuracy 1 when there are none).
+        """
+        scored = target != IGNORE
+        # Only scored rows are masked: an ignored row could have no free id left, and an all -inf row
+        # gives NaN gradients even when its loss is ignored.
+        forbidden = ~self.free_positions[self.spec.position_level(target)] & scored[..., None]
+        logits = logits.masked_fill(forbidden, float("-inf")).float()
+        count = scored.sum().clamp(min=1)
+        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")
+        hits = ((logits.argmax(-1) == target) & scored).sum()
+        accuracy = torch.where(scored.any(), hits / count, torch.ones((), device=target.device))
+        return {"position": loss / count, "accuracy/position": accuracy}
 
     def num_parameters(self) -> int:
         """Parameters counted once (tied tables included once)."""
