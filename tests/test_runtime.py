@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 TESTS = REPO / "tests"
 sys.path.insert(0, str(TESTS))
 
+from conftest import ACCELERATE, free_port, start_process  # noqa: E402
 from toy_train import ToyConfig, ToyNet  # noqa: E402
 
 from pipeline.checkpoint import (CheckpointManager, ResumeError, check_compatible, complete_checkpoints,  # noqa: E402
@@ -200,27 +200,8 @@ def test_config_files_are_consistent():
 
 
 # ------------------------------------------------------------------------------------ real launches
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "OMPI_", "PMI_", "SLURM_"))}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
-    return env
-
-
-def _port() -> int:
-    from pipeline.runtime import free_port
-
-    return free_port()
-
-
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--mixed_precision", "no", "--dynamo_backend", "no"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 TOY = str(TESTS / "toy_train.py")
-
-
-def _start(argv: list[str], log: Path) -> subprocess.Popen:
-    handle = open(log, "w")
-    return subprocess.Popen(argv, env=_env(), stdout=handle, stderr=subprocess.STDOUT, cwd=str(REPO))
 
 
 def _finish(processes: dict[str, subprocess.Popen], timeout: float = 400) -> dict[str, int]:
@@ -247,7 +228,7 @@ def runs(tmp_path_factory):
     dirs = {name: root / name for name in ("zero2", "killed", "zero1", "zero3", "one", "mismatch")}
     logs = {name: root / f"{name}.log" for name in ("zero2", "node0", "node1", "zero3", "resume", "zero1", "mismatch")}
     common = ["--steps", str(STEPS), "--lr", str(LR), "--ckpt-every", "2", "--keep-last", "2"]
-    port = _port()
+    port = free_port()
     killed = [TOY, "--run-dir", str(dirs["killed"]), *common, "--die-in-save", "6"]
 
     def machine(rank: int) -> list[str]:
@@ -257,24 +238,26 @@ def runs(tmp_path_factory):
         return build_command(args, cpu=True, entry=killed)[0]
 
     phase1 = {
-        "zero2": _start(ACCELERATE + ["--num_processes", "2", "--main_process_port", str(_port()), "--use_deepspeed",
-                                      "--zero_stage", "2", TOY, "--run-dir", str(dirs["zero2"]), *common], logs["zero2"]),
-        "node0": _start(machine(0), logs["node0"]),
-        "node1": _start(machine(1), logs["node1"]),
-        "zero3": _start(TORCHRUN + ["--master_port", str(_port()), TOY, "--run-dir", str(dirs["zero3"]), "--zero", "3",
-                                    "--single-model", *common], logs["zero3"]),
+        "zero2": start_process(ACCELERATE + ["--num_processes", "2", "--main_process_port", str(free_port()),
+                                             "--use_deepspeed", "--zero_stage", "2", TOY, "--run-dir",
+                                             str(dirs["zero2"]), *common], logs["zero2"]),
+        "node0": start_process(machine(0), logs["node0"]),
+        "node1": start_process(machine(1), logs["node1"]),
+        "zero3": start_process(TORCHRUN + ["--master_port", str(free_port()), TOY, "--run-dir", str(dirs["zero3"]),
+                                           "--zero", "3", "--single-model", *common], logs["zero3"]),
     }
     codes = _finish(phase1)
     partial = dirs["killed"] / "checkpoints" / ".tmp-step-6"
     codes["partial_save_left"] = int(partial.is_dir() and (partial / "pytorch_model").is_dir())
     shutil.copytree(dirs["zero2"], dirs["mismatch"])
     phase2 = {
-        "resume": _start(TORCHRUN + ["--master_port", str(_port()), TOY, "--run-dir", str(dirs["killed"]), "--zero", "1",
-                                     *common], logs["resume"]),
-        "zero1": _start(TORCHRUN + ["--master_port", str(_port()), TOY, "--run-dir", str(dirs["zero1"]), "--zero", "1",
-                                    *common], logs["zero1"]),
-        "mismatch": _start([sys.executable, "-c", ONE_PROCESS_THEN_MISMATCH, str(dirs["one"]), str(dirs["mismatch"]),
-                            *common[:2], "--lr", str(2 * LR), *common[4:]], logs["mismatch"]),
+        "resume": start_process(TORCHRUN + ["--master_port", str(free_port()), TOY, "--run-dir", str(dirs["killed"]),
+                                            "--zero", "1", *common], logs["resume"]),
+        "zero1": start_process(TORCHRUN + ["--master_port", str(free_port()), TOY, "--run-dir", str(dirs["zero1"]),
+                                           "--zero", "1", *common], logs["zero1"]),
+        "mismatch": start_process([sys.executable, "-c", ONE_PROCESS_THEN_MISMATCH, str(dirs["one"]),
+                                   str(dirs["mismatch"]), *common[:2], "--lr", str(2 * LR), *common[4:]],
+                                  logs["mismatch"]),
     }
     codes.update(_finish(phase2))
     return {"dirs": dirs, "logs": logs, "codes": codes}
