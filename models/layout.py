@@ -5,8 +5,8 @@ An image coded at G granularities has a *grain map* over the coarsest grid (``Hs
 ``(Hs * 2**g) x (Ws * 2**g)`` cells, so a region at level ``g`` holds ``4**g`` codes.
 
 Canonical order of the ``L = sum(4**grain)`` code positions: level by level from coarse to fine, raster
-order within each level's grid. Every function here is vectorized over cells; the only Python loop is
-over the (at most a handful of) levels.
+order within each level's grid. Every function here is vectorized over cells (and over images where it
+takes a batch); the only Python loop is over the (at most a handful of) levels.
 """
 from __future__ import annotations
 
@@ -36,17 +36,30 @@ def num_codes(grain: Tensor) -> Tensor:
     return (torch.ones_like(grain, dtype=torch.long) << (2 * grain.long())).flatten(-2).sum(-1)
 
 
+def batch_canonical_positions(grain: Tensor, num_levels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Canonical code positions of a batch of grain maps, all images at once.
+
+    grain: ``[B, Hs, Ws]``. Returns ``(image, levels, indices)``, each int64 ``[sum_b L_b]``: the code
+    positions of image 0 in canonical order, then those of image 1, ... (``indices`` is the raster index
+    within the level's grid).
+    """
+    coded = torch.cat([level_mask(grain, level).flatten(1) for level in range(num_levels)], dim=1)
+    # Row-major nonzero order of the [B, all cells of all levels] mask is (image, level, raster): canonical.
+    image, cell = coded.nonzero(as_tuple=True)
+    sizes = torch.tensor([grain.shape[-2] * grain.shape[-1] << (2 * level) for level in range(num_levels)],
+                         device=grain.device)
+    offsets = torch.cumsum(sizes, 0) - sizes
+    levels = torch.bucketize(cell, offsets[1:], right=True)
+    return image, levels, cell - offsets[levels]
+
+
 def canonical_positions(grain: Tensor, num_levels: int) -> tuple[Tensor, Tensor]:
     """Level and raster index (within the level's grid) of every code position, in canonical order.
 
     grain: ``[Hs, Ws]``. Returns ``(levels, indices)``, both int64 ``[L]``.
     """
-    levels, indices = [], []
-    for level in range(num_levels):
-        idx = level_mask(grain, level).flatten().nonzero().squeeze(1)
-        indices.append(idx)
-        levels.append(torch.full_like(idx, level))
-    return torch.cat(levels), torch.cat(indices)
+    _, levels, indices = batch_canonical_positions(grain[None], num_levels)
+    return levels, indices
 
 
 def codes_to_level_maps(grain: Tensor, codes: Tensor, num_levels: int, fill: int = -1) -> list[Tensor]:

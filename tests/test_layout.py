@@ -1,7 +1,10 @@
 """Canonical code layout: hand-computed orders and the codes <-> level-map round trip."""
 import torch
 
-from models.layout import canonical_positions, codes_to_level_maps, level_mask, level_maps_to_codes, num_codes
+import pytest
+
+from models.layout import (batch_canonical_positions, canonical_positions, codes_to_level_maps, level_mask,
+                           level_maps_to_codes, num_codes)
 
 
 def test_hand_computed_order_two_levels():
@@ -33,3 +36,25 @@ def test_round_trip_random_maps():
             assert [m.shape[-2:] for m in maps] == [(4 << g, 3 << g) for g in range(num_levels)]
             assert sum(int((m[0] >= 0).sum()) for m in maps) == length
             assert torch.equal(level_maps_to_codes(grain, maps), codes)
+
+
+def per_image_order(grain: torch.Tensor, num_levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: one nonzero per level of one map (the former implementation)."""
+    indices = [level_mask(grain, level).flatten().nonzero().squeeze(1) for level in range(num_levels)]
+    return torch.cat([torch.full_like(i, g) for g, i in enumerate(indices)]), torch.cat(indices)
+
+
+@pytest.mark.parametrize("num_levels", [1, 2, 3])
+def test_batched_order_equals_the_per_image_order(num_levels):
+    gen = torch.Generator().manual_seed(num_levels)
+    grain = torch.randint(0, num_levels, (7, 3, 5), generator=gen)
+    grain[0] = num_levels - 1   # all finest
+    grain[1] = 0                # all coarsest
+    image, levels, indices = batch_canonical_positions(grain, num_levels)
+    assert torch.equal(torch.bincount(image, minlength=7), num_codes(grain))
+    assert torch.equal(image, torch.sort(image).values)
+    for b in range(7):
+        want_levels, want_indices = per_image_order(grain[b], num_levels)
+        assert torch.equal(levels[image == b], want_levels) and torch.equal(indices[image == b], want_indices)
+        got_levels, got_indices = canonical_positions(grain[b], num_levels)
+        assert torch.equal(got_levels, want_levels) and torch.equal(got_indices, want_indices)
