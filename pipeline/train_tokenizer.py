@@ -127,6 +127,7 @@ def prepare(cfg: TokenizerStageConfig, resume: Optional[str]) -> Prepared:
     Runs on every rank before any process group exists, so a bad input fails fast on every rank alike.
     """
     from data.stream import ShardStream
+    from pipeline.calibrate import inline_entropy_table
     from pipeline.checkpoint import check_compatible, find_checkpoint, read_meta
 
     if not str(cfg.data.shards).strip():
@@ -141,7 +142,9 @@ def prepare(cfg: TokenizerStageConfig, resume: Optional[str]) -> Prepared:
         raise ConfigError(f"data.shards={cfg.data.shards!r}: {exc}") from None
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     try:
-        tokenizer = Tokenizer(cfg.model)   # entropy mode inlines its calibrated table into cfg.model here
+        # The run's resolved config (and so its exports) carries an entropy table's quantiles inline.
+        cfg.model.router = inline_entropy_table(cfg.model.router, region_size=max(cfg.model.factors))
+        tokenizer = Tokenizer(cfg.model)
         teachers = build_teachers(cfg.model)
         gan_loss = TokenizerGANLoss(cfg.loss)
     except FileNotFoundError as exc:       # teacher / LPIPS weights; the message names the config key

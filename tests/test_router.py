@@ -1,4 +1,5 @@
 """Router: budget loss formula and effect, entropy map vs NumPy, calibration hits the requested shares."""
+import json
 import math
 
 import numpy as np
@@ -83,18 +84,56 @@ def test_calibration_gives_requested_shares_on_its_own_data(factors, targets):
     assert abs(float(router([coarse], images).shares[1]) - 0.5) < 1.5 / 256
 
 
-def test_entropy_table_from_file_is_checked_and_inlined(tmp_path):
-    import json
+def test_entropy_table_file_is_inlined_by_the_pipeline_and_refused_by_the_model(tmp_path):
+    from pipeline.calibrate import inline_entropy_table
+
     table = calibrate_entropy(torch.rand(100), region_size=16)
     (tmp_path / "good.json").write_text(json.dumps(table))
     cfg = RouterConfig(mode="entropy", entropy_table=str(tmp_path / "good.json"))
-    Router(cfg, factors=[8, 16], z_channels=4)
-    assert cfg.entropy_table == "" and len(cfg.entropy_quantiles) == 1001
+    with pytest.raises(ConfigError, match="pipeline.calibrate.inline_entropy_table"):
+        Router(cfg, factors=[8, 16], z_channels=4)          # models read no files
+    inlined = inline_entropy_table(cfg, region_size=16)
+    assert cfg.entropy_table and not cfg.entropy_quantiles  # the caller's config is left alone
+    assert inlined.entropy_table == "" and inlined.entropy_quantiles == table["quantiles"]
+    Router(inlined, factors=[8, 16], z_channels=4)
+    assert inline_entropy_table(inlined, region_size=16) is inlined
     (tmp_path / "bad.json").write_text(json.dumps({**table, "region_size": 32}))
     with pytest.raises(ConfigError, match="calibrated with"):
-        Router(RouterConfig(mode="entropy", entropy_table=str(tmp_path / "bad.json")), [8, 16], 4)
+        inline_entropy_table(RouterConfig(mode="entropy", entropy_table=str(tmp_path / "bad.json")), 16)
+    with pytest.raises(ConfigError, match="not found"):
+        inline_entropy_table(RouterConfig(mode="entropy", entropy_table=str(tmp_path / "none.json")), 16)
     with pytest.raises(ConfigError, match="calibrate-entropy"):
         Router(RouterConfig(mode="entropy"), [8, 16], 4)
+
+
+def test_router_and_tokenizer_copy_their_config_and_exports_round_trip_exactly(tmp_path):
+    from models.tokenizer import Tokenizer, TokenizerConfig
+
+    quantiles = calibrate_entropy(region_entropy(textured_images(4, 32, seed=3), 16), 16)["quantiles"]
+    router_cfg = RouterConfig(mode="entropy", targets=[0.3], entropy_quantiles=quantiles)
+    router = Router(router_cfg, [8, 16], 4)
+    router.set_granularity_ratio([0.6])
+    assert router_cfg.targets == [0.3] and router.config.targets == [0.6]
+
+    config = TokenizerConfig.from_dict({
+        "factors": [8, 16], "z_channels": 8, "router": router_cfg.to_dict(),
+        "encoder": {"ch": 8, "ch_mult": [1, 1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [],
+                    "resolution": 32},
+        "quantizer": {"codebooks": [{"size": 16, "dim": 4}], "adapter_channels": 8},
+        "decoder": {"ch": 8, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [],
+                    "resolution": 32, "fourier_bands": 2, "pos_grid": 4}})
+    before = config.to_dict()
+    tok = Tokenizer(config)
+    tok.set_granularity_ratio([0.6])
+    assert config.to_dict() == before                      # the caller's config is not mutated
+    assert tok.config.router.targets == [0.6]              # ... the model's own copy records the re-targeting
+    tok.save_pretrained(tmp_path / "export")
+    saved = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert saved["router"]["entropy_quantiles"] == quantiles and saved["router"]["entropy_table"] == ""
+    loaded = Tokenizer.from_pretrained(tmp_path / "export")
+    assert loaded.config.to_dict() == tok.config.to_dict()
+    assert torch.equal(loaded.router.thresholds, tok.router.thresholds)
+    assert torch.equal(loaded.router.quantiles, torch.tensor(quantiles, dtype=torch.float64))
 
 
 def test_fixed_mode_and_tau_schedule():

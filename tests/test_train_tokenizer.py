@@ -288,6 +288,7 @@ def test_nonfinite_guard_counts_and_resets():
 def test_calibrate_entropy_gives_the_requested_share_through_the_router(tmp_path, capsys):
     from data.stream import ShardStream
     from models.tokenizer.router import Router, RouterConfig
+    from pipeline.calibrate import inline_entropy_table
     from pipeline.cli import main
 
     shards = make_shards(tmp_path, num_images=10, per_shard=4)
@@ -298,7 +299,8 @@ def test_calibrate_entropy_gives_the_requested_share_through_the_router(tmp_path
     assert table["num_images"] == 8 and table["num_regions"] == 8 * 4 and table["region_size"] == 16
     assert table["achieved_shares"] == [0.25]
     # The tokenizer's entropy router, configured from the file, routes 25% of those regions to the fine level.
-    router = Router(RouterConfig(mode="entropy", targets=[0.25], entropy_table=str(out)), [8, 16], z_channels=1)
+    config = inline_entropy_table(RouterConfig(mode="entropy", targets=[0.25], entropy_table=str(out)), 16)
+    router = Router(config, [8, 16], z_channels=1)
     stream = ShardStream(shards, 8, SIZE, rank=0, world_size=1, shuffle=False, crop="center", flip=False)
     images = next(iter(stream))["image"]
     route = router([torch.zeros(8, 1, 2, 2)], images)

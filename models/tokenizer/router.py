@@ -7,8 +7,11 @@ Level 0 is the coarsest (1 code per region), level ``g`` gives a region ``4**g``
   :meth:`Router.set_step`); eval: argmax. The one-hot gates multiply the merged features downstream,
   which is how the task gradient reaches the router.
 - ``entropy``: the soft-histogram image entropy of each region (:func:`region_entropy`) against thresholds
-  read from a calibrated quantile table (:func:`calibrate_entropy`), so a target share gives that share
-  on the calibration data; :meth:`Router.set_granularity_ratio` re-targets at inference.
+  interpolated in a calibrated quantile table (:func:`calibrate_entropy`, given inline as
+  ``entropy_quantiles``), so a target share gives that share on the calibration data;
+  :meth:`Router.set_granularity_ratio` re-targets at inference. A table FILE (``entropy_table``) is read
+  by the pipeline (``pipeline.calibrate.inline_entropy_table``) before the model is built: models do no
+  file I/O, and a config with inline quantiles makes ``save_pretrained`` exports self-contained.
 - ``fixed``: every region at ``fixed_level`` (fixed-length VQ is ``G = 1`` with this mode).
 
 Budget loss (learned mode): ``budget_weight * sum_g (share_g - target_g)**2`` over ALL levels, share_g the
@@ -16,10 +19,9 @@ batch-mean of gate g and target_0 = 1 - sum(targets); for G = 2 this is DQ-VAE's
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
-import json
 import math
-from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -46,8 +48,8 @@ class RouterConfig(ConfigBase):
     tau_schedule: str = "constant"
     anneal_steps: int = 0
     fixed_level: int = 0                # fixed mode: the level of every region
-    entropy_table: str = ""             # entropy mode: JSON written by calibrate_entropy (inlined on load)
-    entropy_quantiles: list[float] = dataclasses.field(default_factory=list)  # ... or the quantiles inline
+    entropy_table: str = ""             # entropy mode: calibrate-entropy JSON, inlined by the pipeline into ...
+    entropy_quantiles: list[float] = dataclasses.field(default_factory=list)  # ... the table's quantiles
 
     def __post_init__(self) -> None:
         check_choice("model.router", "mode", self.mode, ROUTER_MODES)
@@ -104,15 +106,6 @@ def _interpolate(sorted_values: torch.Tensor, probs: torch.Tensor) -> torch.Tens
     return sorted_values[low] * (1 - frac) + sorted_values[high] * frac
 
 
-def load_entropy_table(path: str | Path) -> dict[str, Any]:
-    """Read a table written by ``varitok calibrate-entropy`` (JSON from :func:`calibrate_entropy`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"model.router.entropy_table: {path} not found; run `varitok calibrate-entropy` "
-                          f"or give model.router.entropy_quantiles inline")
-    return json.loads(path.read_text())
-
-
 def budget_loss(gates: torch.Tensor, targets: Sequence[float], weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``weight * sum_g (share_g - target_g)**2``; gates B x G x Hs x Ws. Returns (loss, shares G)."""
     shares = gates.float().mean(dim=(0, 2, 3))
@@ -121,11 +114,14 @@ def budget_loss(gates: torch.Tensor, targets: Sequence[float], weight: float) ->
 
 
 class Router(nn.Module):
-    """features (coarsest first, level g: B x C x Hs*2^g x Ws*2^g) and images -> :class:`RouterOutput`."""
+    """features (coarsest first, level g: B x C x Hs*2^g x Ws*2^g) and images -> :class:`RouterOutput`.
+
+    Keeps its own copy of ``config`` (:meth:`set_granularity_ratio` updates the copy's ``targets``).
+    """
 
     def __init__(self, config: RouterConfig, factors: list[int], z_channels: int) -> None:
         super().__init__()
-        self.config = config
+        self.config = config = copy.deepcopy(config)
         self.num_levels = len(factors)
         self.region_size = max(factors)
         if self.num_levels == 1 and config.mode != "fixed":
@@ -142,24 +138,16 @@ class Router(nn.Module):
             self.mlp = nn.Sequential(nn.Conv2d(self.num_levels * z_channels, config.hidden, 1), nn.SiLU(),
                                      nn.Conv2d(config.hidden, self.num_levels, 1))
         if config.mode == "entropy":
-            self._load_quantiles()
+            if config.entropy_table:
+                raise ConfigError(f"model.router.entropy_table={config.entropy_table!r} is a file the pipeline "
+                                  f"reads before building the model: pass the config through "
+                                  f"pipeline.calibrate.inline_entropy_table (the varitok stages do), or give "
+                                  f"model.router.entropy_quantiles inline")
+            if len(config.entropy_quantiles) < 2:
+                raise ConfigError("model.router.mode=entropy needs a calibrated table: run `varitok "
+                                  "calibrate-entropy` and set model.router.entropy_table (or entropy_quantiles)")
+            self.quantiles = torch.tensor(config.entropy_quantiles, dtype=torch.float64)
             self.set_granularity_ratio(config.targets)
-
-    def _load_quantiles(self) -> None:
-        cfg = self.config
-        if cfg.entropy_table:
-            table = load_entropy_table(cfg.entropy_table)
-            expected = {"bins": ENTROPY_BINS, "sigma": ENTROPY_SIGMA, "region_size": self.region_size}
-            wrong = {k: table.get(k) for k, v in expected.items() if table.get(k) != v}
-            if wrong:
-                raise ConfigError(f"model.router.entropy_table {cfg.entropy_table} was calibrated with {wrong}, "
-                                  f"this model needs {expected}: re-run calibrate-entropy")
-            # Inline the table so save_pretrained exports are self-contained.
-            cfg.entropy_quantiles, cfg.entropy_table = [float(q) for q in table["quantiles"]], ""
-        if len(cfg.entropy_quantiles) < 2:
-            raise ConfigError("model.router.mode=entropy needs a calibrated table: run `varitok calibrate-entropy` "
-                              "and set model.router.entropy_table (or entropy_quantiles)")
-        self.quantiles = torch.tensor(cfg.entropy_quantiles, dtype=torch.float64)
 
     def set_granularity_ratio(self, ratios: Sequence[float]) -> None:
         """Entropy mode: re-target the share of each finer level (1..G-1) on the calibration distribution."""

@@ -7,6 +7,7 @@ Reconstruction, LPIPS and GAN losses are not computed here (``models.tokenizer.l
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Iterable, NamedTuple, Sequence
@@ -103,10 +104,11 @@ class Tokenizer(nn.Module, PretrainedMixin):
 
     def __init__(self, config: TokenizerConfig) -> None:
         super().__init__()
-        self.config = config
+        self.config = config = copy.deepcopy(config)           # the caller's object is never changed
         self.factors = sorted(config.factors, reverse=True)   # level 0 = coarsest
         self.encoder = Encoder(config.encoder, self.factors, config.z_channels)
         self.router = Router(config.router, self.factors, config.z_channels)
+        config.router = self.router.config   # one object: save_pretrained records set_granularity_ratio
         self.quantizer = FactorizedQuantizer(config.quantizer, config.z_channels)
         self.decoder = Decoder(config.decoder, sum(self.quantizer.dims), config.z_channels, self.factors[-1])
         sem = config.semantic
