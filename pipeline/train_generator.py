@@ -26,12 +26,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from data.codes import CodeReader, TokenBudgetBatcher
 from models.config import ConfigBase, ConfigError, check_choice
@@ -268,6 +270,8 @@ def train(cfg: GeneratorStageConfig, resume: Optional[str] = "auto") -> dict[str
     log = MetricsLog(accelerator, run_dir)
     guard, window, last = NonFiniteGuard(cfg.train.max_bad_steps), MetricWindow(), {}
     model.train()
+    bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_main_process,
+               desc="train-generator", unit="step")
     while step < cfg.train.max_steps:
         update = GuardedStep(accelerator, model, optimizer, cfg.train.grad_accum)
         for _ in range(cfg.train.grad_accum):
@@ -282,16 +286,20 @@ def train(cfg: GeneratorStageConfig, resume: Optional[str] = "auto") -> dict[str
             continue
         scheduler.step()
         step += 1
+        bar.update(1)
         if ema is not None:
             ema.update()
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             last = {**_log_values(window, accelerator, cfg.data.max_tokens), "lr": scheduler.get_last_lr()[0],
                     "epoch": float(stream.batcher.epoch), "bad_steps": guard.total}
             log.write(step, last)
+            bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}",
+                            tok_s=f"{last.get('tokens_per_s', float('nan')):.0f}")
         if cfg.logging.tokenizer and (step % cfg.train.image_every == 0 or step == cfg.train.max_steps):
             _sample_grid(accelerator, model, ema, cfg, tokenizer, step, run_dir)
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
             ckpt.save(step, ema=ema, extra={"stream": stream})
+    bar.close()
     summary = {"steps": step, "resumed_from": start, "world_size": accelerator.num_processes,
                "zero_stage": ckpt.zero_stage, "parameters": num_parameters,
                "steps_per_epoch": stream.steps_per_epoch, "bad_steps": guard.total, "final": last}
@@ -313,6 +321,8 @@ def run(args: argparse.Namespace) -> int:
     summary = train(cfg, args.resume)
     final = summary["final"]
     loss = final.get("loss", math.nan)
+    if int(os.environ.get("RANK", "0")) != 0:  # one summary line per run, not per rank
+        return 0
     print(f"train-generator: {summary['steps']} steps (from {summary['resumed_from']}), loss {loss:.4f}, "
           f"{final.get('tokens_per_s', 0.0):.0f} tokens/s -> {Path(cfg.run.dir) / 'export'}")
     return 0
