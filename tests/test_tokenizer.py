@@ -95,6 +95,24 @@ def test_decode_of_encode_equals_eval_reconstruction_and_canonical_order(num_lev
         tok.decode([ImageCodes(codes[0].grain, codes[0].codes + 1000)])
 
 
+@pytest.mark.parametrize("num_levels", [1, 2, 3])
+def test_batched_code_assembly_equals_the_per_image_one(num_levels):
+    """encode gathers the canonical codes of the whole batch at once; reference: per image, per level nonzero."""
+    tok = Tokenizer(small_config(num_levels, 2))
+    gen = torch.Generator().manual_seed(num_levels)
+    grain = torch.randint(0, num_levels, (5, 2, 3), generator=gen)
+    grain[0] = num_levels - 1
+    indices = [torch.randint(0, 32, (5, 2, 2 << g, 3 << g), generator=gen) for g in range(num_levels)]
+    codes = tok._image_codes(grain, indices)
+    assert len(codes) == 5
+    for b, item in enumerate(codes):
+        assert item.grain.dtype == torch.uint8 and torch.equal(item.grain.long(), grain[b])
+        expected = torch.cat([indices[g][b].flatten(1)[:, (grain[b] == g).repeat_interleave(1 << g, 0)
+                                                          .repeat_interleave(1 << g, 1).flatten()].T
+                              for g in range(num_levels)])
+        assert torch.equal(item.codes, expected)
+
+
 def test_entropy_router_tokenizer_end_to_end():
     x = images(4, 32, 32, seed=3)
     x[0] = 0.1                                                   # one flat image: all coarse

@@ -19,7 +19,7 @@ from torch import nn
 
 from models.config import ConfigBase, ConfigError
 from models.hub import PretrainedMixin
-from models.layout import codes_to_level_maps, level_maps_to_codes
+from models.layout import batch_canonical_positions, codes_to_level_maps, num_codes
 from models.tokenizer.decoder import Decoder, DecoderConfig, merge_levels, replicate
 from models.tokenizer.encoder import Encoder, EncoderConfig
 from models.tokenizer.quantizer import FactorizedQuantizer, QuantizerConfig
@@ -221,10 +221,22 @@ class Tokenizer(nn.Module, PretrainedMixin):
             route, quant = self._quantize(images)
         finally:
             self.train(was_training)
-        grain = route.grain
-        return [ImageCodes(grain[i].to(torch.uint8),
-                           level_maps_to_codes(grain[i], [level[i] for level in quant.indices]))
-                for i in range(grain.shape[0])]
+        return self._image_codes(route.grain, quant.indices)
+
+    def _image_codes(self, grain: torch.Tensor, indices: list[torch.Tensor]) -> list[ImageCodes]:
+        """grain ``B x Hs x Ws`` and per-level code indices ``B x K x Hg x Wg`` -> canonical codes per image.
+
+        The canonical order of the whole batch is worked out on the host from the (small) grain maps, one
+        transfer, and the codes are gathered on their device with one index_select."""
+        host_grain = grain.cpu()
+        image, levels, cells = batch_canonical_positions(host_grain, self.num_levels)
+        sizes = torch.tensor([level.shape[-2] * level.shape[-1] for level in indices])
+        offsets = torch.cumsum(sizes, 0) - sizes
+        table = torch.cat([level.flatten(2) for level in indices], dim=2).transpose(1, 2)   # B x C x K
+        rows = image * table.shape[1] + offsets[levels] + cells
+        codes = table.reshape(-1, table.shape[2]).index_select(0, rows.to(table.device))
+        return [ImageCodes(g, c) for g, c in zip(grain.to(torch.uint8).unbind(0),
+                                                 codes.split(num_codes(host_grain).tolist()))]
 
     @torch.no_grad()
     def decode(self, codes: Sequence[ImageCodes]) -> torch.Tensor:
