@@ -168,6 +168,10 @@ def _tokenizer_config(args: argparse.Namespace, work: Path, teachers: list[dict[
     return path
 
 
+def _fmt_list(values: list) -> str:
+    return ", ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in values)
+
+
 def _launch(kind: str, args: argparse.Namespace, stage_args: list[str]) -> list[str]:
     return ["launch", kind, "--nproc", str(args.nproc), "--zero", str(args.zero), "--"] + stage_args
 
@@ -247,14 +251,17 @@ def build_report(args, work: Path, pipe: Pipeline, image_note: str, teacher_note
                   f"processes under DeepSpeed ZeRO-{args.zero}.")
     overview.table(["stage", "command", "seconds"], [[s, c, round(t, 1)] for s, c, t in pipe.ran])
 
-    written = shard_manifest.get("totals", {}).get("written", shard_manifest.get("written", "?"))
-    report.section("Stage 0: shards").figures({"images written": written,
-                                               "rejected": shard_manifest.get("totals", {}).get("rejected", "?"),
-                                               "seconds": round(seconds["shard"], 1)})
+    report.section("Stage 0: shards").figures({
+        "inputs": shard_manifest.get("num_inputs", "?"), "images written": shard_manifest.get("num_samples", "?"),
+        "rejected": shard_manifest.get("num_rejected", "?"), "shards": shard_manifest.get("num_shards", "?"),
+        "images/s": round(shard_manifest.get("num_inputs", 0) / max(seconds["shard"], 1e-9), 1)})
 
     tok = report.section("Stage 1: tokenizer")
     summary = _read_json(work / "tokenizer" / "summary.json")
-    tok.figures({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
+    final = summary.get("final_metrics", {})
+    tok.figures({**{k: v for k, v in summary.items() if not isinstance(v, (dict, list))},
+                 **{f"final {k}": v for k, v in final.items()
+                    if k.startswith(("loss/", "share/", "usage/", "perplexity/")) or k == "codes_per_image"}})
     metrics = _read_jsonl(work / "tokenizer" / "logs" / "metrics.jsonl")
     if metrics:
         keys = [k for k in metrics[-1] if k.startswith("loss") or k.startswith("train/loss")]
@@ -268,14 +275,21 @@ def build_report(args, work: Path, pipe: Pipeline, image_note: str, teacher_note
 
     codes = report.section("Stage 2: codes")
     stats = _read_json(work / "codes-stats.json")
-    codes.figures({k: v for k, v in stats.items() if not isinstance(v, (dict, list))})
-    codes.figures({"tokenize seconds": round(seconds["tokenize"], 1)})
+    per_image = stats.get("codes_per_image", {})
+    codes.figures({**{k: v for k, v in stats.items() if not isinstance(v, (dict, list)) and k != "png"},
+                   "codes per image (mean / min / max)": f"{per_image.get('mean', 0):.1f} / {per_image.get('min')} / "
+                                                         f"{per_image.get('max')}",
+                   "region share per level (coarse -> fine)": _fmt_list(stats.get("region_share", [])),
+                   "codebook usage per sub-codebook": _fmt_list(stats.get("codebook_usage", [])),
+                   "codebook perplexity per sub-codebook": _fmt_list(stats.get("codebook_perplexity", [])),
+                   "tokenize images/s": round(stats.get("rows", 0) / max(seconds["tokenize"], 1e-9), 1)})
     if (work / "figures" / "lengths.png").is_file():
         codes.image(work / "figures" / "lengths.png", "sequence length histogram")
 
     gen = report.section("Stage 3: generator")
-    gen.figures({k: v for k, v in _read_json(work / "generator" / "summary.json").items()
-                 if not isinstance(v, (dict, list))})
+    gen_summary = _read_json(work / "generator" / "summary.json")
+    gen.figures({**{k: v for k, v in gen_summary.items() if not isinstance(v, (dict, list))},
+                 **{f"final {k}": v for k, v in gen_summary.get("final", {}).items()}})
     gmetrics = _read_jsonl(work / "generator" / "logs" / "metrics.jsonl")
     if gmetrics:
         keys = [k for k in gmetrics[-1] if "loss" in k][:6]
@@ -287,7 +301,10 @@ def build_report(args, work: Path, pipe: Pipeline, image_note: str, teacher_note
 
     ev = report.section("Evaluation: reconstruction")
     metrics_eval = _read_json(work / "eval" / "metrics.json")
-    flat = {k: v for k, v in metrics_eval.items() if not isinstance(v, (dict, list))}
+    flat = {k: v for k, v in metrics_eval.items() if not isinstance(v, (dict, list)) and k not in ("tokenizer", "shards")}
+    flat["region share per level (coarse -> fine)"] = _fmt_list(metrics_eval.get("region_share_per_level", []))
+    for j, book in enumerate(metrics_eval.get("codebooks", [])):
+        flat[f"sub-codebook {j} usage / perplexity"] = f"{book['usage']:.3f} / {book['perplexity']:.1f}"
     if not args.lpips_weights:
         flat["LPIPS"] = "needs weights: --lpips-weights"
     if not args.inception_weights:
