@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -30,8 +31,17 @@ STAGES: dict[str, tuple[str, str]] = {
 }
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps descriptions as written; appends a flag's default only when it says something (not None/False,
+    not a required or already-described default)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default in (None, False, argparse.SUPPRESS) or action.required or "default" in text.lower()
+                or not action.option_strings or isinstance(action, argparse._HelpAction)):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,10 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _plain_text(doc: str) -> str:
+    """Module docstrings use reStructuredText markup; --help shows plain text."""
+    doc = re.sub(r":(?:func|class|meth|mod|attr):`~?([^`]+)`", r"\1", doc.strip())
+    return doc.replace("``", "`")
+
+
 def _stage_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
     module_name, help_text = STAGES[name]
     module = importlib.import_module(module_name)
-    doc = (module.__doc__ or help_text).strip()
+    doc = _plain_text(module.__doc__ or help_text)
     parser = argparse.ArgumentParser(prog=f"varitok {name}", description=doc, formatter_class=_Formatter)
     module.add_arguments(parser)
     return parser, module
