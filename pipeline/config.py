@@ -64,9 +64,12 @@ class TrainConfig(ConfigBase):
     def __post_init__(self) -> None:
         check_choice("train", "precision", self.precision, PRECISIONS)
         check_choice("train", "zero_stage", self.zero_stage, (0, 1, 2, 3))
-        for name in ("max_steps", "grad_accum", "log_every", "ckpt_every", "keep_last"):
+        for name in ("max_steps", "grad_accum", "log_every", "ckpt_every", "keep_last", "image_every",
+                     "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1) (0 disables EMA), got {self.ema_decay}")
 
 
 @dataclasses.dataclass

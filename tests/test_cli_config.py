@@ -54,6 +54,10 @@ def test_semantic_check_names_path():
         load_config(Stage, None, ["train.precision=fp8"])
     with pytest.raises(ConfigError, match="optim.lr"):
         load_config(Stage, None, ["optim.lr=-1"])
+    with pytest.raises(ConfigError, match="train.image_every"):
+        load_config(Stage, None, ["train.image_every=0"])
+    with pytest.raises(ConfigError, match="train.ema_decay"):
+        load_config(Stage, None, ["train.ema_decay=1.5"])
     with pytest.raises(ConfigError, match="key.path=value"):
         load_config(Stage, None, ["train.max_steps"])
 
