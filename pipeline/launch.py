@@ -1,6 +1,6 @@
 """Build, print and run the ``accelerate launch`` command of a training stage.
 
-    varitok launch tokenizer --nproc 8 --zero 2 -- --config configs/tokenizer/base.yaml
+    varitok launch tokenizer --nproc 8 --zero 2 -- --config configs/tokenizer/dqfq-f8f16-k3.yaml
     varitok launch generator --nproc 8 --num-machines 2 --machine-rank 0 --main-ip 10.0.0.1 -- --config ...
 
 The accelerate config (configs/accelerate/) is picked from the machine count and the device; the
@@ -78,6 +78,9 @@ def build_command(args: argparse.Namespace, cpu: bool,
         raise SystemExit(f"varitok launch: --machine-rank must be in 0..{args.num_machines - 1}")
     if args.num_machines > 1 and not args.main_ip:
         raise SystemExit("varitok launch: several machines need --main-ip (the address of machine 0)")
+    if args.stage == "tokenizer" and args.zero == 3:
+        raise SystemExit("varitok launch: the tokenizer stage supports ZeRO 0, 1 and 2 (ZeRO-3 partitions the "
+                         "discriminator parameters that the GAN loss calls with detached weights); use --zero 2")
     argv = [sys.executable, "-m", "accelerate.commands.launch",
             "--config_file", str(accelerate_config(args.num_machines, args.nproc, cpu)),
             "--use_deepspeed", "--deepspeed_config_file", str(CONFIGS / "deepspeed" / f"zero{args.zero}.json"),
