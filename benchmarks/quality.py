@@ -26,8 +26,7 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as a script, benchmarks/ heads sys.path and benchmarks/tokenize.py would shadow the standard library's
-# tokenize (imported by dataclasses below): put the repo root there instead, before any other import.
+# Import the repo's packages from the repo root (run as a script, benchmarks/ heads sys.path).
 _HERE = os.path.dirname(os.path.abspath(__file__))
 if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _HERE:
     sys.path[0] = os.path.dirname(_HERE)
@@ -53,7 +52,7 @@ from data.transforms import load_image, to_unit_range  # noqa: E402
 from models.tokenizer import Tokenizer, TokenizerConfig, calibrate_entropy, region_entropy  # noqa: E402
 from models.tokenizer.losses import LPIPS, reconstruction_loss  # noqa: E402
 from models.tokenizer.router import RouterOutput  # noqa: E402
-from pipeline.visual import _pyplot, grain_overlay, image_grid, save_png  # noqa: E402
+from pipeline.visual import pyplot, grain_overlay, image_grid, save_png  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -314,7 +313,7 @@ def claims(points: dict[str, dict]) -> tuple[dict, dict]:
 # ------------------------------------------------------------------------------------------------ outputs
 
 def plot_psnr_vs_codes(points: dict[str, dict], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     xy = lambda *names: ([points[n]["codes_per_image"] for n in names], [points[n]["psnr"] for n in names])  # noqa: E731
     ax.plot(*xy("a", "a8"), "k--o", label="fixed F16 -> fixed F8 (a, a')")

@@ -66,7 +66,8 @@ def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
     return path
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (safe on machines without a display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,7 +77,7 @@ def _pyplot():
 
 
 def plot_histogram(values: np.ndarray, path: str | os.PathLike, title: str, xlabel: str, bins: int = 50) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(np.asarray(values), bins=bins, color="#3b6ea5")
     ax.set_title(title)
@@ -92,7 +93,7 @@ def plot_histogram(values: np.ndarray, path: str | os.PathLike, title: str, xlab
 def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | os.PathLike,
                 title: str, xlabel: str = "step", logy: bool = False) -> Path:
     """``curves``: name -> (xs, ys)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, (xs, ys) in curves.items():
         ax.plot(xs, ys, label=name)
