@@ -61,6 +61,16 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path,
             os.unlink(tmp)
 
 
+def load_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a local weights file: ``.safetensors``, or a ``.pt``/``.pth``/``.bin`` state dict read with
+    ``torch.load(weights_only=True)`` (never unpickles objects); a ``{"state_dict": ...}`` wrapper is unwrapped."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
 class PretrainedMixin:
     """Adds ``save_pretrained(dir)`` and ``from_pretrained(dir)`` to an ``nn.Module``.
 

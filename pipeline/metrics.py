@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.hub import load_tensor_file
+
 __all__ = ["InceptionFeatures", "InceptionOutputs", "PrecomputedFeatures", "MissingWeightsError", "psnr", "ssim",
            "frechet_distance", "inception_score", "precision_recall", "codebook_usage"]
 
@@ -83,13 +85,7 @@ class InceptionFeatures(nn.Module):
             raise MissingWeightsError(
                 f"needs weights: {flag} (a local torchvision inception_v3 .pth/.safetensors file; got {path!r}). "
                 f"Nothing is downloaded at run time; see the README, 'Inception and LPIPS weights'.")
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(file))
-        else:
-            state = torch.load(file, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state)
+        state = load_tensor_file(file)
         state = {k[len("net."):] if k.startswith("net.") else k: v for k, v in state.items()}
         state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}   # training-only branch
         model = cls()

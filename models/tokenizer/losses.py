@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import functional_call
 
 from models.config import ConfigBase, ConfigError, check_choice
+from models.hub import load_tensor_file
 
 RECONSTRUCTION_KINDS = ("l1", "l2")
 
@@ -126,13 +127,7 @@ class LPIPS(nn.Module):
                 f"{key_path}: LPIPS weights file not found: {str(path)!r}. Set {key_path} to a local "
                 f".safetensors/.pt file holding torchvision vgg16 `features.*` and lpips `lin0..lin4.model.1."
                 f"weight` tensors (see the README, 'LPIPS weights'); nothing is downloaded at run time.")
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            raw = load_file(str(file))
-        else:
-            raw = torch.load(file, map_location="cpu", weights_only=True)
-            raw = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
+        raw = load_tensor_file(file)
         state = {}
         for key, tensor in raw.items():
             canonical = _canonical_lpips_key(key)
