@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 from pathlib import Path
@@ -236,7 +237,7 @@ def train(cfg: GeneratorStageConfig, resume: Optional[str] = "auto") -> dict[str
     from pipeline.checkpoint import CheckpointManager
     from pipeline.ema import EMA
     from pipeline.export import export_run
-    from pipeline.runtime import build_accelerator
+    from pipeline.runtime import build_accelerator, finish_training
     from pipeline.schedule import warmup_cosine
 
     if not cfg.data.codes:
@@ -303,12 +304,14 @@ def train(cfg: GeneratorStageConfig, resume: Optional[str] = "auto") -> dict[str
     summary = {"steps": step, "resumed_from": start, "world_size": accelerator.num_processes,
                "zero_stage": ckpt.zero_stage, "parameters": num_parameters,
                "steps_per_epoch": stream.steps_per_epoch, "bad_steps": guard.total, "final": last}
-    if accelerator.is_main_process:
-        if step > start or not (run_dir / "export").is_dir():
-            export_run(run_dir, run_dir / "export", raw=ema is None)
+    finished_before = step == start and (run_dir / "export").is_dir() and (run_dir / "summary.json").is_file()
+    if accelerator.is_main_process and finished_before:  # a re-run of a finished run: keep export and summary
+        summary = json.loads((run_dir / "summary.json").read_text())
+    elif accelerator.is_main_process:
+        export_run(run_dir, run_dir / "export", raw=ema is None)
         write_summary(run_dir, summary)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    finish_training(accelerator)
     return summary
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -168,7 +169,7 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
     from pipeline.checkpoint import CheckpointManager
     from pipeline.ema import EMA
     from pipeline.export import export_run
-    from pipeline.runtime import build_accelerator
+    from pipeline.runtime import build_accelerator, finish_training
     from pipeline.schedule import warmup_cosine
     from pipeline.visual import grain_overlay, image_grid, save_png
 
@@ -261,7 +262,10 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
                                "peak_memory_bytes": peak_memory_bytes(accelerator.device),
                                "optimizer_state_bytes": optimizer_state_bytes(optimizer)}])
     summary: dict[str, Any] = {}
-    if main:
+    finished_before = step == start_step and (run_dir / "export").is_dir() and (run_dir / "summary.json").is_file()
+    if main and finished_before:  # a re-run of a finished run: keep its export (stage 2 keys on its hash) and summary
+        summary = json.loads((run_dir / "summary.json").read_text())
+    elif main:
         export_dir = export_run(run_dir, run_dir / "export", raw=ema is None)
         summary = {"steps": step, "resumed_from": start_step, "seconds": seconds,
                    "images_per_s": (step - start_step) * images_per_step / max(seconds, 1e-9),
@@ -270,7 +274,7 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
                    "stream": stream.stats, "export": str(export_dir), "export_weights": "raw" if ema is None else "ema"}
         write_summary(run_dir, summary)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    finish_training(accelerator)
     return summary
 
 
