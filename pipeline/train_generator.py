@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 from pathlib import Path
@@ -41,7 +40,7 @@ from models.config import ConfigBase, ConfigError, check_choice
 from models.generator import Generator, GeneratorConfig, PackedBatch, SequenceSpec, encode_sequences, pack
 from pipeline.config import LoggingConfig, OptimConfig, RunConfig, TrainConfig, load_config, save_resolved_config
 from pipeline.training import (GuardedStep, MetricsLog, MetricWindow, NonFiniteGuard, add_stage_arguments,
-                               peak_memory_bytes, tracker_names, write_summary)
+                               finished_run_summary, peak_memory_bytes, tracker_names, write_summary)
 
 __all__ = ["GeneratorStageConfig", "GeneratorDataConfig", "GeneratorLoggingConfig", "PackedCodeStream",
            "check_vocabulary", "optimizer_groups", "train", "add_arguments", "run"]
@@ -304,9 +303,9 @@ def train(cfg: GeneratorStageConfig, resume: Optional[str] = "auto") -> dict[str
     summary = {"steps": step, "resumed_from": start, "world_size": accelerator.num_processes,
                "zero_stage": ckpt.zero_stage, "parameters": num_parameters,
                "steps_per_epoch": stream.steps_per_epoch, "bad_steps": guard.total, "final": last}
-    finished_before = step == start and (run_dir / "export").is_dir() and (run_dir / "summary.json").is_file()
-    if accelerator.is_main_process and finished_before:  # a re-run of a finished run: keep export and summary
-        summary = json.loads((run_dir / "summary.json").read_text())
+    previous = finished_run_summary(run_dir, step, start) if accelerator.is_main_process else None
+    if previous is not None:
+        summary = previous
     elif accelerator.is_main_process:
         export_run(run_dir, run_dir / "export", raw=ema is None)
         write_summary(run_dir, summary)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -35,7 +34,8 @@ from models.tokenizer.losses import LossConfig, TokenizerGANLoss
 from models.tokenizer.training import TokenizerTrainingModule
 from pipeline.config import LoggingConfig, OptimConfig, RunConfig, TrainConfig, load_config, save_resolved_config
 from pipeline.training import (GuardedStep, MetricsLog, MetricWindow, NonFiniteGuard, add_stage_arguments,
-                               peak_memory_bytes, state_digest, tracker_names, write_summary)
+                               finished_run_summary, peak_memory_bytes, state_digest, tracker_names,
+                               write_summary)
 
 __all__ = ["TokenizerDataConfig", "TokenizerStageConfig", "config_identity", "prepare", "train",
            "add_arguments", "run"]
@@ -262,9 +262,9 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
                                "peak_memory_bytes": peak_memory_bytes(accelerator.device),
                                "optimizer_state_bytes": optimizer_state_bytes(optimizer)}])
     summary: dict[str, Any] = {}
-    finished_before = step == start_step and (run_dir / "export").is_dir() and (run_dir / "summary.json").is_file()
-    if main and finished_before:  # a re-run of a finished run: keep its export (stage 2 keys on its hash) and summary
-        summary = json.loads((run_dir / "summary.json").read_text())
+    previous = finished_run_summary(run_dir, step, start_step) if main else None
+    if previous is not None:
+        summary = previous
     elif main:
         export_dir = export_run(run_dir, run_dir / "export", raw=ema is None)
         summary = {"steps": step, "resumed_from": start_step, "seconds": seconds,

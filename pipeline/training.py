@@ -21,7 +21,7 @@ import json
 import resource
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -187,6 +187,17 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def finished_run_summary(run_dir: Path, step: int, start_step: int) -> Optional[dict[str, Any]]:
+    """The saved summary when this call trained nothing on an already exported run, else None.
+
+    Such a re-run must keep its export untouched: stage 2 keys code files on the export's weights hash.
+    """
+    run_dir = Path(run_dir)
+    if step == start_step and (run_dir / "export").is_dir() and (run_dir / "summary.json").is_file():
+        return json.loads((run_dir / "summary.json").read_text())
+    return None
 
 
 # ------------------------------------------------------------------------------------------ command line
