@@ -21,10 +21,10 @@ demo: $(STAMP)
 	$(BIN)/varitok demo --workdir demo-run
 
 test: $(STAMP)
-	DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q tests
+	DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
-	DS_ACCELERATOR=cpu OMP_WAIT_POLICY=PASSIVE $(BIN)/python benchmarks/run_all.py
+	DS_ACCELERATOR=cpu $(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache

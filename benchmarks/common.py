@@ -17,6 +17,9 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from pipeline.process_env import apply_process_env_defaults  # noqa: E402
+
+PROCESS_ENV = apply_process_env_defaults()  # the scripts run torch as `varitok` does (set before torch loads)
 
 
 def machine_info() -> dict[str, Any]:
@@ -32,7 +35,7 @@ def machine_info() -> dict[str, Any]:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "env": dict(PROCESS_ENV)}
 
 
 def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, sync: bool = False) -> float:

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from common import emit, median_time, target  # noqa: E402  (common puts the repo on sys.path)
+from common import emit, median_time, target  # noqa: E402  (first: common puts the repo on sys.path, sets the env)
+import torch  # noqa: E402
 from models.generator import Generator, GeneratorConfig, PackedBatch, encode_sequences, generate_tokens, pack
 
 GRID = [16, 16]

@@ -43,11 +43,10 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+from benchmarks.common import emit, target  # noqa: E402  (first: it sets the process env before torch loads)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torchmetrics.functional import peak_signal_noise_ratio, structural_similarity_index_measure  # noqa: E402
-
-from benchmarks.common import emit, target  # noqa: E402
 from data.transforms import load_image, to_unit_range  # noqa: E402
 from models.tokenizer import Tokenizer, TokenizerConfig, calibrate_entropy, region_entropy  # noqa: E402
 from models.tokenizer.losses import LPIPS, reconstruction_loss  # noqa: E402

@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import emit, median_time, target
+from benchmarks.common import emit, median_time, target  # noqa: E402  (first: it sets the env before torch loads)
+import torch  # noqa: E402
 from data.demo_images import write_image_folder
 from data.shards import ShardOptions, shard_images
 from models.tokenizer import Tokenizer, TokenizerConfig

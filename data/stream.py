@@ -9,6 +9,10 @@ Usage::
         batch["key"]              # list[str] of B sample keys
     state = stream.state_dict()   # small JSON-able dict; load_state_dict(state) resumes exactly here
 
+With ``dtype=torch.uint8`` the images stay bytes (``0..255``): convert them where the model runs with
+:func:`data.transforms.to_unit_range` (on a GPU: 4x less host-to-device traffic and no CPU time in the
+training process; this is what ``train-tokenizer`` does).
+
 How an epoch is built (everything is a pure function of seed, epoch, rank, worker and position):
 
 * A *unit* is one (rank, worker) pair: ``unit = rank * W + worker``, ``units = world_size * W``
@@ -29,6 +33,11 @@ How an epoch is built (everything is a pure function of seed, epoch, rank, worke
 * The crop offset and flip of the sample at raw position ``p`` of a unit's stream are seeded by
   ``(seed, epoch, unit, p)``. A corrupt sample consumes its position and is replaced by the next one.
 
+Workers live across epochs: one DataLoader serves consecutive epochs (no fork at each epoch start, and
+the next epoch's first batches are prefetched while the current one ends); it restarts only when the stream is moved elsewhere (``set_epoch`` to another epoch,
+``load_state_dict``). Decoded batches travel to the main process through a small ring of shared-memory
+buffers per worker, reused once the main process has converted them (see :class:`_BatchProducer`).
+
 Exact resume: the state holds, per worker, how many raw samples its stream has consumed. Restoring it
 re-reads those samples' tar members and discards them before any decoding, then continues; the DataLoader
 starts at physical worker 0, so physical worker ``w`` takes the role of logical worker ``(N + w) % W``
@@ -47,7 +56,8 @@ import os
 import random
 import re
 import tarfile
-from collections import Counter
+import time
+from collections import Counter, deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -63,6 +73,11 @@ from data.transforms import CROPS, DECODERS, IMAGE_EXTENSIONS, load_image, sampl
 log = logging.getLogger("varitok.stream")
 
 STATE_FORMAT = "varitok.stream/1"
+# Batch buffers per worker; the DataLoader keeps at most PREFETCH batches per worker in flight, and one
+# more slot covers the batch the main process is converting.
+PREFETCH = 2
+RING_SLOTS = PREFETCH + 1
+IMAGE_DTYPES = (torch.float32, torch.uint8)
 SIZES_FILE = "sizes.json"
 _META_MEMBER = re.compile(r"(.*/)?__[^/]*__$")  # webdataset metadata members, not samples
 
@@ -345,22 +360,52 @@ def decode_sample(plan: EpochPlan, unit: int, position: int, sample: dict[str, A
     return image, label
 
 
-class _EpochDataset(IterableDataset):
-    """Yields, in one process, the batches of the rest of an epoch that one physical worker owns
-    (images as uint8 ``B x 3 x S x S``; the stream converts them to float)."""
+class _BatchProducer(IterableDataset):
+    """Yields, in one process, the batches that one physical worker owns: the rest of ``plan``'s epoch,
+    then every later epoch from its start, endlessly (the stream decides how many it takes).
 
-    def __init__(self, plan: EpochPlan) -> None:
+    Images travel as uint8 ``B x 3 x S x S`` (the stream converts them to float) in a ring of
+    ``RING_SLOTS`` batch buffers allocated once per worker, in shared memory when in a DataLoader
+    worker: nothing is allocated, zero-filled or copied per batch on the way to the main process. The
+    main process counts the batches it has converted in ``released[physical]``; a buffer is refilled
+    only once its previous batch is released (with the DataLoader's ``prefetch_factor`` below the ring
+    size, that wait never happens in practice; it makes reuse safe rather than merely likely).
+
+    Batch ``g`` of the loader (counted from when it started) comes from physical worker ``g % W``
+    (the DataLoader's round robin); the logical worker of the epoch batch it stands for decides the
+    unit whose samples fill it, so an epoch is the same whichever worker produced which batch.
+    """
+
+    def __init__(self, plan: EpochPlan, released: torch.Tensor) -> None:
         self.plan = plan
+        self.released = released  # int64 [W]: batches the main process has converted, per physical worker
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        plan = self.plan
         info = get_worker_info()
         physical = info.id if info is not None else 0
-        logical = (plan.start_batch + physical) % plan.workers
-        unit = plan.rank * plan.workers + logical
-        my_batches = range(plan.start_batch + physical, plan.steps, plan.workers)
+        plan = self.plan
+        shape = (plan.batch_size, 3, plan.image_size, plan.image_size)
+        ring = [torch.empty(shape, dtype=torch.uint8) for _ in range(RING_SLOTS)]
+        if info is not None:
+            ring = [buffer.share_memory_() for buffer in ring]
+        produced = 0  # batches this worker has yielded, all epochs together
+        offset = 0  # loader batches before the first batch of plan's epoch
+        while True:
+            logical = (physical + plan.start_batch - offset) % plan.workers
+            first = plan.start_batch + (logical - plan.start_batch) % plan.workers
+            for images in self._epoch(plan, physical, logical, range(first, plan.steps, plan.workers), ring,
+                                      produced):
+                yield {**images, "_physical": physical, "_epoch": plan.epoch}
+                produced += 1
+            offset += plan.steps - plan.start_batch
+            plan = replace(plan, epoch=plan.epoch + 1, start_batch=0, positions=(0,) * plan.workers)
+
+    def _epoch(self, plan: EpochPlan, physical: int, logical: int, my_batches: range, ring: list[torch.Tensor],
+               produced: int) -> Iterator[dict[str, Any]]:
+        """This worker's batches ``my_batches`` of ``plan``'s epoch, as logical worker ``logical``."""
         if not my_batches:
             return
+        unit = plan.rank * plan.workers + logical
         stats = StreamStats()
         stream = unit_raw_stream(plan, unit, stats)
         position = plan.positions[logical]
@@ -369,12 +414,10 @@ class _EpochDataset(IterableDataset):
         # A whole pass without a decodable sample means the unit can never fill its quota.
         hopeless_gap = 100 if plan.resampled else 2
         last_good_pass = None
-        for _ in my_batches:
-            # uint8 crosses the worker->main queue (4x less shared memory to fault in than float32);
-            # written in place into a tensor already in shared memory, so sending it copies nothing.
-            images = torch.empty(plan.batch_size, 3, plan.image_size, plan.image_size, dtype=torch.uint8)
-            if info is not None:
-                images.share_memory_()
+        for index, _ in enumerate(my_batches):
+            while int(self.released[physical]) <= produced + index - RING_SLOTS:
+                time.sleep(1e-3)  # the main process still holds this slot's previous batch
+            images = ring[(produced + index) % RING_SLOTS]
             labels, keys = [], []
             while len(keys) < plan.batch_size:
                 pass_index, sample = next(stream)
@@ -415,7 +458,11 @@ class ShardStream:
     def __init__(self, spec: str | os.PathLike | Sequence[str], batch_size: int, image_size: int = 256, *,
                  rank: int | None = None, world_size: int | None = None, num_workers: int = 0, seed: int = 0,
                  shuffle: bool = True, shuffle_buffer: int = 1000, resampled: bool = False,
-                 crop: str = "random", flip: bool = True, decoder: str = "pil", drop_last: bool = True) -> None:
+                 crop: str = "random", flip: bool = True, decoder: str = "pil", drop_last: bool = True,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if dtype not in IMAGE_DTYPES:
+            raise ValueError(f"dtype must be torch.float32 (images in [-1, 1]) or torch.uint8 (bytes 0..255), "
+                             f"got {dtype}")
         if crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
         if decoder not in DECODERS:
@@ -437,6 +484,7 @@ class ShardStream:
                              f"{batch_size} on each of {self.world_size} ranks; lower batch_size or pass "
                              "drop_last=False")
         self.num_workers = num_workers
+        self.dtype = dtype
         self._template = EpochPlan(
             shards=tuple(self.shards), sizes=tuple(self.sizes), seed=int(seed), epoch=0, rank=self.rank,
             world_size=self.world_size, workers=max(1, num_workers), batch_size=batch_size,
@@ -446,6 +494,12 @@ class ShardStream:
         self._batch = 0
         self._positions = [0] * self._template.workers
         self._stats: Counter[str] = Counter()
+        # Producers (DataLoader workers, or a generator when num_workers == 0) live across epochs: a new
+        # epoch does not pay for forking workers and refilling their shuffle buffers from scratch.
+        self._live: Iterator[dict[str, Any]] | None = None
+        self._live_next: tuple[int, int] | None = None  # (epoch, batch) the producers deliver next
+        self._released = torch.zeros(0, dtype=torch.int64)
+        self._mapped: list[deque[torch.Tensor]] = []
 
     @property
     def steps_per_epoch(self) -> int:
@@ -461,9 +515,12 @@ class ShardStream:
         return self._batch
 
     def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` from its first batch at the next iteration."""
+        """Start ``epoch`` from its first batch at the next iteration. The running producers go on when
+        that is where they are anyway (the usual ``set_epoch(e)`` at the top of an epoch loop)."""
         self.epoch, self._batch = int(epoch), 0
         self._positions = [0] * self._template.workers
+        if self._live_next != (self.epoch, 0):
+            self.close()
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -476,24 +533,50 @@ class ShardStream:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self._batch >= self.steps_per_epoch:
             self.set_epoch(self.epoch + 1)
-        plan = replace(self._template, epoch=self.epoch, start_batch=self._batch,
-                       positions=tuple(self._positions))
-        dataset = _EpochDataset(plan)
-        batches: Iterator[dict[str, Any]]
-        if self.num_workers == 0:
-            batches = iter(dataset)
-        else:
-            batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                      worker_init_fn=_init_worker))
-        for batch in batches:
+        if self._live_next != (self.epoch, self._batch):
+            self._start_producers()
+        while self._batch < self.steps_per_epoch:
+            try:
+                batch = next(self._live)
+            except StopIteration:
+                self.close()
+                raise RuntimeError(f"epoch {self.epoch} ended after {self._batch} of {self.steps_per_epoch} "
+                                   "batches") from None
+            physical, epoch = batch.pop("_physical"), batch.pop("_epoch")
+            assert epoch == self.epoch, f"producer sent a batch of epoch {epoch} during epoch {self.epoch}"
             self._positions[batch.pop("_worker")] = batch.pop("_position")
             self._stats.update(batch.pop("_stats"))
             self._batch += 1
-            batch["image"] = to_unit_range(batch["image"])
+            raw = batch["image"]
+            batch["image"] = to_unit_range(raw) if self.dtype == torch.float32 else raw.clone()
+            self._released[physical] += 1  # its ring slot may be refilled now
+            # Holding the slot keeps its shared-memory mapping alive: when the worker sends the slot again,
+            # torch finds the mapping in its cache instead of mapping (and page-faulting) it anew.
+            self._mapped[physical].append(raw)
+            self._live_next = (self.epoch, self._batch) if self._batch < self.steps_per_epoch else (self.epoch + 1, 0)
             yield batch
-        if self._batch != self.steps_per_epoch:
-            raise RuntimeError(f"epoch {self.epoch} ended after {self._batch} of {self.steps_per_epoch} batches")
         self.set_epoch(self.epoch + 1)
+
+    def _start_producers(self) -> None:
+        """(Re)start the producers at the current epoch, batch and positions; they run on across epochs."""
+        self.close()
+        plan = replace(self._template, epoch=self.epoch, start_batch=self._batch,
+                       positions=tuple(self._positions))
+        self._released = torch.zeros(plan.workers, dtype=torch.int64)
+        self._mapped = [deque(maxlen=RING_SLOTS) for _ in range(plan.workers)]
+        if self.num_workers:
+            self._released.share_memory_()
+        dataset = _BatchProducer(plan, self._released)
+        if self.num_workers == 0:
+            self._live = iter(dataset)
+        else:
+            self._live = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                         prefetch_factor=PREFETCH, worker_init_fn=_init_worker))
+        self._live_next = (self.epoch, self._batch)
+
+    def close(self) -> None:
+        """Stop the producers (DataLoader workers exit). Iterating again restarts them where the stream is."""
+        self._live, self._live_next = None, None
 
     # ------------------------------------------------------------------------------------- resume
     def _identity(self) -> dict[str, Any]:
@@ -550,5 +633,6 @@ class ShardStream:
                              "use the saved settings or start a new epoch with set_epoch()")
         if len(state["positions"]) != self._template.workers or not 0 <= state["batch"] <= self.steps_per_epoch:
             raise ValueError(f"corrupt stream state: batch {state['batch']}, positions {state['positions']}")
+        self.close()
         self.epoch, self._batch = int(state["epoch"]), int(state["batch"])
         self._positions = [int(p) for p in state["positions"]]

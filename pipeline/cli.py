@@ -13,6 +13,8 @@ import re
 import sys
 from typing import Optional, Sequence
 
+from pipeline.process_env import apply_process_env_defaults
+
 # name -> (module, one-line help). Order is the pipeline order shown by `varitok --help`.
 STAGES: dict[str, tuple[str, str]] = {
     "shard": ("pipeline.shard", "stage 0: pack image folders / file lists into WebDataset tar shards"),
@@ -75,10 +77,7 @@ def _stage_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    # OpenMP threads that spin while they wait make torch 20-50x slower whenever the cores are shared (other
-    # ranks, data workers, other jobs); sleeping waiters cost little when they are not. Set before torch loads;
-    # an explicit OMP_WAIT_POLICY in the environment wins. Child processes (launchers, workers) inherit it.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    apply_process_env_defaults()  # before torch loads: OMP_WAIT_POLICY=PASSIVE, THP_MEM_ALLOC_ENABLE=1
     argv = list(sys.argv[1:] if argv is None else argv)
     top = build_parser()
     if not argv or argv[0] in ("-h", "--help"):

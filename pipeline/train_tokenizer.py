@@ -28,6 +28,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from data.transforms import to_unit_range
 from models.config import ConfigBase, ConfigError
 from models.tokenizer import Tokenizer, TokenizerConfig, build_teachers
 from models.tokenizer.losses import LossConfig, TokenizerGANLoss
@@ -138,7 +139,7 @@ def prepare(cfg: TokenizerStageConfig, resume: Optional[str]) -> Prepared:
         # Rank and world size come from the launcher's environment (RANK / WORLD_SIZE; 0 / 1 when absent).
         stream = ShardStream(cfg.data.shards, cfg.data.batch_size, cfg.data.image_size,
                              num_workers=cfg.data.num_workers, seed=cfg.run.seed,
-                             shuffle_buffer=cfg.data.shuffle_buffer)
+                             shuffle_buffer=cfg.data.shuffle_buffer, dtype=torch.uint8)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"data.shards={cfg.data.shards!r}: {exc}") from None
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -218,7 +219,8 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
     while step < cfg.train.max_steps:
         update = GuardedStep(accelerator, model, optimizer, cfg.train.grad_accum)
         for _ in range(cfg.train.grad_accum):
-            images = next(batches)["image"].to(accelerator.device, non_blocking=True)
+            # Bytes cross to the device (4x less traffic than float32) and become [-1, 1] floats there.
+            images = to_unit_range(next(batches)["image"].to(accelerator.device, non_blocking=True))
             with accelerator.accumulate(model):
                 loss, logs, rec, grain = model(images, step)
                 if update.backward(loss):

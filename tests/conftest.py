@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as pipeline.cli does: no spinning threads on shared cores
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from pipeline.process_env import apply_process_env_defaults  # noqa: E402
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+apply_process_env_defaults()  # as pipeline.cli does (before torch loads)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture

@@ -11,10 +11,13 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from data.demo_images import procedural_image
+import data.stream as stream_module
 from data.stream import ShardStream, deal_shards, expand_shard_spec, iter_tar_members
-from data.transforms import crop_resize_flip, decode_pil, decode_torchvision, load_image, sample_augmentation
+from data.transforms import (crop_resize_flip, decode_pil, decode_torchvision, load_image, sample_augmentation,
+                             to_unit_range)
 
 SIZE = 16
 
@@ -136,8 +139,8 @@ def test_round_trip_pixels_labels_each_key_once(tmp_path):
         assert batch["image"].dtype == torch.float32 and batch["image"].shape == (4, 3, SIZE, SIZE)
         for key, image, label in zip(batch["key"], batch["image"], batch["label"]):
             pixels, want_label = expected[key]
-            want = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1
-            assert torch.equal(image, want) and int(label) == want_label
+            want = torch.from_numpy(pixels).permute(2, 0, 1)
+            assert torch.equal(((image + 1) * 127.5).round().to(torch.uint8), want) and int(label) == want_label
     assert stream.epoch == 1 and stream.stats["samples"] == 16 and stream.stats["corrupt"] == 0
 
 
@@ -217,6 +220,59 @@ def test_exact_resume_mid_epoch_and_across_epoch_boundary(tmp_path, num_workers)
             assert got["key"] == want["key"]
             assert torch.equal(got["image"], want["image"]) and torch.equal(got["label"], want["label"])
         assert (resumed.stats["resume_skipped"] > 0) == (stop != steps)
+
+
+def test_workers_run_on_across_epochs_and_wait_for_their_ring_slots(tmp_path, monkeypatch):
+    """One DataLoader serves consecutive epochs (15 steps, odd, so the two workers swap logical roles at
+    each boundary); a one-slot ring makes every worker wait until the main process has converted its
+    previous batch. Every epoch equals a fresh stream started at that epoch."""
+    write_shards(tmp_path, [9, 4, 7, 6, 5], width=24, height=18)
+    settings = dict(batch_size=2, image_size=12, rank=0, world_size=1, num_workers=2, seed=2, shuffle_buffer=5)
+
+    def fresh_epoch(epoch: int) -> list[dict]:
+        fresh = ShardStream(tmp_path, **settings)
+        fresh.set_epoch(epoch)
+        return run_batches(fresh)
+
+    expected = [fresh_epoch(epoch) for epoch in range(3)]
+    loaders = []
+    monkeypatch.setattr(stream_module, "DataLoader", lambda *a, **k: loaders.append(1) or DataLoader(*a, **k))
+    monkeypatch.setattr(stream_module, "RING_SLOTS", 1)
+    stream = ShardStream(tmp_path, **settings)
+    assert stream.steps_per_epoch == 15
+    got = [run_batches(stream), run_batches(stream)]
+    stream.set_epoch(2)  # where the stream is anyway: the workers go on
+    got.append(run_batches(stream))
+    assert len(loaders) == 1
+    stream.set_epoch(0)  # anywhere else: they restart there
+    got[0:0] = [run_batches(stream)]
+    assert len(loaders) == 2
+    for epoch_got, epoch_want in zip(got, [expected[0]] + expected, strict=True):
+        assert keys_of(epoch_got) == keys_of(epoch_want)
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(epoch_got, epoch_want))
+
+
+def test_to_unit_range_maps_bytes_to_minus_one_one_for_any_leading_shape():
+    pixels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(2, 3, 3, 16, 16)
+    for images in (pixels, pixels[0], pixels[0, 0], pixels[0].permute(0, 1, 3, 2)):
+        unit = to_unit_range(images)
+        assert unit.dtype == torch.float32 and unit.shape == images.shape and unit.is_contiguous()
+        assert torch.equal(unit, images.float() / 127.5 - 1)
+    assert unit.min() == -1 and unit.max() == 1
+
+
+def test_uint8_output_is_the_float_output_in_bytes(tmp_path):
+    write_shards(tmp_path, [6, 5], width=20, height=16)
+    settings = dict(batch_size=2, image_size=12, rank=0, world_size=1, num_workers=1, seed=4, shuffle_buffer=4)
+    floats = run_batches(ShardStream(tmp_path, **settings))
+    stream = ShardStream(tmp_path, dtype=torch.uint8, **settings)
+    raw = run_batches(stream) + run_batches(stream)  # held across a whole epoch of ring reuse
+    assert keys_of(raw[:len(floats)]) == keys_of(floats)
+    for got, want in zip(raw, floats):
+        assert got["image"].dtype == torch.uint8 and torch.equal(to_unit_range(got["image"]), want["image"])
+    assert len({batch["image"].untyped_storage().data_ptr() for batch in raw}) == len(raw)  # not ring slots
+    with pytest.raises(ValueError, match="dtype must be"):
+        ShardStream(tmp_path, dtype=torch.float16, **settings)
 
 
 def test_state_from_another_setup_is_refused(tmp_path):
