@@ -36,11 +36,30 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _canonicalize_safetensors_header(path: str | Path) -> None:
+    """Rewrite a safetensors file's JSON header in place with sorted keys.
+
+    safetensors serializes ``__metadata__`` from a Rust ``HashMap``, whose order is random per process, so the same
+    tensors and metadata give different file bytes (and file hashes) in different processes. Sorting the keys keeps
+    the header's length (same content, same compact separators), so only the header bytes are rewritten; a header
+    that would not fit (never seen; escapes could differ) is left as written, still a valid file.
+    """
+    with open(path, "r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) <= length:
+            handle.seek(8)
+            handle.write(canonical.ljust(length, b" "))
+
+
 def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path,
                     metadata: Mapping[str, str] | None = None) -> None:
     """Write a safetensors file atomically (temp file in the same directory, then rename).
 
-    Tied / shared tensors are cloned so that safetensors accepts them.
+    The bytes are a function of the tensors and the metadata only (the header's keys are sorted), so re-saving the
+    same weights in another process gives the same file hash. Tied / shared tensors are cloned so that
+    safetensors accepts them.
     """
     path = Path(path)
     seen: dict[int, str] = {}
@@ -55,6 +74,7 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path,
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=dict(metadata or {}))
+        _canonicalize_safetensors_header(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
