@@ -1,6 +1,6 @@
 """Generate images with a trained generator + tokenizer: PNGs, a grid and an ADM-style ``.npz`` for FID tools.
 
-    varitok sample --generator runs/gen/export --tokenizer runs/tok/export --num 1000 --class-balanced \\
+    varitok sample --generator runs/gen/export --tokenizer runs/tok/export --num-samples 1000 --class-balanced \\
         --cfg 2.0 --top-k 0 --top-p 1.0 --temperature 1.0 --batch-size 50 --out samples/
     torchrun --nproc_per_node 8 -m pipeline.cli sample ...      # each rank a disjoint slice, rank 0 merges
 
@@ -35,7 +35,7 @@ def sample_labels(num: int, num_classes: int, classes: Optional[Sequence[int]] =
     """int64 ``[num]`` class per sample: cycling through ``classes``, or ``i % num_classes`` when balanced
     (also the default for a class-conditional model); the null class ``num_classes`` for an unconditional one."""
     if num < 1:
-        raise ConfigError(f"--num must be >= 1, got {num}")
+        raise ConfigError(f"--num-samples must be >= 1, got {num}")
     if classes:
         if num_classes == 0:
             raise ConfigError("--classes needs a class-conditional generator (this one has num_classes=0)")
@@ -89,7 +89,9 @@ def _distributed() -> tuple[int, int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generator", required=True, help="generator export (config.json + model.safetensors)")
     parser.add_argument("--tokenizer", required=True, help="tokenizer export used to decode the codes")
-    parser.add_argument("--num", type=int, required=True, help="number of samples N")
+    # --num-samples, not --num: torchrun's own parser would reject "--num" as an ambiguous abbreviation of its
+    # --numa-binding even after the script name. --num still works without a launcher.
+    parser.add_argument("--num-samples", "--num", dest="num", type=int, required=True, help="number of samples N")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--classes", type=int, nargs="+", help="class ids to cycle through")
     group.add_argument("--class-balanced", action="store_true", help="sample i gets class i %% num_classes (default)")

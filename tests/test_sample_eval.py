@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,34 @@ def test_sample_writes_pngs_grid_and_adm_npz(tmp_path, exports):
     assert grid.size[0] > SIZE * 5 and grid.size[1] > SIZE * 2    # 5 columns, images and granularity rows
     summary = json.loads((out / "samples.json").read_text())
     assert summary["class_counts"] == [2, 1, 1, 1] and not list(out.glob(".part-*"))
+
+
+def test_two_process_sampling_gives_each_rank_its_slice_and_merges_in_order(tmp_path, exports, one_thread):
+    """torchrun, 2 CPU processes (gloo): sample i is made by rank i % 2 from that rank's seeded generator, and
+    rank 0 merges the parts back into sample order."""
+    from conftest import free_port, start_process
+
+    from pipeline.sample import generate_images
+
+    out, seed, num = tmp_path / "samples", 3, 5
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            "-m", "pipeline.cli", "sample", "--generator", str(exports["generator"]),
+            "--tokenizer", str(exports["tokenizer"]), "--num-samples", str(num), "--cfg", "2.0", "--top-k", "50",
+            "--batch-size", "2", "--seed", str(seed), "--out", str(out)]
+    process = start_process(argv, tmp_path / "torchrun.log")
+    assert process.wait(timeout=300) == 0, (tmp_path / "torchrun.log").read_text()[-3000:]
+    with np.load(out / "samples.npz") as data:
+        images, labels = data["arr_0"], data["labels"]
+    assert labels.tolist() == [0, 1, 2, 3, 0] and images.shape == (num, SIZE, SIZE, 3)
+    assert json.loads((out / "samples.json").read_text())["world_size"] == 2 and not list(out.glob(".part-*"))
+    generator = Generator.from_pretrained(exports["generator"]).eval()
+    tokenizer = Tokenizer.from_pretrained(exports["tokenizer"]).eval()
+    for rank in (0, 1):
+        expected, _ = generate_images(generator, tokenizer, labels[rank::2].tolist(), batch_size=2, cfg_scale=2.0,
+                                      top_k=50, seed_generator=torch.Generator().manual_seed(seed * 1000003 + rank))
+        assert np.array_equal(images[rank::2], expected)
+        for index in range(rank, num, 2):
+            assert np.array_equal(np.asarray(Image.open(out / "images" / f"{index:06d}.png")), images[index])
 
 
 def test_psnr_hand_values_and_extremes():
