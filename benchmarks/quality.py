@@ -34,23 +34,20 @@ elif os.path.dirname(_HERE) not in sys.path:
     sys.path.insert(0, os.path.dirname(_HERE))
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 from benchmarks.common import emit, target  # noqa: E402  (first: it sets the process env before torch loads)
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torchmetrics.functional import peak_signal_noise_ratio, structural_similarity_index_measure  # noqa: E402
 from data.transforms import load_image, to_unit_range  # noqa: E402
 from models.tokenizer import Tokenizer, TokenizerConfig, calibrate_entropy, region_entropy  # noqa: E402
 from models.tokenizer.losses import LPIPS, reconstruction_loss  # noqa: E402
-from models.tokenizer.router import RouterOutput  # noqa: E402
 from pipeline.visual import pyplot, grain_overlay, image_grid, save_png  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -202,41 +199,27 @@ def shuffle_regions(grain: torch.Tensor, generator: torch.Generator) -> torch.Te
     return flat.gather(1, order.to(flat.device)).view_as(grain)
 
 
-@contextlib.contextmanager
-def grain_override(tokenizer: Tokenizer, transform: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
-    """Replace the router's grain map by ``transform(grain)`` (gates and shares follow) inside the block."""
-    def hook(_module, _inputs, output: RouterOutput) -> RouterOutput:
-        grain = transform(output.grain)
-        gates = F.one_hot(grain, tokenizer.num_levels).permute(0, 3, 1, 2).to(output.gates.dtype)
-        return RouterOutput(gates, grain, output.budget, gates.mean(dim=(0, 2, 3)))
-
-    handle = tokenizer.router.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 @dataclasses.dataclass
 class Evaluation:
     metrics: dict[str, float | list[float]]
-    examples: torch.Tensor          # E x 3 x H x W reconstructions in [-1, 1]
-    example_grain: torch.Tensor     # E x Hs x Ws
+    examples: torch.Tensor          # E x 3 x H x W reconstructions in [-1, 1] (the first E images)
+    grain: torch.Tensor             # N x Hs x Ws int64, the map every image was coded with
 
 
 @torch.no_grad()
 def evaluate(tokenizer: Tokenizer, cache: torch.Tensor, batch_size: int, num_examples: int,
-             lpips: Optional[LPIPS] = None) -> Evaluation:
-    """Encode / decode the held-out ``cache`` (uint8 N x 3 x H x W) in eval mode. Metrics: mean PSNR (dB) and
-    SSIM over images (pixels in [0, 1]), LPIPS (when given), codes per image, and per sub-codebook the share
-    of codes used and the perplexity of the code histogram over the whole split."""
+             lpips: Optional[LPIPS] = None, grain: Optional[torch.Tensor] = None) -> Evaluation:
+    """Encode / decode the held-out ``cache`` (uint8 N x 3 x H x W) in eval mode, with the router's maps or the
+    imposed ``grain`` (N x Hs x Ws). Metrics: mean PSNR (dB) and SSIM over images (pixels in [0, 1]), LPIPS
+    (when given), codes per image, and per sub-codebook the share of codes used and the perplexity of the
+    code histogram over the whole split."""
     tokenizer.eval()
     psnr, ssim, dist, lengths = [], [], [], []
     histograms = [torch.zeros(size, dtype=torch.float64) for size in tokenizer.codebook_sizes]
-    examples, example_grain = [], []
+    examples, grains = [], []
     for start in range(0, cache.shape[0], batch_size):
         images = to_unit_range(cache[start:start + batch_size])
-        codes = tokenizer.encode(images)
+        codes = tokenizer.encode(images, None if grain is None else grain[start:start + batch_size])
         rec = tokenizer.decode(codes).clamp(-1, 1)
         target01, rec01 = (images + 1) / 2, (rec + 1) / 2
         psnr.append(peak_signal_noise_ratio(rec01, target01, data_range=1.0, reduction="none", dim=(1, 2, 3)))
@@ -248,7 +231,7 @@ def evaluate(tokenizer: Tokenizer, cache: torch.Tensor, batch_size: int, num_exa
             histogram += torch.bincount(stacked[:, k], minlength=histogram.numel()).double()
         lengths.extend(c.codes.shape[0] for c in codes)
         examples.append(rec[:num_examples])
-        example_grain.append(torch.stack([c.grain.long() for c in codes])[:num_examples])
+        grains.append(torch.stack([c.grain.long() for c in codes]))
     probabilities = [h / h.sum() for h in histograms]
     metrics: dict[str, float | list[float]] = {
         "psnr": float(torch.cat(psnr).mean()), "ssim": float(torch.cat(ssim).mean()),
@@ -258,23 +241,24 @@ def evaluate(tokenizer: Tokenizer, cache: torch.Tensor, batch_size: int, num_exa
     }
     if dist:
         metrics["lpips"] = float(torch.cat(dist).mean())
-    return Evaluation(metrics, torch.cat(examples)[:num_examples], torch.cat(example_grain)[:num_examples])
+    return Evaluation(metrics, torch.cat(examples)[:num_examples], torch.cat(grains))
 
 
 def evaluation_points(tokenizer: Tokenizer, spec: ModelSpec, cache: torch.Tensor, args: argparse.Namespace,
                       lpips: Optional[LPIPS]) -> dict[str, Evaluation]:
     """Every evaluation of one trained model: one point for fixed-length models; for two-level models the
     adaptive and the random-map point at each evaluation ratio (``c@0.25``, ``c@0.25 random``, ...)."""
-    run = lambda: evaluate(tokenizer, cache, args.batch_size, args.examples, lpips)  # noqa: E731
+    run = lambda grain=None: evaluate(tokenizer, cache, args.batch_size, args.examples, lpips, grain)  # noqa: E731
     if not spec.eval_ratios:
         return {spec.name: run()}
     points = {}
     for ratio in spec.eval_ratios:
         tokenizer.set_granularity_ratio([ratio])
-        points[f"{spec.name}@{ratio}"] = run()
+        adaptive = points[f"{spec.name}@{ratio}"] = run()
+        # Shuffled batch by batch, one generator per point: the draws of the recorded study.
         generator = torch.Generator().manual_seed(args.seed)
-        with grain_override(tokenizer, lambda grain: shuffle_regions(grain, generator)):
-            points[f"{spec.name}@{ratio} random"] = run()
+        shuffled = torch.cat([shuffle_regions(g, generator) for g in adaptive.grain.split(args.batch_size)])
+        points[f"{spec.name}@{ratio} random"] = run(shuffled)
     return points
 
 
@@ -340,9 +324,9 @@ def save_examples(originals: torch.Tensor, evaluations: dict[str, Evaluation], p
     points with their grain map tinted: fine regions orange). Returns the column names."""
     columns = [originals]
     for evaluation in evaluations.values():
-        rec = evaluation.examples
-        if int(evaluation.example_grain.max()) > 0:
-            rec = grain_overlay(rec, evaluation.example_grain, alpha=0.3)
+        rec, grain = evaluation.examples, evaluation.grain[:len(evaluation.examples)]
+        if int(grain.max()) > 0:
+            rec = grain_overlay(rec, grain, alpha=0.3)
         columns.append(rec)
     save_png(image_grid(columns), path)
     return ["original", *evaluations]

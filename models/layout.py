@@ -62,23 +62,34 @@ def canonical_positions(grain: Tensor, num_levels: int) -> tuple[Tensor, Tensor]
     return levels, indices
 
 
-def codes_to_level_maps(grain: Tensor, codes: Tensor, num_levels: int, fill: int = -1) -> list[Tensor]:
-    """Scatter canonical ``codes [L, K]`` onto per-level grids.
+def batch_codes_to_level_maps(grain: Tensor, codes: Tensor, num_levels: int, fill: int = -1) -> list[Tensor]:
+    """Scatter the canonical codes of a batch onto per-level grids, all images at once.
 
-    Returns one ``[K, Hs * 2**g, Ws * 2**g]`` int64 map per level, ``fill`` where the cell is not coded at
-    that level.
+    grain: ``[B, Hs, Ws]``; codes: ``[sum_b L_b, K]``, image 0's canonical codes, then image 1's, ...
+    Returns one int64 ``[B, K, Hs * 2**g, Ws * 2**g]`` map per level on ``codes``' device, ``fill`` where the
+    cell is not coded at that level (non-contiguous views of one table). The positions are worked out on
+    ``grain``'s device (the host is best: one transfer of the row indices follows).
     """
-    levels, indices = canonical_positions(grain, num_levels)
-    if codes.shape[0] != levels.numel():
-        raise ValueError(f"codes has {codes.shape[0]} rows but the grain map implies L = {levels.numel()}")
-    maps = []
-    for level in range(num_levels):
-        h, w = level_shape(tuple(grain.shape[-2:]), level)
-        flat = torch.full((codes.shape[1], h * w), fill, dtype=torch.long, device=codes.device)
-        sel = levels == level
-        flat[:, indices[sel]] = codes[sel].long().T
-        maps.append(flat.view(codes.shape[1], h, w))
-    return maps
+    image, levels, cells = batch_canonical_positions(grain, num_levels)
+    if codes.shape[0] != image.numel():
+        raise ValueError(f"codes has {codes.shape[0]} rows but the grain map implies L = {image.numel()}")
+    shapes = [level_shape(tuple(grain.shape[-2:]), level) for level in range(num_levels)]
+    sizes = [h * w for h, w in shapes]
+    offsets = torch.tensor([0, *sizes[:-1]], device=grain.device).cumsum(0)
+    batch, total = grain.shape[0], sum(sizes)
+    table = torch.full((batch * total, codes.shape[1]), fill, dtype=torch.long, device=codes.device)
+    table[(image * total + offsets[levels] + cells).to(codes.device)] = codes.long()
+    table = table.view(batch, total, codes.shape[1]).transpose(1, 2)                  # B x K x all cells
+    return [part.unflatten(2, shape) for part, shape in zip(table.split(sizes, dim=2), shapes)]
+
+
+def codes_to_level_maps(grain: Tensor, codes: Tensor, num_levels: int, fill: int = -1) -> list[Tensor]:
+    """Scatter canonical ``codes [L, K]`` of one image (grain ``[Hs, Ws]``) onto per-level grids.
+
+    Returns one contiguous ``[K, Hs * 2**g, Ws * 2**g]`` int64 map per level, ``fill`` where the cell is not
+    coded at that level.
+    """
+    return [level[0].contiguous() for level in batch_codes_to_level_maps(grain[None], codes, num_levels, fill)]
 
 
 def level_maps_to_codes(grain: Tensor, maps: list[Tensor]) -> Tensor:

@@ -3,8 +3,8 @@ import torch
 
 import pytest
 
-from models.layout import (batch_canonical_positions, canonical_positions, codes_to_level_maps, level_mask,
-                           level_maps_to_codes, num_codes)
+from models.layout import (batch_canonical_positions, batch_codes_to_level_maps, canonical_positions,
+                           codes_to_level_maps, level_mask, level_maps_to_codes, num_codes)
 
 
 def test_hand_computed_order_two_levels():
@@ -58,3 +58,25 @@ def test_batched_order_equals_the_per_image_order(num_levels):
         assert torch.equal(levels[image == b], want_levels) and torch.equal(indices[image == b], want_indices)
         got_levels, got_indices = canonical_positions(grain[b], num_levels)
         assert torch.equal(got_levels, want_levels) and torch.equal(got_indices, want_indices)
+
+
+@pytest.mark.parametrize("num_levels", [1, 2, 3])
+def test_batched_scatter_equals_the_per_image_reference(num_levels):
+    """All images' concatenated codes onto B x K x Hg x Wg maps at once; reference: per image, per level."""
+    gen = torch.Generator().manual_seed(10 + num_levels)
+    grain = torch.randint(0, num_levels, (5, 2, 3), generator=gen)
+    grain[0] = num_levels - 1
+    lengths = num_codes(grain)
+    codes = torch.randint(0, 1000, (int(lengths.sum()), 2), generator=gen).to(torch.int32)
+    maps = batch_codes_to_level_maps(grain, codes, num_levels, fill=-7)
+    assert [tuple(m.shape) for m in maps] == [(5, 2, 2 << g, 3 << g) for g in range(num_levels)]
+    assert all(m.dtype == torch.long for m in maps)
+    for b, image_codes in enumerate(codes.split(lengths.tolist())):
+        levels, indices = per_image_order(grain[b], num_levels)
+        for level in range(num_levels):
+            want = torch.full((2, (2 << level) * (3 << level)), -7, dtype=torch.long)
+            want[:, indices[levels == level]] = image_codes[levels == level].long().T
+            assert torch.equal(maps[level][b].flatten(1), want)
+        assert torch.equal(level_maps_to_codes(grain[b], [m[b] for m in maps]), image_codes.long())
+    with pytest.raises(ValueError, match=f"implies L = {int(lengths.sum())}"):
+        batch_codes_to_level_maps(grain, codes[1:], num_levels)

@@ -94,24 +94,25 @@ def test_shuffle_regions_keeps_each_images_levels_and_moves_them():
     assert torch.equal(shuffled[2], grain[2])
 
 
-def test_grain_override_codes_the_forced_map():
-    """The random-map control: encode/decode follow the overridden grain map; lengths follow 4**level."""
+def test_evaluate_codes_an_imposed_map():
+    """The random-map control: evaluate codes the imposed grain maps; lengths follow 4**level."""
     import argparse
 
     args = argparse.Namespace(image_size=32, width=8, z_channels=16, codebook_size=16, entropy_weight=0.0)
     spec = next(s for s in quality.SPECS if s.name == "c")
     torch.manual_seed(0)
     tokenizer = Tokenizer(quality.build_config(spec, args, torch.linspace(0, 3.5, 11).tolist())).eval()
-    images = torch.rand(2, 3, 32, 32) * 2 - 1
-    forced = torch.tensor([[[1, 0], [0, 0]], [[1, 1], [0, 1]]])
-    with quality.grain_override(tokenizer, lambda grain: forced.to(grain.device)):
-        codes = tokenizer.encode(images)
-        rec, _, stats = tokenizer(images)
-    assert [c.grain.tolist() for c in codes] == forced.tolist()
-    assert [c.codes.shape[0] for c in codes] == [3 + 4, 1 + 3 * 4]
-    assert float(stats["codes_per_image"]) == pytest.approx((7 + 13) / 2)
-    torch.testing.assert_close(tokenizer.decode(codes), rec)
-    assert tokenizer.encode(images)[0].grain.shape == (2, 2)      # the hook is gone after the block
+    cache = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    forced = torch.tensor([[[1, 0], [0, 0]], [[1, 1], [0, 1]], [[0, 0], [0, 0]]])
+    imposed = quality.evaluate(tokenizer, cache, batch_size=2, num_examples=2, grain=forced)
+    assert torch.equal(imposed.grain, forced) and imposed.examples.shape == (2, 3, 32, 32)
+    assert imposed.metrics["codes_per_image"] == pytest.approx(((3 + 4) + (1 + 3 * 4) + 4) / 3)
+    adaptive = quality.evaluate(tokenizer, cache, batch_size=2, num_examples=2)
+    routed = torch.stack([c.grain.long() for c in tokenizer.encode(quality.to_unit_range(cache))])
+    assert torch.equal(adaptive.grain, routed)
+    # imposing the router's own maps is the adaptive evaluation itself
+    again = quality.evaluate(tokenizer, cache, batch_size=2, num_examples=2, grain=routed)
+    assert again.metrics == adaptive.metrics and torch.equal(again.examples, adaptive.examples)
 
 
 def test_training_batches_are_shared_and_deterministic():

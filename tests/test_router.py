@@ -150,3 +150,29 @@ def test_fixed_mode_and_tau_schedule():
         assert math.isclose(cos.tau, expected_cos, abs_tol=1e-9) and math.isclose(lin.tau, expected_lin, abs_tol=1e-9)
     lin.set_step(25)
     assert math.isclose(lin.tau, 0.775)
+
+
+@pytest.mark.parametrize("mode", ["learned", "entropy", "fixed"])
+def test_imposed_grain_gives_its_gates_shares_and_budget(mode):
+    config = {"learned": RouterConfig(mode="learned", targets=[0.25], hidden=4),
+              "entropy": RouterConfig(mode="entropy", targets=[0.25], entropy_quantiles=[0.0, 1.0, 2.0]),
+              "fixed": RouterConfig(mode="fixed", fixed_level=1)}[mode]
+    router = Router(config, factors=[8, 16], z_channels=4)
+    features = [torch.randn(2, 4, 2, 2), torch.randn(2, 4, 4, 4)]
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    grain = torch.tensor([[[0, 1], [1, 1]], [[0, 0], [0, 1]]], dtype=torch.uint8)     # shares 0.5, 0.5
+    for train in (True, False):
+        out = router.train(train)(features, images, grain)
+        assert out.grain.dtype == torch.long and torch.equal(out.grain, grain.long())
+        assert torch.equal(out.gates, torch.nn.functional.one_hot(grain.long(), 2).permute(0, 3, 1, 2).float())
+        assert torch.equal(out.shares, torch.tensor([0.5, 0.5])) and not out.gates.requires_grad
+        # learned: the budget the imposed map pays (targets 0.75 / 0.25, weight 10), a constant
+        budget = 10.0 * ((0.5 - 0.75) ** 2 + (0.5 - 0.25) ** 2) if mode == "learned" else 0.0
+        assert float(out.budget) == pytest.approx(budget) and not out.budget.requires_grad
+    expected = r"integer B x Hs x Ws = \(2, 2, 2\) map of levels in 0\.\.1"
+    with pytest.raises(ValueError, match=expected + ".*dtype torch.bool"):
+        router(features, images, grain.bool())
+    with pytest.raises(ValueError, match=r"\(the coarsest grid\), got shape \(2, 4, 4\)"):
+        router(features, images, torch.zeros(2, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"the number of levels is 2\), got values in 0\.\.2"):
+        router(features, images, grain * 2)

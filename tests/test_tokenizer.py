@@ -96,6 +96,54 @@ def test_decode_of_encode_equals_eval_reconstruction_and_canonical_order(num_lev
 
 
 @pytest.mark.parametrize("num_levels", [1, 2, 3])
+def test_decode_of_a_mixed_batch_equals_decoding_each_image_alone(num_levels):
+    """One scatter for the whole batch: the decoder gets exactly the input it gets one image at a time, whatever
+    the lengths and dtypes (its convolutions need not be bit-identical across batch sizes, so the images are
+    compared to float tolerance)."""
+    torch.manual_seed(2)
+    tok = Tokenizer(small_config(num_levels, 2)).eval()
+    inputs = []
+    tok.decoder.register_forward_hook(lambda _module, args, _output: inputs.append(args[0]))
+    gen = torch.Generator().manual_seed(num_levels)
+    grain = torch.randint(0, num_levels, (6, 2, 3), generator=gen).to(torch.uint8)
+    grain[0], grain[1] = num_levels - 1, 0                         # all finest, all coarsest
+    dtypes = [torch.int64, torch.int32, torch.uint16, torch.int64, torch.int16, torch.uint8]
+    batch = [ImageCodes(g, torch.randint(0, 32, (int(num_codes(g.long())), 2), generator=gen).to(dtype))
+             for g, dtype in zip(grain, dtypes)]
+    assert len({c.codes.shape[0] for c in batch}) >= (4 if num_levels > 1 else 1)
+    together = tok.decode(batch)
+    alone = torch.cat([tok.decode([c]) for c in batch])
+    assert torch.equal(inputs[0], torch.cat(inputs[1:]))
+    side = tok.factors[0]
+    assert together.shape == (6, 3, 2 * side, 3 * side)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_names_the_images_at_fault():
+    tok = Tokenizer(small_config(2, 2)).eval()
+    grain = torch.tensor([[0, 1, 0], [0, 0, 0]], dtype=torch.uint8)       # L = 5 + 4 = 9
+    good = ImageCodes(grain, torch.zeros(9, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"image 1 has 8 code rows but its grain map implies L = 9 "
+                                         r"\(images at fault: \[1, 2\]\)"):
+        tok.decode([good, ImageCodes(grain, good.codes[:8]), ImageCodes(grain, good.codes[:1]), good])
+    with pytest.raises(ValueError, match=r"grain values must be in 0\.\.1.*images \[1\]"):
+        tok.decode([good, ImageCodes(grain * 2, good.codes)])
+    with pytest.raises(ValueError, match="same grain shape"):
+        tok.decode([good, ImageCodes(grain[:1], good.codes[:5])])
+    with pytest.raises(ValueError, match=r"integer L x 2.*image 1 has codes torch.int64 \(9, 3\)"):
+        tok.decode([good, ImageCodes(grain, torch.zeros(9, 3, dtype=torch.long))])
+    with pytest.raises(ValueError, match=r"image 0 has codes torch.float32"):
+        tok.decode([ImageCodes(grain, good.codes.float())])
+    too_big = good.codes.clone()
+    too_big[4, 1] = 48                                                     # sizes are 32 and 48
+    negative = good.codes.clone()
+    negative[0, 0] = -1
+    with pytest.raises(ValueError, match=r"values below \[32, 48\], images \[1, 3\]"):
+        tok.decode([good, ImageCodes(grain, too_big), good, ImageCodes(grain, negative)])
+    tok.decode([good, ImageCodes(grain, too_big.clamp(max=47))])           # 47 is a valid code
+
+
+@pytest.mark.parametrize("num_levels", [1, 2, 3])
 def test_batched_code_assembly_equals_the_per_image_one(num_levels):
     """encode gathers the canonical codes of the whole batch at once; reference: per image, per level nonzero."""
     tok = Tokenizer(small_config(num_levels, 2))
@@ -111,6 +159,81 @@ def test_batched_code_assembly_equals_the_per_image_one(num_levels):
                                                           .repeat_interleave(1 << g, 1).flatten()].T
                               for g in range(num_levels)])
         assert torch.equal(item.codes, expected)
+
+
+def entropy_config(num_levels, x):
+    table = calibrate_entropy(region_entropy(x, 4 << (num_levels - 1)), region_size=4 << (num_levels - 1))
+    return small_config(num_levels, 2, mode="entropy", router={"entropy_quantiles": table["quantiles"]})
+
+
+@pytest.mark.parametrize("mode,num_levels", [("learned", 2), ("learned", 3), ("entropy", 2), ("entropy", 3)])
+def test_imposing_the_routers_own_map_gives_identical_output(mode, num_levels):
+    torch.manual_seed(3)
+    x = images(3, 32, 48, seed=4)
+    tok = Tokenizer(entropy_config(num_levels, x) if mode == "entropy" else small_config(num_levels, 2)).eval()
+    codes = tok.encode(x)
+    own = torch.stack([c.grain for c in codes])                   # uint8, as encode hands it out
+    assert len(own.unique()) > 1                                  # a mixed map, not a trivial one
+    imposed = tok.encode(x, grain=own)
+    assert all(torch.equal(a.grain, b.grain) and torch.equal(a.codes, b.codes) for a, b in zip(codes, imposed))
+    with torch.no_grad():
+        for train in ([False, True] if mode == "entropy" else [False]):   # the entropy map is deterministic
+            tok.train(train)
+            rec, losses, stats = tok(x)
+            rec_i, losses_i, stats_i = tok(x, grain=own.long())
+            assert torch.equal(rec, rec_i)
+            assert losses.keys() == losses_i.keys() and all(torch.equal(losses[k], losses_i[k]) for k in losses)
+            assert stats.keys() == stats_i.keys() and all(torch.equal(stats[k], stats_i[k]) for k in stats)
+
+
+@pytest.mark.parametrize("mode", ["learned", "entropy"])
+def test_imposed_uniform_maps_give_hand_computed_code_counts(mode):
+    torch.manual_seed(0)
+    x = images(2, 32, 48, seed=1)
+    tok = Tokenizer(entropy_config(3, x) if mode == "entropy" else small_config(3, 2)).eval()
+    # factors 16, 8, 4 on 32 x 48: a 2 x 3 coarsest grid; a region at level g holds 4**g codes
+    for level, per_image in [(0, 6), (1, 24), (2, 96)]:
+        grain = torch.full((2, 2, 3), level, dtype=torch.uint8)
+        codes = tok.encode(x, grain=grain)
+        assert [tuple(c.codes.shape) for c in codes] == [(per_image, 2)] * 2
+        assert all(torch.equal(c.grain, grain[0]) for c in codes)
+        with torch.no_grad():
+            rec, losses, stats = tok(x, grain=grain)
+        assert float(stats["codes_per_image"]) == per_image
+        assert [float(stats[f"share/level{g}"]) for g in range(3)] == [float(g == level) for g in range(3)]
+        # learned: the budget the map pays, 10 * sum_g (share_g - target_g)**2 with targets .5 .25 .25
+        shares = torch.tensor([float(g == level) for g in range(3)])
+        budget = 10.0 * float(((shares - torch.tensor([0.5, 0.25, 0.25])) ** 2).sum()) if mode == "learned" else 0.0
+        assert float(losses["budget"]) == pytest.approx(budget)
+        assert torch.equal(tok.decode(codes), rec)
+    mixed = torch.tensor([[[0, 1, 2], [2, 1, 0]], [[0, 0, 0], [0, 0, 1]]])
+    assert [c.codes.shape[0] for c in tok.encode(x, grain=mixed)] == [2 * (1 + 4 + 16), 5 + 4]
+
+
+def test_imposed_map_in_training_reaches_everything_but_the_router():
+    torch.manual_seed(0)
+    tok = Tokenizer(small_config(2, 2)).train()
+    x = images(2, 16, 16)
+    rec, losses, stats = tok(x, grain=torch.tensor([[[1, 1], [0, 0]], [[0, 0], [0, 0]]]))   # 2 x 2 grid
+    assert float(stats["fine_share"]) == 0.25 and not losses["budget"].requires_grad
+    (((rec - x) ** 2).mean() + sum(losses.values())).backward()
+    assert tok.router.mlp[0].weight.grad is None                 # the router chose nothing
+    assert tok.encoder.conv_in.weight.grad.abs().sum() > 0 and tok.quantizer.codebooks[0].grad.abs().sum() > 0
+
+
+def test_imposed_map_is_validated():
+    tok = Tokenizer(small_config(3, 2)).eval()
+    x = images(2, 32, 48)
+    expected = r"B x Hs x Ws = \(2, 2, 3\) map of levels in 0\.\.2"
+    for grain, detail in [(torch.zeros(2, 3, 2, dtype=torch.long), r"got shape \(2, 3, 2\)"),
+                          (torch.zeros(1, 2, 3, dtype=torch.long), r"got shape \(1, 2, 3\)"),
+                          (torch.zeros(2, 2, 3), "got dtype torch.float32"),
+                          (torch.full((2, 2, 3), 3), r"got values in 3\.\.3"),
+                          (torch.full((2, 2, 3), -1), r"got values in -1\.\.-1"),
+                          ([[0, 1, 2], [0, 1, 2]], "got list")]:
+        for call in (tok.encode, tok):
+            with pytest.raises(ValueError, match=f"{expected}.*{detail}"):
+                call(x, grain=grain)
 
 
 def test_entropy_router_tokenizer_end_to_end():

@@ -14,6 +14,10 @@ Level 0 is the coarsest (1 code per region), level ``g`` gives a region ``4**g``
   file I/O, and a config with inline quantiles makes ``save_pretrained`` exports self-contained.
 - ``fixed``: every region at ``fixed_level`` (fixed-length VQ is ``G = 1`` with this mode).
 
+In any mode a caller may impose the map instead (``grain=`` of :meth:`Router.forward`, e.g. the random-map
+control of the quality study): the gates are its one-hot, the shares and the budget loss are those of the
+imposed map, and no gradient reaches the router.
+
 Budget loss (learned mode): ``budget_weight * sum_g (share_g - target_g)**2`` over ALL levels, share_g the
 batch-mean of gate g and target_0 = 1 - sum(targets); for G = 2 this is DQ-VAE's ``2 * gamma * (r - t)**2``.
 """
@@ -178,9 +182,15 @@ class Router(nn.Module):
                   for g, (norm, z) in enumerate(zip(self.norms, features))]
         return self.mlp(torch.cat(pooled, dim=1))
 
-    def forward(self, features: list[torch.Tensor], images: torch.Tensor) -> RouterOutput:
+    def forward(self, features: list[torch.Tensor], images: torch.Tensor,
+                grain: torch.Tensor | None = None) -> RouterOutput:
+        """features: coarsest first, level g ``B x C x Hs*2^g x Ws*2^g``; images ``B x 3 x H x W`` (entropy
+        mode reads them). ``grain``: an imposed map, integer ``B x Hs x Ws`` with values in ``0 .. G-1``
+        (see :meth:`_impose`); ``None`` lets the router choose."""
         coarse = features[0]
         batch, _, height, width = coarse.shape
+        if grain is not None:
+            return self._impose(self._check_grain(grain, (batch, height, width)).to(coarse.device))
         mode = self.config.mode
         if mode == "learned":
             logits = self.logits(features).float()
@@ -196,6 +206,34 @@ class Router(nn.Module):
         else:
             grain = torch.full((batch, height, width), self.config.fixed_level, dtype=torch.long,
                                device=coarse.device)
+        return self._impose(grain)
+
+    def _impose(self, grain: torch.Tensor) -> RouterOutput:
+        """The routing of a given int64 map ``B x Hs x Ws`` (values ``0 .. G-1``, not checked here: see
+        :meth:`_check_grain`): one-hot gates (constant, so no gradient reaches the router), shares of the map,
+        and the budget loss the map would pay in learned mode (a constant; 0 in the other modes), so that
+        imposing the map the router would choose in eval mode gives exactly its own output."""
         gates = F.one_hot(grain, self.num_levels).permute(0, 3, 1, 2).float()
-        shares = gates.mean(dim=(0, 2, 3))
-        return RouterOutput(gates, grain, coarse.new_zeros(()), shares)
+        if self.config.mode == "learned":
+            budget, shares = budget_loss(gates, self.config.targets, self.config.budget_weight)
+        else:
+            budget, shares = gates.new_zeros(()), gates.mean(dim=(0, 2, 3))
+        return RouterOutput(gates, grain, budget, shares)
+
+    def _check_grain(self, grain: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """Validate an imposed grain map against the coarsest grid ``shape = (B, Hs, Ws)``: an integer tensor
+        of exactly that shape with values in ``0 .. G-1``. Returns it as int64 (on its own device); raises
+        ValueError naming what is expected."""
+        expected = f"an integer B x Hs x Ws = {tuple(shape)} map of levels in 0..{self.num_levels - 1}"
+        if not isinstance(grain, torch.Tensor):
+            raise ValueError(f"grain must be {expected}, got {type(grain).__name__}")
+        if grain.dtype.is_floating_point or grain.dtype.is_complex or grain.dtype == torch.bool:
+            raise ValueError(f"grain must be {expected}, got dtype {grain.dtype}")
+        if tuple(grain.shape) != tuple(shape):
+            raise ValueError(f"grain must be {expected} (the coarsest grid), got shape {tuple(grain.shape)}")
+        grain = grain.long()
+        low, high = (int(v) for v in grain.aminmax())
+        if low < 0 or high >= self.num_levels:
+            raise ValueError(f"grain must be {expected} (the number of levels is {self.num_levels}), "
+                             f"got values in {low}..{high}")
+        return grain

@@ -19,7 +19,7 @@ from torch import nn
 
 from models.config import ConfigBase, ConfigError
 from models.hub import PretrainedMixin
-from models.layout import batch_canonical_positions, codes_to_level_maps, num_codes
+from models.layout import batch_canonical_positions, batch_codes_to_level_maps, num_codes
 from models.tokenizer.decoder import Decoder, DecoderConfig, merge_levels, replicate
 from models.tokenizer.encoder import Encoder, EncoderConfig
 from models.tokenizer.quantizer import FactorizedQuantizer, QuantizerConfig
@@ -157,16 +157,21 @@ class Tokenizer(nn.Module, PretrainedMixin):
         self._teachers.update(teachers)
 
     # ----------------------------------------------------------------- forward
-    def _quantize(self, images: torch.Tensor):
+    def _quantize(self, images: torch.Tensor, grain: torch.Tensor | None = None):
         features = self.encoder(images)
-        route = self.router(features, images)
+        route = self.router(features, images, grain)
         masks = [replicate(route.gates[:, g:g + 1].detach(), 1 << g)[:, 0] for g in range(self.num_levels)]
         return route, self.quantizer(features, masks)
 
-    def forward(self, images: torch.Tensor):
+    def forward(self, images: torch.Tensor, grain: torch.Tensor | None = None):
         """images B x 3 x H x W in [-1, 1] -> (rec B x 3 x H x W, losses {name: weighted scalar},
-        stats {name: scalar}). Losses: codebook, commitment, entropy, disentangle, budget, semantic/<teacher>."""
-        route, quant = self._quantize(images)
+        stats {name: scalar}). Losses: codebook, commitment, entropy, disentangle, budget, semantic/<teacher>.
+
+        ``grain``: optional imposed granularity map, integer B x Hs x Ws (the coarsest grid,
+        :meth:`grain_shape`) with values < :attr:`num_levels`, used instead of the router's choice (see
+        :meth:`Router.forward`: shares and budget are the map's, no gradient reaches the router); ValueError
+        when its shape or values do not fit."""
+        route, quant = self._quantize(images, grain)
         merged = merge_levels(quant.quantized, route.gates)
         rec = self.decoder(merged)
         losses = {**quant.losses, "budget": route.budget, **self._semantic_losses(images, merged)}
@@ -210,15 +215,17 @@ class Tokenizer(nn.Module, PretrainedMixin):
 
     # ----------------------------------------------------------------- codes
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> list[ImageCodes]:
+    def encode(self, images: torch.Tensor, grain: torch.Tensor | None = None) -> list[ImageCodes]:
         """images B x 3 x H x W in [-1, 1] -> one :class:`ImageCodes` per image (eval mode, no grad).
 
-        Every cell of every level is looked up exactly as in the eval forward, so that
-        ``decode(encode(x))`` reproduces the eval reconstruction bit for bit."""
+        ``grain``: optional imposed granularity map (integer B x Hs x Ws, values < :attr:`num_levels`), coded
+        instead of the router's choice, as in :meth:`forward`. Every cell of every level is looked up exactly
+        as in the eval forward, so that ``decode(encode(x))`` reproduces the eval reconstruction bit for bit
+        (with the same ``grain``)."""
         was_training = self.training
         self.eval()
         try:
-            route, quant = self._quantize(images)
+            route, quant = self._quantize(images, grain)
         finally:
             self.train(was_training)
         return self._image_codes(route.grain, quant.indices)
@@ -240,25 +247,59 @@ class Tokenizer(nn.Module, PretrainedMixin):
 
     @torch.no_grad()
     def decode(self, codes: Sequence[ImageCodes]) -> torch.Tensor:
-        """A batch of :class:`ImageCodes` (same grain shape, any lengths) -> images B x 3 x H x W."""
+        """A batch of :class:`ImageCodes` -> images B x 3 x H x W.
+
+        Every grain map is ``Hs x Ws`` (the same for the whole batch) with values < :attr:`num_levels`; image
+        b's codes are ``L_b x K`` integers below :attr:`codebook_sizes`, ``L_b`` the number of positions its
+        grain map implies (lengths may differ). The batch is validated once (ValueError naming the images at
+        fault) and its concatenated codes are scattered onto the per-level index maps ``B x K x Hg x Wg`` in
+        one go (:func:`models.layout.batch_codes_to_level_maps`, positions worked out on the host from the
+        grain maps); cells not coded at a level hold code 0, masked by the gates as in the eval forward."""
         if not codes:
             raise ValueError("decode: empty list of codes")
         shapes = {tuple(c.grain.shape) for c in codes}
-        if len(shapes) != 1:
-            raise ValueError(f"decode: all images of a batch need the same grain shape, got {sorted(shapes)}")
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"decode: all images of a batch need the same grain shape Hs x Ws, got {sorted(shapes)}")
+        num_levels, sizes = self.num_levels, self.codebook_sizes
+        wrong = [b for b, c in enumerate(codes) if not _is_integer(c.grain) or not _is_integer(c.codes)
+                 or c.codes.ndim != 2 or c.codes.shape[1] != len(sizes)]
+        if wrong:
+            raise ValueError(f"decode: codes must be integer L x {len(sizes)} with values below {sizes} (and grain "
+                             f"maps integer), image {wrong[0]} has codes {codes[wrong[0]].codes.dtype} "
+                             f"{tuple(codes[wrong[0]].codes.shape)}, grain {codes[wrong[0]].grain.dtype} "
+                             f"(images at fault: {wrong})")
+        grain = _join([c.grain for c in codes], torch.stack).cpu().long()                  # B x Hs x Ws
+        wrong = ((grain < 0) | (grain >= num_levels)).flatten(1).any(1).nonzero().flatten().tolist()
+        if wrong:
+            raise ValueError(f"decode: grain values must be in 0..{num_levels - 1} (the levels), images "
+                             f"{wrong} are not")
+        lengths = torch.tensor([c.codes.shape[0] for c in codes])
+        expected = num_codes(grain)
+        wrong = (lengths != expected).nonzero().flatten().tolist()
+        if wrong:
+            raise ValueError(f"decode: image {wrong[0]} has {int(lengths[wrong[0]])} code rows but its grain map "
+                             f"implies L = {int(expected[wrong[0]])} (images at fault: {wrong})")
         device = self.last_layer.device
-        grains = torch.stack([c.grain.to(device=device, dtype=torch.long) for c in codes])
-        if int(grains.max()) >= self.num_levels:
-            raise ValueError(f"decode: grain values must be < {self.num_levels} (the number of levels)")
-        sizes = torch.tensor(self.codebook_sizes, device=device)
-        per_image = []
-        for grain, c in zip(grains, codes):
-            values = c.codes.to(device=device, dtype=torch.long)
-            if values.ndim != 2 or values.shape[1] != len(self.codebook_sizes) or (values >= sizes).any() or (
-                    values < 0).any():
-                raise ValueError(f"decode: codes must be L x {len(self.codebook_sizes)} with values below "
-                                 f"{self.codebook_sizes}, got shape {tuple(values.shape)}")
-            per_image.append(codes_to_level_maps(grain, values, self.num_levels, fill=0))
-        indices = [torch.stack([maps[g] for maps in per_image]) for g in range(self.num_levels)]
-        gates = F.one_hot(grains, self.num_levels).permute(0, 3, 1, 2).float()
+        values = _join([c.codes for c in codes], torch.cat).to(device=device, dtype=torch.long)  # sum L x K
+        outside = ((values < 0) | (values >= torch.tensor(sizes, device=device))).any(1)
+        if bool(outside.any()):
+            rows = outside.nonzero().flatten().cpu()
+            images = torch.bucketize(rows, lengths.cumsum(0), right=True).unique().tolist()
+            raise ValueError(f"decode: codes must be L x {len(sizes)} with values below {sizes}, images {images} "
+                             f"are not")
+        indices = batch_codes_to_level_maps(grain, values, num_levels, fill=0)
+        gates = F.one_hot(grain.to(device), num_levels).permute(0, 3, 1, 2).float()
         return self.decoder(merge_levels(self.quantizer.embed(indices), gates))
+
+
+def _is_integer(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds integers (bool, float and complex do not)."""
+    return not (tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool)
+
+
+def _join(tensors: Sequence[torch.Tensor], join) -> torch.Tensor:
+    """``join`` (torch.cat or torch.stack) of integer tensors that may differ in device and dtype: on the first
+    one's device, in their common dtype (int64 when they differ; torch does not promote unsigned 16/32-bit)."""
+    dtypes = {t.dtype for t in tensors}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.long
+    return join([t.to(device=tensors[0].device, dtype=dtype) for t in tensors])
