@@ -159,7 +159,9 @@ def _tokenizer_config(args: argparse.Namespace, work: Path, teachers: list[dict[
     config["data"].update(shards=str(work / "shards"), image_size=args.image_size)
     config["train"].update(max_steps=steps, ckpt_every=max(steps // 2, 1), log_every=max(steps // 30, 1),
                            image_every=max(steps // 3, 1), zero_stage=args.zero)
-    config["loss"]["disc_start"] = steps // 2
+    # The GAN only in the last quarter: started at half way it undid the reconstruction learnt so far
+    # (measured: 11.1 dB vs 13.0 dB without it at 200 steps; 13.3 vs 13.8 dB when started at 3/4)
+    config["loss"]["disc_start"] = (3 * steps) // 4
     if args.lpips_weights:
         config["loss"].update(lpips_weight=1.0, lpips_weights=str(Path(args.lpips_weights).resolve()))
     path = work / "configs" / "tokenizer.yaml"
