@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
         f"train.zero_stage={args.zero}", "model.num_subcodes=3", "model.codebook_sizes=[256,256,256]",
         "model.num_classes=4", "--resume", "auto"]))
     sample_seconds = pipe.run("sample", ["sample", "--generator", str(gen_run / "export"), "--tokenizer",
-                                         str(tok_export), "--num", str(args.num_samples), "--class-balanced",
+                                         str(tok_export), "--num-samples", str(args.num_samples), "--class-balanced",
                                          "--cfg", "2.0", "--out", str(work / "samples")])
     eval_args = ["eval", "reconstruction", "--tokenizer", str(tok_export), "--shards", str(work / "shards"),
                  "--out", str(work / "eval")]

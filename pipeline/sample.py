@@ -89,9 +89,9 @@ def _distributed() -> tuple[int, int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generator", required=True, help="generator export (config.json + model.safetensors)")
     parser.add_argument("--tokenizer", required=True, help="tokenizer export used to decode the codes")
-    # --num-samples, not --num: torchrun's own parser would reject "--num" as an ambiguous abbreviation of its
-    # --numa-binding even after the script name. --num still works without a launcher.
-    parser.add_argument("--num-samples", "--num", dest="num", type=int, required=True, help="number of samples N")
+    # Not "--num": torchrun's own parser rejects it as an ambiguous abbreviation of its --numa-binding, even after
+    # the script name (tests/test_cli_config.py checks every stage flag against torchrun and accelerate launch).
+    parser.add_argument("--num-samples", dest="num", type=int, required=True, help="number of samples N")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--classes", type=int, nargs="+", help="class ids to cycle through")
     group.add_argument("--class-balanced", action="store_true", help="sample i gets class i %% num_classes (default)")

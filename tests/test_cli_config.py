@@ -78,3 +78,29 @@ def test_help_lists_every_stage(capsys):
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True, check=True)
     assert "train-tokenizer" in out.stdout and "shard" in out.stdout
+
+
+# Stages a launcher starts (`torchrun ... -m pipeline.cli STAGE ...`, `accelerate launch ... -m pipeline.cli ...`);
+# `launch` and `demo` start launchers themselves.
+LAUNCHED_STAGES = [name for name in STAGES if name not in ("launch", "demo")]
+
+
+@pytest.mark.parametrize("stage", LAUNCHED_STAGES)
+def test_every_flag_passes_through_torchrun_and_accelerate_untouched(stage):
+    """argparse in the launchers also matches abbreviations after the script name: a stage flag that is a prefix
+    of a launcher option (``--num`` vs torchrun's ``--numa-binding``) is stolen or rejected as ambiguous."""
+    from accelerate.commands.launch import launch_command_parser
+    from torch.distributed.run import get_args_parser
+
+    from pipeline.cli import _stage_parser
+
+    parser, _ = _stage_parser(stage)
+    flags = sorted({o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"})
+    for launcher in (get_args_parser(), launch_command_parser()):
+        for flag in flags:
+            argv = ["-m", "pipeline.cli", stage, flag, "1"]
+            try:
+                parsed, _ = launcher.parse_known_args(argv)
+            except SystemExit:
+                pytest.fail(f"{launcher.prog} rejects `{stage} {flag}` (ambiguous with one of its own options)")
+            assert parsed.training_script_args == [stage, flag, "1"], f"{launcher.prog} took `{stage} {flag}`"

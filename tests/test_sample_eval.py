@@ -79,7 +79,7 @@ def test_sample_labels_balanced_cycled_and_unconditional():
 def test_sample_writes_pngs_grid_and_adm_npz(tmp_path, exports):
     out = tmp_path / "samples"
     assert cli(["sample", "--generator", str(exports["generator"]), "--tokenizer", str(exports["tokenizer"]),
-                "--num", "5", "--class-balanced", "--cfg", "2.0", "--top-k", "50", "--batch-size", "3",
+                "--num-samples", "5", "--class-balanced", "--cfg", "2.0", "--top-k", "50", "--batch-size", "3",
                 "--seed", "3", "--out", str(out)]) == 0
     with np.load(out / "samples.npz") as data:
         images, labels = data["arr_0"], data["labels"]
