@@ -406,6 +406,7 @@ class _BatchProducer(IterableDataset):
         if not my_batches:
             return
         unit = plan.rank * plan.workers + logical
+        parent = os.getppid()
         stats = StreamStats()
         stream = unit_raw_stream(plan, unit, stats)
         position = plan.positions[logical]
@@ -417,6 +418,8 @@ class _BatchProducer(IterableDataset):
         for index, _ in enumerate(my_batches):
             while int(self.released[physical]) <= produced + index - RING_SLOTS:
                 time.sleep(1e-3)  # the main process still holds this slot's previous batch
+                if os.getppid() != parent:  # ... or is gone: do not wait forever
+                    raise RuntimeError("the stream's main process exited while this worker waited for a buffer")
             images = ring[(produced + index) % RING_SLOTS]
             labels, keys = [], []
             while len(keys) < plan.batch_size:
