@@ -34,9 +34,10 @@ How an epoch is built (everything is a pure function of seed, epoch, rank, worke
   ``(seed, epoch, unit, p)``. A corrupt sample consumes its position and is replaced by the next one.
 
 Workers live across epochs: one DataLoader serves consecutive epochs (no fork at each epoch start, and
-the next epoch's first batches are prefetched while the current one ends); it restarts only when the stream is moved elsewhere (``set_epoch`` to another epoch,
-``load_state_dict``). Decoded batches travel to the main process through a small ring of shared-memory
-buffers per worker, reused once the main process has converted them (see :class:`_BatchProducer`).
+the next epoch's first batches are prefetched while the current one ends); it restarts only when the
+stream is moved elsewhere (``set_epoch`` to another epoch, ``load_state_dict``). Decoded batches travel to
+the main process through a small ring of shared-memory buffers per worker, reused once the main process
+has converted them (see :class:`_BatchProducer`).
 
 Exact resume: the state holds, per worker, how many raw samples its stream has consumed. Restoring it
 re-reads those samples' tar members and discards them before any decoding, then continues; the DataLoader
