@@ -174,6 +174,12 @@ class SequenceSpec:
         return free[None, :] & (level[None, :] == torch.arange(self.num_levels, device=device)[:, None])
 
 
+@functools.lru_cache(maxsize=16)
+def _free_positions(spec: SequenceSpec, device: torch.device) -> Tensor:
+    """:meth:`SequenceSpec.free_positions`, built once per (spec, device)."""
+    return spec.free_positions(device)
+
+
 @dataclasses.dataclass
 class FlatSequences:
     """Several token sequences concatenated: ``N`` tokens, sequence ``b`` at ``starts[b] : starts[b] + lengths[b]``."""
@@ -420,7 +426,7 @@ def next_token_targets(spec: SequenceSpec, batch: PackedBatch) -> Targets:
     next_content = torch.full_like(batch.content, IGNORE)
     next_content[:, :-1] = batch.content[:, 1:]
     is_code = next_position < spec.num_cells  # END where there is no next token
-    free_table = spec.free_positions(batch.position.device)
+    free_table = _free_positions(spec, batch.position.device)
     free = has_next & free_table[spec.position_level(next_position), next_position]
     position = torch.where(free, next_position, torch.full_like(next_position, IGNORE))
     content = torch.where(is_code[..., None], next_content, torch.full_like(next_content, IGNORE))
