@@ -176,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
             (out / f".part-rank{r:05d}.npz").unlink()
         (out / "samples.json").write_text(json.dumps({
             "num": args.num, "world_size": world, "cfg": args.cfg, "cfg_on": args.cfg_on,
-            "cfg_schedule": args.cfg_schedule, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+            "cfg_schedule": args.cfg_schedule, "temperature": args.temperature, "top_k": args.top_k,
+            "top_p": args.top_p,
             "position_filter": dataclasses.asdict(position_filter), "seed": args.seed, "batch_size": args.batch_size,
             "generator": str(args.generator), "tokenizer": str(args.tokenizer),
             "seconds_rank0": time.perf_counter() - started,

@@ -102,8 +102,7 @@ def test_model_losses_and_gradients_equal_the_dense_mask_path(rope_2d):
     model = Generator(config)
     batch = random_batch(config, 7, seed=3, max_tokens=48)
     assert batch.position.shape[0] > 1 and (batch.doc < 0).any()
-    metrics, dense = {}, {}
-    grads = {}
+    metrics, grads = {}, {}
     for name, mask in (("document", None), ("dense", batch.attention_mask())):
         torch.manual_seed(1)  # the same residual-dropout draws
         model.zero_grad()

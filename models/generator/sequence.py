@@ -122,7 +122,8 @@ class SequenceSpec:
 
     def position_level(self, position: Tensor) -> Tensor:
         """Level of a cell or end-marker position id (BOS maps to level 0, the level it opens)."""
-        cell_level = torch.bucketize(position.contiguous(), _constant(tuple(self.level_offsets[1:]), position.device), right=True)
+        starts = _constant(tuple(self.level_offsets[1:]), position.device)
+        cell_level = torch.bucketize(position.contiguous(), starts, right=True)
         marker_level = (position - self.num_cells).clamp(0, self.num_levels - 1)
         level = torch.where(position < self.num_cells, cell_level, marker_level)
         return torch.where(position == self.bos, torch.zeros_like(level), level)
