@@ -150,3 +150,23 @@ def test_compiled_flex_attention_matches_dense_at_a_long_row():
     valid = (doc >= 0)[:, None, :, None]
     reference = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(doc))
     torch.testing.assert_close(out * valid, reference * valid, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_training_and_evaluation_paths_run_on_the_cpu():
+    """bf16 weights (DeepSpeed bf16) and fp32 weights under autocast, through both packed-attention kernels."""
+    config = small_config(head_slot_tokens=True, next_position_norm=True, zero_init=True, rope_2d=True)
+    torch.manual_seed(0)
+    model = Generator(config)
+    batch = random_batch(config, 5, seed=1, max_tokens=64, row_length=64)
+    reference = model(batch)["loss"].item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = model(batch)["loss"]
+    autocast.backward()
+    model.to(torch.bfloat16)
+    loss = model(batch)["loss"]
+    loss.backward()
+    with torch.no_grad():
+        evaluated = model.eval()(batch)["loss"]
+    for value in (autocast, loss, evaluated):
+        assert value.item() == pytest.approx(reference, rel=0.02)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
