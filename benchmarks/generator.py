@@ -190,7 +190,7 @@ def bench_attention(args) -> tuple[dict, dict]:
                                                            else 0, sync=args.device != "cpu"), 3)
         saved = attention_saved_bytes(model, batch, mask)
         mask_bytes = (dense.numel() * dense.element_size() if name == "dense" else
-                      batch.sequence_slots.numel() * batch.sequence_slots.element_size())
+                      batch.sequence_spans.numel() * batch.sequence_spans.element_size())
         figures[f"attn_{name}_saved_MiB_per_layer"] = round(saved / 2 ** 20, 2)
         figures[f"attn_{name}_mask_MiB"] = round(mask_bytes / 2 ** 20, 2)
         figures[f"attn_{name}_memory_MiB"] = round((saved * layers + mask_bytes) / 2 ** 20, 1)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from models.generator import Generator, GeneratorConfig, encode_sequences, pack
-from models.generator.attention import DocumentMask, document_block_mask, sequence_slots
+from models.generator.attention import DocumentMask, document_block_mask, sequence_spans
 from models.layout import num_codes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,13 +49,6 @@ def dense_mask(doc: torch.Tensor) -> torch.Tensor:
     return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
-def index_of(doc: torch.Tensor) -> torch.Tensor:
-    col = torch.arange(doc.shape[1]).expand_as(doc)
-    first = torch.ones_like(doc, dtype=torch.bool)
-    first[:, 1:] = doc[:, 1:] != doc[:, :-1]
-    return torch.where(doc >= 0, col - torch.where(first, col, 0).cummax(1).values, 0)
-
-
 def test_block_mask_blocks_by_hand():
     # one row of 8 slots, blocks of 2: documents [0 0 0 | 1 1 1 1 | pad]
     doc = torch.tensor([[0, 0, 0, 1, 1, 1, 1, -1]])
@@ -82,7 +75,7 @@ def test_flex_and_per_sequence_attention_equal_dense_sdpa(length, block):
 
     flex = flex_attention(q, k, v, block_mask=document_block_mask(doc, block=block))
     torch.testing.assert_close(flex, reference, atol=1e-5, rtol=1e-5)
-    masks = DocumentMask(doc, index_of(doc)), DocumentMask(doc, index_of(doc), sequence_slots(doc, index_of(doc)))
+    masks = DocumentMask(doc), DocumentMask(doc, sequence_spans(doc))
     for mask in masks:
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
         out = mask.attend(*leaves)       # CPU + gradients: the per-sequence SDPA kernel
@@ -126,13 +119,14 @@ def test_fixed_row_length_packing():
     assert batch.position.shape == (3, 40)      # ceil(120 / 40) rows of exactly 40 slots
     small = random_batch(config, 1, seed=2, max_tokens=120, row_length=40)
     assert small.position.shape == (3, 40) and small.num_tokens == int((small.doc >= 0).sum())
-    slots = batch.sequence_slots
-    assert slots.shape[0] == 5
-    flat_doc = batch.doc.flatten()
-    for seq in range(5):
-        filled = slots[seq][slots[seq] >= 0]
-        assert torch.equal(flat_doc[filled], torch.full_like(filled, seq))
-        assert torch.equal(batch.index.flatten()[filled], torch.arange(filled.numel()))
+    spans = batch.sequence_spans
+    lengths = batch.doc[batch.valid].bincount()
+    assert spans.shape == (5, 3) and torch.equal(spans[:, 2].sort().values, lengths.sort().values)
+    for row, start, length in spans.tolist():
+        sequence = batch.doc[row, start:start + length]
+        assert (sequence == sequence[0]).all() and torch.equal(batch.index[row, start:start + length],
+                                                                torch.arange(length))
+    assert spans[:, 0].tolist() == sorted(spans[:, 0].tolist())
     with pytest.raises(ValueError, match="does not fit"):
         random_batch(small_config(grain_shape=[4, 4]), 2, seed=0, max_tokens=40, row_length=20)
 
@@ -146,7 +140,7 @@ def test_compiled_flex_attention_matches_dense_at_a_long_row():
     doc = random_docs(1, length, seed=7)
     q, k, v = (torch.randn(1, 2, length, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
     with torch.no_grad():
-        out = DocumentMask(doc, index_of(doc)).attend(q, k, v)
+        out = DocumentMask(doc).attend(q, k, v)
     valid = (doc >= 0)[:, None, :, None]
     reference = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(doc))
     torch.testing.assert_close(out * valid, reference * valid, atol=1e-5, rtol=1e-5)

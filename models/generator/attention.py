@@ -8,10 +8,10 @@ built once per batch and shared by both stacks and all their layers. Two kernels
   ``EAGER_MAX_LENGTH`` slots, where compiling costs more than it saves). Blocks outside every document
   are skipped, blocks inside one document below the diagonal run without the mask function. Used on
   GPUs, and on the CPU wherever no gradient is needed (PyTorch has no FlexAttention backward on the CPU).
-- **Per-sequence SDPA** (CPU training): the tokens of every sequence are gathered into a
-  ``[B, L_max]`` layout (``L_max`` = longest sequence of the batch), attended with causal
-  ``scaled_dot_product_attention`` (flash kernel, no mask tensor) and scattered back. The gather plan
-  (:attr:`PackedBatch.sequence_slots`) is computed by ``pack`` on the host, so the step needs no host sync.
+- **Per-sequence SDPA** (CPU training): one causal ``scaled_dot_product_attention`` (flash kernel, no mask
+  tensor) per sequence, on views of the packed row (sequences are contiguous), so nothing is gathered or
+  padded and the work is exactly the sum of the sequences' causal triangles. The spans
+  (:attr:`PackedBatch.sequence_spans`) come from ``pack`` on the host: no device->host sync in the step.
 
 Shapes: ``R`` rows of ``S`` slots, ``H`` heads, ``Dh`` head width, ``B`` sequences.
 """
@@ -72,30 +72,26 @@ def document_block_mask(doc: Tensor, block: int = FLEX_BLOCK):
                                     mask_mod=mask_mod, seq_lengths=(length, length))
 
 
-def sequence_slots(doc: Tensor, index: Tensor) -> Tensor:
-    """int64 ``[B, L_max]``: flat slot (``row * S + col``) of token ``l`` of sequence ``b``, ``-1`` past its end.
-
-    doc, index: ``[R, S]`` document ids (-1 = padding) and token indices within the sequence. Host-side
-    helper of ``pack`` (data-dependent output shape).
-    """
-    valid = doc >= 0
-    flat_doc, flat_index = doc[valid], index[valid]
-    slots = torch.full((int(flat_doc.max()) + 1, int(flat_index.max()) + 1), -1, dtype=torch.long,
-                       device=doc.device)
-    slots[flat_doc, flat_index] = valid.flatten().nonzero().squeeze(1)
-    return slots
+def sequence_spans(doc: Tensor) -> Tensor:
+    """int64 ``[B, 3]`` on the CPU: ``(row, start, length)`` of every sequence of ``doc [R, S]`` (-1 = padding;
+    sequences are contiguous), ordered by row then start. Host-side helper (``pack`` calls it)."""
+    doc = doc.cpu()
+    first = (doc >= 0) & torch.cat([torch.ones_like(doc[:, :1], dtype=torch.bool), doc[:, 1:] != doc[:, :-1]], 1)
+    rows, starts = first.nonzero(as_tuple=True)
+    lengths = torch.bincount(doc[doc >= 0])[doc[rows, starts]]
+    return torch.stack([rows, starts, lengths], 1)
 
 
 class DocumentMask:
     """Block-diagonal causal attention of one packed batch (module docstring); call :meth:`attend` per layer."""
 
-    def __init__(self, doc: Tensor, index: Tensor, slots: Optional[Tensor] = None):
-        """doc, index ``[R, S]``: document ids (-1 = padding) and token indices within the sequence;
-        slots: :func:`sequence_slots` of them when already computed (``pack`` does, on the host)."""
-        self.doc, self.index = doc, index
-        self.slots = slots
+    def __init__(self, doc: Tensor, spans: Optional[Tensor] = None):
+        """doc ``[R, S]``: document ids (-1 = padding); spans: :func:`sequence_spans` of it when already
+        computed (``pack`` does, on the host)."""
+        self.doc = doc
+        self.spans = spans
         self._block_mask = None
-        self._gather: Optional[tuple[Tensor, Tensor]] = None
+        self._span_list: Optional[list[list[tuple[int, int]]]] = None
 
     @property
     def block_mask(self):
@@ -104,7 +100,8 @@ class DocumentMask:
         return self._block_mask
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """``[R, H, S, Dh]`` queries/keys/values -> ``[R, H, S, Dh]`` attention outputs."""
+        """``[R, H, S, Dh]`` queries/keys/values -> ``[R, H, S, Dh]`` attention outputs (padding rows: 0 or
+        attention over earlier padding, never read by a real token)."""
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         if q.device.type == "cpu" and needs_grad:
             return self._per_sequence(q, k, v)
@@ -116,30 +113,26 @@ class DocumentMask:
             warnings.simplefilter("ignore", UserWarning)
             return flex_attention(q, k, v, block_mask=self.block_mask)
 
-    def _gather_plan(self) -> tuple[Tensor, Tensor]:
-        """(``source [B * L_max]``: flat slot of each per-sequence position, padding -> a zero row at ``R * S``;
-        ``back [R * S]``: per-sequence position of each slot, padding slots -> position 0)."""
-        if self._gather is None:
-            if self.slots is None:
-                self.slots = sequence_slots(self.doc, self.index)
-            slots = self.slots.to(self.doc.device).flatten()
-            total = self.doc.numel()
-            source = torch.where(slots >= 0, slots, torch.full_like(slots, total))
-            back = torch.zeros(total + 1, dtype=torch.long, device=slots.device)
-            back.scatter_(0, source, torch.arange(slots.numel(), device=slots.device))
-            self._gather = source, back[:total]
-        return self._gather
+    def _rows(self) -> list[list[tuple[int, int]]]:
+        """Per row, the ``(start, length)`` of its sequences in order (host lists, computed once)."""
+        if self._span_list is None:
+            spans = self.spans if self.spans is not None else sequence_spans(self.doc)
+            self._span_list = [[] for _ in range(self.doc.shape[0])]
+            for row, start, length in spans.tolist():
+                self._span_list[row].append((start, length))
+        return self._span_list
 
     def _per_sequence(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        rows, heads, length, head_dim = q.shape
-        source, back = self._gather_plan()
-        num_seqs = self.slots.shape[0]
-
-        def gather(x: Tensor) -> Tensor:
-            flat = x.transpose(1, 2).reshape(rows * length, heads, head_dim)
-            flat = torch.cat([flat, flat.new_zeros(1, heads, head_dim)])
-            return flat.index_select(0, source).view(num_seqs, -1, heads, head_dim).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(gather(q), gather(k), gather(v), is_causal=True)
-        out = out.transpose(1, 2).reshape(-1, heads, head_dim).index_select(0, back)
-        return out.view(rows, length, heads, head_dim).transpose(1, 2)
+        """One causal SDPA per sequence on views of the packed row: no gather, no padding, no mask tensor."""
+        length = q.shape[2]
+        rows = []
+        for row, spans in enumerate(self._rows()):
+            pieces = [F.scaled_dot_product_attention(q[row:row + 1, :, start:start + size],
+                                                     k[row:row + 1, :, start:start + size],
+                                                     v[row:row + 1, :, start:start + size], is_causal=True)
+                      for start, size in spans]
+            used = sum(size for _, size in spans)
+            if used < length:
+                pieces.append(q.new_zeros(1, q.shape[1], length - used, q.shape[3]))
+            rows.append(torch.cat(pieces, 2))
+        return torch.cat(rows, 0)

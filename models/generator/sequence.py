@@ -39,7 +39,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from models.generator.attention import DocumentMask, sequence_slots
+from models.generator.attention import DocumentMask, sequence_spans
 from models.layout import level_shape, num_codes
 
 IGNORE = -100  # target value skipped by the losses
@@ -298,9 +298,9 @@ class PackedBatch:
     # that training needs no device->host sync; None = derive it when needed. Recompute it (or set None)
     # after editing ``position`` or ``doc``.
     content_rows: Optional[Tensor] = None
-    # int64 [B, L_max]: :func:`~models.generator.attention.sequence_slots` (flat slot of every token of every
-    # sequence, -1 past its end) for the per-sequence attention kernel; computed by :func:`pack`, None = derive.
-    sequence_slots: Optional[Tensor] = None
+    # int64 [B, 3] on the host: :func:`~models.generator.attention.sequence_spans` ((row, start, length) of every
+    # sequence) for the per-sequence attention kernel; computed by :func:`pack`, None = derive when needed.
+    sequence_spans: Optional[Tensor] = None
 
     @property
     def valid(self) -> Tensor:
@@ -317,7 +317,7 @@ class PackedBatch:
 
     def document_mask(self) -> DocumentMask:
         """Block-diagonal causal attention of this batch without a dense mask (built once, shared by all layers)."""
-        return DocumentMask(self.doc, self.index, self.sequence_slots)
+        return DocumentMask(self.doc, self.sequence_spans)
 
     def attention_mask(self) -> Tensor:
         """bool ``[R, 1, S, S]``: query ``i`` may attend key ``j <= i`` of the same sequence (padding: itself).
@@ -329,7 +329,9 @@ class PackedBatch:
         return ((same & causal) | eye)[:, None]
 
     def to(self, device: torch.device | str) -> "PackedBatch":
-        return PackedBatch(*(None if (value := getattr(self, f.name)) is None else value.to(device)
+        """The batch on ``device`` (``sequence_spans`` stays on the host, where it is read)."""
+        return PackedBatch(*(None if (value := getattr(self, f.name)) is None else
+                             value if f.name == "sequence_spans" else value.to(device)
                              for f in dataclasses.fields(self)))
 
 
@@ -380,7 +382,7 @@ def pack(spec: SequenceSpec, seqs: FlatSequences, labels: Tensor, max_tokens: in
     token_index[row, col] = index
     batch = PackedBatch(position, content, label, doc, token_index)
     batch.content_rows = content_target_rows(spec, batch)
-    batch.sequence_slots = sequence_slots(doc, token_index)
+    batch.sequence_spans = sequence_spans(doc)
     return batch
 
 
