@@ -5,9 +5,11 @@ base length distribution (16 x 16 dual grid, fine share ~ Beta(4, 4): about 12 s
 of mid widths (dim 512, 8 heads; ``--attn-depth`` position + content layers), one training step (forward +
 backward) with the document mask (no dense mask: per-sequence SDPA on the CPU, FlexAttention on a GPU) vs
 the dense ``[R, 1, S, S]`` boolean mask through SDPA, on the same batch; the losses must agree to 1e-4.
-Attention memory: bytes kept for backward by the attention of one layer (saved tensors, each storage once,
-measured with ``torch.autograd.graph.saved_tensors_hooks``) times the layers, plus the mask itself. Also the
-no-gradient forward (compiled FlexAttention on the CPU) vs the dense mask.
+Attention memory: bytes kept for backward by the attention cores of both stacks (every tensor saved by their
+``scaled_dot_product_attention`` calls, each once, measured with ``torch.autograd.graph.saved_tensors_hooks``:
+the dense path's float mask bias, q/k/v/output, log-sum-exp) plus the mask tensor itself; also the whole first
+layer's saved bytes (projections and RoPE included, the same in both paths). Also the no-gradient forward
+(compiled FlexAttention on the CPU) vs the dense mask.
 
 Training: the same variable-length batch (dual granularity, 16 x 16 coarse grid, fine share of the
 regions ~ Beta(a, a) around 0.5, so about 640 codes per image) trained forward + backward either
@@ -134,30 +136,48 @@ def bench_sampling(args, name: str, widths: dict, repeats_recompute: int) -> dic
             f"{name}_same_tokens": same}
 
 
-def attention_saved_bytes(model: Generator, batch: PackedBatch, mask) -> int:
-    """Bytes the attention of the first position-stack layer keeps for backward (each storage once)."""
-    layer: Attention = model.position_stack.blocks[0].attn
-    storages: dict[int, int] = {}
+def saved_bytes(model: Generator, batch: PackedBatch, mask, layer_only: bool) -> int:
+    """Bytes kept for backward during one training step (each saved tensor once, by data pointer and shape).
+
+    ``layer_only``: everything the first position-stack attention layer saves (its projections included);
+    else what the attention cores of both stacks save (their ``scaled_dot_product_attention`` calls; the
+    factorized head's own small attention is the same in both paths and left out).
+    """
+    seen: dict[tuple, int] = {}
+    inside = [False]
 
     def pack_hook(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        seen[(tensor.data_ptr(), tuple(tensor.shape))] = tensor.numel() * tensor.element_size()
         return tensor
 
-    original = layer.forward
+    def recorded(function, flag_only: bool = False):
+        def call(*args, **kwargs):
+            if flag_only:
+                inside[0] = True
+                try:
+                    return function(*args, **kwargs)
+                finally:
+                    inside[0] = False
+            if not inside[0] and not layer_only:
+                return function(*args, **kwargs)
+            with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda tensor: tensor):
+                return function(*args, **kwargs)
+        return call
 
-    def recorded(*args, **kwargs):
-        # the whole layer (its q/k/v and output projections save the same tensors in both paths)
-        with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda tensor: tensor):
-            return original(*args, **kwargs)
-
-    layer.forward = recorded
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    patched = [model.position_stack.blocks[0].attn] if layer_only else [model.position_stack, model.content_stack]
+    for module in patched:
+        module.forward = recorded(module.forward, flag_only=not layer_only)
+    if not layer_only:
+        torch.nn.functional.scaled_dot_product_attention = recorded(sdpa)
     try:
         model(batch, mask)["loss"].backward()
     finally:
-        layer.forward = original
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(size for ptr, size in storages.items() if ptr not in weights)
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+        for module in patched:
+            module.__dict__.pop("forward", None)
+    weights = {(p.data_ptr(), tuple(p.shape)) for p in model.parameters()}
+    return sum(size for key, size in seen.items() if key not in weights)
 
 
 def bench_attention(args) -> tuple[dict, dict]:
@@ -188,12 +208,13 @@ def bench_attention(args) -> tuple[dict, dict]:
         repeats = args.repeats if name == "document" else args.dense_repeats
         figures[f"attn_{name}_step_s"] = round(median_time(step, repeats=repeats, warmup=1 if name == "document"
                                                            else 0, sync=args.device != "cpu"), 3)
-        saved = attention_saved_bytes(model, batch, mask)
+        core = saved_bytes(model, batch, mask, layer_only=False)
+        figures[f"attn_{name}_layer_saved_MiB"] = round(saved_bytes(model, batch, mask, layer_only=True) / 2 ** 20, 2)
         mask_bytes = (dense.numel() * dense.element_size() if name == "dense" else
                       batch.sequence_spans.numel() * batch.sequence_spans.element_size())
-        figures[f"attn_{name}_saved_MiB_per_layer"] = round(saved / 2 ** 20, 2)
+        figures[f"attn_{name}_core_saved_MiB_per_layer"] = round(core / layers / 2 ** 20, 2)
         figures[f"attn_{name}_mask_MiB"] = round(mask_bytes / 2 ** 20, 2)
-        figures[f"attn_{name}_memory_MiB"] = round((saved * layers + mask_bytes) / 2 ** 20, 1)
+        figures[f"attn_{name}_memory_MiB"] = round((core + mask_bytes) / 2 ** 20, 1)
         model.eval()
         with torch.no_grad():
             started = time.perf_counter()
