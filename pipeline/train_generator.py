@@ -11,10 +11,9 @@ every rank); each micro batch is one packed row (block-diagonal causal attention
 
 Optimiser: AdamW; weight decay only on the weight matrices of linear layers (embedding tables, including
 output tables tied to them, slot embeddings, norms and biases get none); linear warmup + cosine; global-norm
-clipping; accumulation; EMA. A micro batch whose loss is NaN/Inf on any rank gets no backward on any rank
-(``pipeline.training.GuardedStep``, one all-reduced flag per micro batch, ZeRO-0..3 alike); a step whose
-micro batches were all dropped is skipped and counted (``bad_steps``), and ``train.max_bad_steps`` such steps
-in a row stop the run. The tokenizer is never run, except to decode the optional sample grids
+clipping; accumulation; EMA. A step with a NaN/Inf loss or gradient on any rank is skipped on every rank
+(``pipeline.training.GuardedStep``, one all-reduced count per optimizer step, ZeRO-0..3 alike) and counted
+(``bad_steps``), and ``train.max_bad_steps`` such steps in a row stop the run. The tokenizer is never run, except to decode the optional sample grids
 (``logging.tokenizer``: a Tokenizer export directory).
 
 Outputs under ``run.dir``: ``config.yaml``, ``logs/metrics.jsonl`` (one JSON line per log step; TensorBoard
@@ -273,16 +272,15 @@ def train(cfg: GeneratorStageConfig, resume: Optional[str] = "auto") -> dict[str
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_main_process,
                desc="train-generator", unit="step")
     while step < cfg.train.max_steps:
-        update = GuardedStep(accelerator, model, optimizer, cfg.train.grad_accum)
+        update = GuardedStep(accelerator, model, cfg.train.grad_accum)
         for _ in range(cfg.train.grad_accum):
             batch = next(stream).to(accelerator.device)
             with accelerator.accumulate(model):
                 metrics = model(batch)
-                if update.backward(metrics["loss"]):
-                    window.add(metrics)
+                window.add(metrics, keep=update.backward(metrics["loss"]))
             window.count(tokens=batch.num_tokens, micro_batches=1)
         guard.record(update.bad, step + 1)
-        if not update.stepped:  # every micro batch was non-finite: the optimizer step is skipped
+        if not update.stepped:  # NaN/Inf loss or gradient: the optimizer step was skipped on every rank
             continue
         scheduler.step()
         step += 1
