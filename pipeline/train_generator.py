@@ -38,6 +38,7 @@ from data.codes import CodeReader, TokenBudgetBatcher
 from models.config import ConfigBase, ConfigError, check_choice
 from models.generator import Generator, GeneratorConfig, PackedBatch, SequenceSpec, encode_sequences, pack
 from pipeline.config import LoggingConfig, OptimConfig, RunConfig, TrainConfig, load_config, save_resolved_config
+from pipeline.precision import autocast, resolve_precision
 from pipeline.training import (GuardedStep, MetricsLog, MetricWindow, NonFiniteGuard, add_stage_arguments,
                                finished_run_summary, peak_memory_bytes, tracker_names, write_summary)
 
@@ -208,7 +209,7 @@ def _sample_grid(accelerator, model, ema, cfg: GeneratorStageConfig, tokenizer, 
     """Decode class-conditional samples of the (EMA) weights to ``RUN/images/samples-step-N.png`` (rank 0).
 
     The consolidated weights are gathered on every rank (a collective under ZeRO-3); rank 0 samples with
-    a plain copy of the generator.
+    a plain copy of the generator on its own device, under the run's autocast.
     """
     from models.generator import sample
     from models.tokenizer import ImageCodes
@@ -217,15 +218,18 @@ def _sample_grid(accelerator, model, ema, cfg: GeneratorStageConfig, tokenizer, 
     state = ema.state_dict_for() if ema is not None else accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return
+    device = accelerator.device
     generator = Generator(cfg.model)
     generator.load_state_dict(state)
+    generator.to(device).eval()
     classes = cfg.logging.grid_classes or list(range(min(8, max(cfg.model.num_classes, 1))))
     labels = [c if cfg.model.num_classes else cfg.model.null_class for c in classes]
     guided = cfg.logging.grid_cfg != 1.0 and cfg.model.num_classes > 0
-    maps = sample(generator, labels, cfg_scale=cfg.logging.grid_cfg if guided else None,
-                  generator=torch.Generator().manual_seed(cfg.run.seed))
-    images = tokenizer.decode([ImageCodes(g, c) for g, c in maps])
-    grains = torch.stack([g for g, _ in maps])
+    with torch.inference_mode(), autocast(resolve_precision(cfg.train.precision, device), device):
+        maps = sample(generator, labels, cfg_scale=cfg.logging.grid_cfg if guided else None,
+                      generator=torch.Generator(device).manual_seed(cfg.run.seed))
+        images = tokenizer.to(device).decode([ImageCodes(g, c) for g, c in maps]).float().cpu()
+    grains = torch.stack([g for g, _ in maps]).cpu()
     grid = torch.cat([images, grain_overlay(images, grains)])
     save_png(tile(grid, ncol=len(maps)), run_dir / "images" / f"samples-step-{step}.png")
 
@@ -274,11 +278,12 @@ def train(cfg: GeneratorStageConfig, resume: Optional[str] = "auto") -> dict[str
     while step < cfg.train.max_steps:
         update = GuardedStep(accelerator, model, cfg.train.grad_accum)
         for _ in range(cfg.train.grad_accum):
-            batch = next(stream).to(accelerator.device)
+            batch = next(stream)
+            window.count(tokens=batch.num_tokens, micro_batches=1)   # counted on the host, before the copy
+            batch = batch.to(accelerator.device)
             with accelerator.accumulate(model):
                 metrics = model(batch)
                 window.add(metrics, keep=update.backward(metrics["loss"]))
-            window.count(tokens=batch.num_tokens, micro_batches=1)
         guard.record(update.bad, step + 1)
         if not update.stepped:  # NaN/Inf loss or gradient: the optimizer step was skipped on every rank
             continue

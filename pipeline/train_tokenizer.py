@@ -251,7 +251,7 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
                             img_s=f"{metrics['images_per_s']:.1f}")
         if main and step % cfg.train.image_every == 0:
             shown = slice(0, GRID_IMAGES)
-            grid = image_grid([images[shown], rec.detach()[shown], grain_overlay(images[shown], grain[shown])])
+            grid = image_grid([images[shown], rec.detach()[shown].float(), grain_overlay(images[shown], grain[shown])])
             save_png(grid, run_dir / "images" / f"step-{step:07d}.png")
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
             ckpt.save(step, export_state=export_state, ema=ema, extra={"stream": stream})
