@@ -191,7 +191,8 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def _assert_fp32_files(run_dir: Path, step: int) -> None:
-    for path in (run_dir / "export" / "model.safetensors", run_dir / "checkpoints" / f"step-{step}" / "model.safetensors"):
+    for path in (run_dir / "export" / "model.safetensors",
+                 run_dir / "checkpoints" / f"step-{step}" / "model.safetensors"):
         assert {value.dtype for value in load_file(str(path)).values()} == {torch.float32}, path
 
 
