@@ -76,13 +76,14 @@ class InceptionFeatures(nn.Module):
     """Frozen FID Inception: uint8 ``N x 3 x H x W`` (or ``N x H x W x 3``) -> :class:`InceptionOutputs`.
 
     ``state_dict``: tensors of torch-fidelity's ``FeatureExtractorInceptionV3`` (the published file's keys);
-    a missing, unexpected or mis-shaped tensor is a ValueError naming ``source``.
+    a missing, unexpected or mis-shaped tensor is a ValueError naming ``source``. ``weights_file`` / ``sha256``
+    (set by :meth:`from_file`) are recorded in :meth:`protocol`.
     """
 
     num_features = 2048
 
     def __init__(self, state_dict: dict[str, Tensor], source: str = "the state dict",
-                 sha256: Optional[str] = None) -> None:
+                 weights_file: Optional[str] = None, sha256: Optional[str] = None) -> None:
         super().__init__()
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -101,7 +102,7 @@ class InceptionFeatures(nn.Module):
         except RuntimeError as exc:
             raise ValueError(f"{source} does not hold the FID Inception (torch-fidelity FeatureExtractorInceptionV3, "
                              f"{FID_WEIGHTS_NAME}): {' '.join(str(exc).split())[:900]}") from None
-        self.source, self.sha256 = source, sha256
+        self.weights_file, self.sha256 = weights_file, sha256
         self._spatial: Optional[Tensor] = None
         self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
         self.requires_grad_(False)
@@ -126,7 +127,7 @@ class InceptionFeatures(nn.Module):
                              f"{str(exc)[:300]})") from None
         if not isinstance(state, dict):
             raise ValueError(f"{flag}: {file} holds a {type(state).__name__}, not a state dict of tensors")
-        return cls(state, source=f"{flag}: {file}", sha256=file_sha256(file))
+        return cls(state, source=f"{flag}: {file}", weights_file=str(file), sha256=file_sha256(file))
 
     @property
     def input_size(self) -> int:
@@ -144,7 +145,7 @@ class InceptionFeatures(nn.Module):
     def protocol(self) -> dict[str, Any]:
         """How the features are computed, for the metrics JSON."""
         return {"network": f"torch-fidelity FeatureExtractorInceptionV3 ({FID_WEIGHTS_NAME} architecture)",
-                "weights": self.source.split(": ", 1)[-1], "weights_sha256": self.sha256,
+                "weights": self.weights_file, "weights_sha256": self.sha256,
                 "standard_weights": self.standard_weights,
                 "input": f"uint8 RGB, TF1-compatible bilinear resize to {self.input_size}x{self.input_size} "
                          f"(torch-fidelity), (x - 128) / 128, fp32",
