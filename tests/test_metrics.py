@@ -316,3 +316,18 @@ def test_reconstruction_with_more_images_than_the_shards_is_an_error(tmp_path, w
     code = cli(["eval", "reconstruction", "--tokenizer", str(tokenizer), "--shards", str(shards), "--num-images", "4",
                 "--no-lpips", "--inception-weights", str(weights), "--out", str(tmp_path / "rec")])
     assert code == 2 and "fewer than --num-images 4" in capsys.readouterr().err
+
+
+def test_npz_images_stream_plain_and_compressed_files_exactly(tmp_path):
+    from pipeline.evaluate import NpzImages
+
+    images = np.random.default_rng(0).integers(0, 256, size=(7, 8, 9, 3), dtype=np.uint8)
+    np.savez(tmp_path / "plain.npz", arr_0=images, labels=np.arange(7))
+    np.savez_compressed(tmp_path / "compressed.npz", arr_0=images)
+    for name in ("plain.npz", "compressed.npz"):
+        reader = NpzImages(tmp_path / name, "--samples")
+        assert len(reader) == 7 and reader.image_size == "8x9"
+        batches = list(reader.batches(3))
+        assert [len(b) for b in batches] == [3, 3, 1] and batches[0].dtype == torch.uint8
+        assert np.array_equal(torch.cat(batches).numpy(), images)
+        assert np.array_equal(torch.cat(list(reader.batches(3, limit=5))).numpy(), images[:5])
