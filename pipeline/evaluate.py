@@ -410,8 +410,8 @@ def evaluate_generation(samples: str | Path, reference: str | Path, inception_we
     pool_stats, pool_source = against(stored_pool, real.pool_moments)
     spatial_stats, spatial_source = against(stored_spatial, real.spatial_moments)
     is_mean, is_std = inception_score(torch.cat(fake.logits), is_splits)
-    precision, recall = precision_recall(real.pool().to(inception.net.fc.weight.device),
-                                         fake.pool().to(inception.net.fc.weight.device), k=k)
+    device = inception.net.fc.weight.device                  # the k-NN distances run where the Inception ran
+    precision, recall = precision_recall(real.pool().to(device), fake.pool().to(device), k=k)
     kid_mean, kid_std = kernel_inception_distance(real.pool(), fake.pool(), kid_subsets, kid_subset_size)
     note = lambda counts: _protocol_note(inception, counts, sample_images.image_size)   # noqa: E731
     return {
