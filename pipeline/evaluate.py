@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from models.config import ConfigError
+from pipeline.precision import PRECISIONS, autocast, resolve_precision
 from pipeline.metrics import (GaussianStats, InceptionFeatures, MissingWeightsError, MomentAccumulator,
                               codebook_usage, frechet_distance, inception_score, kernel_inception_distance,
                               precision_recall, psnr, ssim)
@@ -229,17 +230,22 @@ def _count_check(available: int, wanted: Optional[int], what: str, flag: str) ->
     return wanted
 
 
-def _reconstruct(tokenizer, images: Tensor):
-    """The tokenizer forward of the evaluation: codes of ``images`` and their decoding."""
-    codes = tokenizer.encode(images)
-    return codes, tokenizer.decode(codes)
+def _reconstruct(tokenizer, images: Tensor, precision: str = "fp32"):
+    """The tokenizer forward of the evaluation, under ``precision``'s autocast: codes of ``images`` and their
+    decoding (fp32, so the metrics are computed in fp32)."""
+    with torch.inference_mode(), autocast(precision, images.device):
+        codes = tokenizer.encode(images)
+        return codes, tokenizer.decode(codes).float()
 
 
 def evaluate_reconstruction(tokenizer_dir: str, shards: str, out: str | Path, *, num_images: Optional[int] = None,
                             batch_size: int = 16, image_size: Optional[int] = None,
                             lpips_weights: Optional[str] = None, inception_weights: Optional[str] = None,
-                            no_lpips: bool = False, no_fid: bool = False, extremes: int = 6) -> dict[str, Any]:
-    """Run the reconstruction evaluation and write its outputs under ``out``; returns the metrics."""
+                            no_lpips: bool = False, no_fid: bool = False, extremes: int = 6,
+                            precision: str = "auto") -> dict[str, Any]:
+    """Run the reconstruction evaluation and write its outputs under ``out``; returns the metrics.
+
+    ``precision``: the tokenizer's autocast (auto = bf16 on a GPU); metrics and the Inception run in fp32."""
     from tqdm.auto import tqdm
 
     from data.stream import ShardStream
@@ -250,6 +256,7 @@ def evaluate_reconstruction(tokenizer_dir: str, shards: str, out: str | Path, *,
     inception = None if no_fid else _load_inception(inception_weights, "--no-fid")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir).to(device).eval()
+    precision = resolve_precision(precision, device)
     lpips = lpips.to(device) if lpips is not None else None
     size = image_size or tokenizer.config.encoder.resolution
     stream = ShardStream(shards, batch_size=batch_size, image_size=size, rank=0, world_size=1, shuffle=False,
@@ -259,7 +266,7 @@ def evaluate_reconstruction(tokenizer_dir: str, shards: str, out: str | Path, *,
     with tqdm(total=wanted, desc="eval reconstruction", unit="img") as bar:
         for batch in stream:
             images = batch["image"][: wanted - accumulator.num_images].to(device)
-            codes, recs = _reconstruct(tokenizer, images)
+            codes, recs = _reconstruct(tokenizer, images, precision)
             accumulator.update(images, recs, torch.stack([c.grain for c in codes]), [c.codes for c in codes])
             bar.update(len(images))
             if accumulator.num_images >= wanted:
@@ -490,6 +497,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rec.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
     rec.add_argument("--no-fid", action="store_true", help="skip rFID")
     rec.add_argument("--extremes", type=int, default=6, help="worst / best reconstructions shown")
+    rec.add_argument("--precision", default="auto", choices=PRECISIONS,
+                     help="tokenizer compute precision (fp32 weights, autocast): auto = bf16 on a GPU, fp32 on the "
+                          "CPU; metrics are computed in fp32")
     rec.add_argument("--out", required=True, help="output directory")
     gen = sub.add_parser("generation", help="FID / sFID / IS / precision / recall / KID of samples vs a reference")
     gen.add_argument("--samples", required=True, help=".npz written by varitok sample (arr_0)")
@@ -540,7 +550,7 @@ def run(args: argparse.Namespace) -> int:
             metrics = evaluate_reconstruction(
                 args.tokenizer, args.shards, args.out, num_images=args.num_images, batch_size=args.batch_size,
                 image_size=args.image_size, lpips_weights=args.lpips_weights, inception_weights=args.inception_weights,
-                no_lpips=args.no_lpips, no_fid=args.no_fid, extremes=args.extremes)
+                no_lpips=args.no_lpips, no_fid=args.no_fid, extremes=args.extremes, precision=args.precision)
         elif args.mode == "generation":
             metrics = evaluate_generation(args.samples, args.reference, args.inception_weights,
                                           num_samples=args.num_samples, batch_size=args.batch_size, k=args.k,
