@@ -44,6 +44,7 @@ from accelerate import Accelerator  # noqa: E402  (after DS_ACCELERATOR)
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration, set_seed  # noqa: E402
 
+from data.world import resolve_world  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.precision import check_launcher_precision, deepspeed_precision_config, resolve_precision  # noqa: E402
 
@@ -77,27 +78,25 @@ def _forget_previous_accelerator() -> None:
 
 
 def _ensure_process_group_env() -> None:
-    """Fill the process-group environment a launcher did not set.
+    """Fill the process-group environment Accelerate reads (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+    MASTER_ADDR/PORT) that a launcher did not set, from :func:`data.world.resolve_world`.
 
     A plain ``python script.py`` run becomes a world of one. A hand-made launch (``RANK=1 WORLD_SIZE=2
-    MASTER_ADDR=... varitok ...``) or ``srun`` without torchrun keeps its rank and world size; only the
-    missing local rank is derived (from SLURM_LOCALID when present).
+    MASTER_ADDR=... varitok ...``), an ``srun`` step without torchrun or an ``mpirun`` keeps its placement.
     """
-    if any(name in os.environ for name in ("LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
+    if "LOCAL_RANK" in os.environ or "PMI_SIZE" in os.environ:    # a launcher (or MPICH) set everything
         return
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
-        os.environ["RANK"], os.environ["WORLD_SIZE"] = os.environ["SLURM_PROCID"], os.environ["SLURM_NTASKS"]
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0" if os.environ["WORLD_SIZE"] == "1"
-                                                       else os.environ["RANK"]))
-    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", os.environ["WORLD_SIZE"]))
+    world = resolve_world()
+    for name, value in (("RANK", world.rank), ("WORLD_SIZE", world.size), ("LOCAL_RANK", world.local_rank),
+                        ("LOCAL_WORLD_SIZE", world.local_size)):
+        os.environ.setdefault(name, str(value))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if os.environ["WORLD_SIZE"] == "1":
+    if world.size == 1:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     elif "MASTER_PORT" not in os.environ:
-        raise RuntimeError("RANK/WORLD_SIZE are set for a multi-process run but MASTER_PORT is not: set "
-                           "MASTER_ADDR and MASTER_PORT (or use `varitok launch`, accelerate launch or torchrun)")
+        raise RuntimeError(f"this is process {world.rank} of {world.size} ({world.source}) but MASTER_PORT is not "
+                           f"set: set MASTER_ADDR and MASTER_PORT (or use `varitok launch`, accelerate launch or "
+                           f"torchrun)")
 
 
 def _deepspeed_plugin(train: TrainConfig, grad_clip: float) -> DeepSpeedPlugin:

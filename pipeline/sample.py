@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from data.world import World, resolve_world
 from models.config import ConfigError
 from pipeline.precision import PRECISIONS, autocast, resolve_precision
 
@@ -78,13 +79,14 @@ def generate_images(generator, tokenizer, labels: Sequence[int], *, batch_size: 
     return np.concatenate(images), grains
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); joins a gloo/NCCL group when launched with several processes."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1 and not torch.distributed.is_initialized():
+def _distributed() -> World:
+    """This process's place (data.world); joins a gloo/NCCL group when launched with several processes."""
+    world = resolve_world()
+    if world.size > 1 and not torch.distributed.is_initialized():
+        for name, value in (("RANK", world.rank), ("WORLD_SIZE", world.size)):   # srun / mpirun: for the rendezvous
+            os.environ.setdefault(name, str(value))
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return rank, world
+    return world
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,8 +114,9 @@ def run(args: argparse.Namespace) -> int:
     from models.tokenizer import Tokenizer
     from pipeline.visual import grain_overlay, save_png, tile
 
-    rank, world = _distributed()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    placement = _distributed()
+    rank, world = placement.rank, placement.size
+    device = torch.device(f"cuda:{placement.local_rank}" if torch.cuda.is_available() else "cpu")
     generator = Generator.from_pretrained(args.generator).to(device).eval()
     tokenizer = Tokenizer.from_pretrained(args.tokenizer).to(device).eval()
     spec = generator.config
