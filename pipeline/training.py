@@ -68,7 +68,8 @@ class GuardedStep:
         self.nonfinite = torch.zeros((), device=accelerator.device)
         self.stepped = False
         self.bad = False
-        if zero_stage(accelerator) == 0:
+        self.flag_skips = zero_stage(accelerator) == 0   # ZeRO-1/2/3 optimizers skip non-finite gradients
+        if self.flag_skips:
             _skip_flagged_steps(model.optimizer)
 
     def backward(self, loss: torch.Tensor) -> torch.Tensor:
@@ -79,7 +80,8 @@ class GuardedStep:
         self.remaining -= 1
         if self.remaining == 0:
             bad_losses = int(self.accelerator.reduce(self.nonfinite.reshape(1), reduction="sum").item())
-            self.engine.optimizer.varitok_skip_step = bad_losses > 0
+            if self.flag_skips:
+                self.engine.optimizer.varitok_skip_step = bad_losses > 0
         self.accelerator.backward(loss)
         if self.remaining == 0:
             self.stepped = bool(self.engine.was_step_applied())
