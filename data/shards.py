@@ -37,6 +37,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from data.atomic import AtomicFile, atomic_write, temp_files_of
+
 __all__ = [
     "ShardError", "Rejected", "ShardOptions", "InputItem", "InputSet", "IMAGE_EXTENSIONS", "RESIZE_MODES",
     "FORMATS", "REJECT_REASONS", "RUN_FILE", "discover_inputs", "to_rgb", "resize_image", "encode_image",
@@ -399,15 +401,6 @@ def shard_stem(name: str, shard: int) -> str:
     return f"{name}-{shard:06d}"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _json_bytes(value: Any) -> bytes:
     return (json.dumps(value, sort_keys=True, indent=1) + "\n").encode()
 
@@ -415,11 +408,9 @@ def _json_bytes(value: Any) -> bytes:
 @contextlib.contextmanager
 def atomic_tar(path: str | os.PathLike) -> Iterator[Callable[[str, bytes], None]]:
     """Stream a reproducible tar to ``path``: yields ``add(member_name, data)``; members keep their order
-    and get mtime 0, root:root, mode 0644. The file appears under ``path`` only once complete (written
-    to ``path.tmp``, fsynced, renamed); an exception leaves just the temporary file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
+    and get mtime 0, root:root, mode 0644. The file appears under ``path`` only once complete
+    (:class:`data.atomic.AtomicFile`); an exception leaves nothing behind."""
+    with AtomicFile(path) as handle:
         with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             def add(name: str, data: bytes) -> None:
                 info = tarfile.TarInfo(name)
@@ -428,9 +419,6 @@ def atomic_tar(path: str | os.PathLike) -> Iterator[Callable[[str, bytes], None]
                 info.uname = info.gname = ""
                 tar.addfile(info, io.BytesIO(data))
             yield add
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def write_shard(out_dir: str | os.PathLike, shard: int, items: Sequence[InputItem], first_index: int,
@@ -444,6 +432,8 @@ def write_shard(out_dir: str | os.PathLike, shard: int, items: Sequence[InputIte
     stem = shard_stem(options.name, shard)
     duplicate_of = duplicate_of or {}
     rejected: list[dict] = []
+    for stale in temp_files_of(out_dir / f"{stem}.tar") + temp_files_of(out_dir / f"{stem}.stats.json"):
+        stale.unlink(missing_ok=True)  # left by a killed writer of this shard (this node owns it)
     with atomic_tar(out_dir / f"{stem}.tar") as add:
         for offset, item in enumerate(items):
             key = sample_key(shard, offset)
@@ -471,7 +461,7 @@ def write_shard(out_dir: str | os.PathLike, shard: int, items: Sequence[InputIte
         "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
         "rejected": rejected, "seconds": round(time.perf_counter() - start, 3),
     }
-    _atomic_write(out_dir / f"{stem}.stats.json", _json_bytes(stats))
+    atomic_write(out_dir / f"{stem}.stats.json", _json_bytes(stats))
     return stats
 
 
@@ -533,9 +523,7 @@ def _writer_id() -> str:
 def _check_output(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-probe-{_writer_id()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        atomic_write(out_dir / f".write-probe-{_writer_id()}", b"").unlink()
     except OSError as exc:
         raise ShardError(f"--output {out_dir} is not a writable folder: {exc.strerror or exc}") from None
 
@@ -560,9 +548,7 @@ def _claim_output(out_dir: Path, record: dict) -> None:
             raise ShardError(f"{out_dir} holds shards made with different settings; cannot resume into it "
                              f"({'; '.join(diffs)}). Use the original flags or a new --output.")
         return
-    tmp = out_dir / f"{RUN_FILE}.{_writer_id()}.tmp"
-    tmp.write_bytes(_json_bytes(record))
-    os.replace(tmp, run_file)
+    atomic_write(run_file, _json_bytes(record))
 
 
 _progress_counter = None
@@ -697,10 +683,10 @@ def merge_manifests(out_dir: str | os.PathLike) -> dict:
         "num_shards": num_shards, "shards": list(sizes), "classes": record["classes"],
         "num_classes": len(record["classes"]), "inputs_sha256": record["inputs_sha256"],
     }
-    _atomic_write(out_dir / "sizes.json", _json_bytes(sizes))
-    _atomic_write(out_dir / "rejected.jsonl",
+    atomic_write(out_dir / "sizes.json", _json_bytes(sizes))
+    atomic_write(out_dir / "rejected.jsonl",
                   b"".join(json.dumps(entry, sort_keys=True).encode() + b"\n" for entry in rejected))
     if record["classes"]:
-        _atomic_write(out_dir / "classes.json", _json_bytes({c: i for i, c in enumerate(record["classes"])}))
-    _atomic_write(out_dir / "manifest.json", _json_bytes(manifest))
+        atomic_write(out_dir / "classes.json", _json_bytes({c: i for i, c in enumerate(record["classes"])}))
+    atomic_write(out_dir / "manifest.json", _json_bytes(manifest))
     return manifest

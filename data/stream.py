@@ -69,6 +69,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data.atomic import atomic_write
 from data.transforms import CROPS, DECODERS, IMAGE_EXTENSIONS, load_image, sample_augmentation, to_unit_range
 
 log = logging.getLogger("varitok.stream")
@@ -599,15 +600,12 @@ class ShardStream:
                 "positions": list(self._positions), **self._identity()}
 
     def save_state_file(self, directory: str | os.PathLike) -> Path:
-        """Write ``state_dict()`` to ``directory/stream-rank{rank:05d}.json`` atomically (temporary file,
-        then rename) and return the path. Every rank calls it: positions are per rank, and
+        """Write ``state_dict()`` to ``directory/stream-rank{rank:05d}.json`` atomically (data.atomic) and
+        return the path. Every rank calls it: positions are per rank, and
         ``accelerator.register_for_checkpointing`` would save rank 0's state only (and as a pickle)."""
         path = Path(directory) / f"stream-rank{self.rank:05d}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".tmp{os.getpid()}")
-        temporary.write_text(json.dumps(self.state_dict(), indent=1))
-        os.replace(temporary, path)
-        return path
+        return atomic_write(path, json.dumps(self.state_dict(), indent=1))
 
     def load_state_file(self, directory: str | os.PathLike) -> None:
         """Restore the state this rank wrote with :meth:`save_state_file`."""

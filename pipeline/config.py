@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional, TypeVar
 
+from data.atomic import atomic_write
 from models.config import ConfigBase, ConfigError, check_choice
 
 __all__ = ["ConfigError", "RunConfig", "OptimConfig", "TrainConfig", "LoggingConfig", "load_config",
@@ -115,8 +116,4 @@ def save_resolved_config(config: ConfigBase, directory: str | os.PathLike, name:
     """Write the fully resolved config next to a run's outputs (atomically)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / name
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text(config.to_yaml())
-    os.replace(tmp, target)
-    return target
+    return atomic_write(directory / name, config.to_yaml())

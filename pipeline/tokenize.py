@@ -41,6 +41,7 @@ import torchvision.transforms.v2.functional as TF
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data.atomic import atomic_write, temp_files_of
 from data.codes import CodeManifest, CodeWriter, ManifestMismatchError, part_file_name
 from data.stream import expand_shard_spec, iter_tar_members, shard_sizes
 from data.transforms import IMAGE_EXTENSIONS, crop_resize_flip, decode_pil, to_unit_range
@@ -266,9 +267,7 @@ def _write_skipped(out_dir: Path, part: int, shard: str, entries: list[dict[str,
     if not entries:
         return
     path.parent.mkdir(exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text("".join(json.dumps({"shard": os.path.basename(shard), **e}) + "\n" for e in entries))
-    os.replace(temp, path)
+    atomic_write(path, "".join(json.dumps({"shard": os.path.basename(shard), **e}) + "\n" for e in entries))
 
 
 def read_skipped(out_dir: str | os.PathLike, parts: Optional[Sequence[int]] = None) -> list[dict[str, str]]:
@@ -283,7 +282,7 @@ def _clear_stale(out_dir: Path, parts: Sequence[int]) -> None:
     """Remove what an interrupted earlier run left for ``parts`` (this rank owns them, nobody else
     writes them): temp part files and skipped lists of parts that were never recorded."""
     for part in parts:
-        for temp in out_dir.glob(f".{part_file_name(part)}.tmp-*"):
+        for temp in temp_files_of(out_dir / part_file_name(part)):
             temp.unlink(missing_ok=True)
         skipped_path(out_dir, part).unlink(missing_ok=True)
 

@@ -12,12 +12,12 @@ import contextlib
 import fcntl
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from data.atomic import atomic_write, open_no_follow
 from data.codes.format import code_dtype, part_file_name
 
 MANIFEST_NAME = "manifest.json"
@@ -31,21 +31,19 @@ class ManifestMismatchError(ValueError):
 
 @contextlib.contextmanager
 def _locked(out_dir: Path) -> Iterator[None]:
-    with open(out_dir / f"{MANIFEST_NAME}.lock", "a+") as lock_file:
-        fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+    fd = open_no_follow(out_dir / f"{MANIFEST_NAME}.lock")  # a planted symlink is refused, never followed
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    with open(temp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
+    atomic_write(path, json.dumps(data, indent=1, sort_keys=False))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -131,7 +131,7 @@ def verify_codes(out_dir: str | os.PathLike, expected_keys: Iterable[str] | None
     for name in sorted(on_disk - recorded):
         report.problems.append(f"{name}: part file not recorded in the manifest (an interrupted write? re-run "
                                f"tokenize, or delete it)")
-    temps = sorted(p.name for p in out.glob(".part-*.tmp-*"))
+    temps = sorted(p.name for p in out.glob(".part-*.arrow.*.tmp"))
     if temps:
         report.notes.append(f"{len(temps)} leftover temp file(s) from interrupted writers: {_listed(temps)}")
     totals = manifest.totals
