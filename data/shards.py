@@ -18,13 +18,16 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
+import logging
 import math
 import multiprocessing
 import os
 import socket
+import stat
 import tarfile
 import time
 import warnings
@@ -37,7 +40,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data.atomic import AtomicFile, atomic_write, temp_files_of
+from data.files import AtomicFile, NotRegularFile, atomic_write, open_regular_file, temp_files_of
 
 __all__ = [
     "ShardError", "Rejected", "ShardOptions", "InputItem", "InputSet", "IMAGE_EXTENSIONS", "RESIZE_MODES",
@@ -50,9 +53,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 LIST_EXTENSIONS = (".txt", ".lst", ".csv", ".tsv", ".parquet")
 RESIZE_MODES = ("center-crop", "shorter-side", "none")
 FORMATS = ("jpg", "png", "webp")
-REJECT_REASONS = ("missing", "unreadable", "empty", "not_an_image", "truncated", "corrupt",
-                  "decompression_bomb", "too_small", "duplicate")
+REJECT_REASONS = ("missing", "unreadable", "not_a_file", "too_large", "empty", "not_an_image", "truncated",
+                  "corrupt", "decompression_bomb", "too_small", "duplicate")
+WALK_SKIP_REASONS = ("symlink_loop", "duplicate_link", "not_a_file", "broken_link", "unreadable", "unreadable_folder")
+MAX_CAPTION_BYTES = 1 << 20
 RUN_FILE = "shard_run.json"
+log = logging.getLogger("varitok.shard")
 REDUCING_GAP = 3.0  # resampling keeps >= 3x the target resolution before the final Lanczos step
 MAX_SHARD_SIZE = 1_000_000  # the in-shard part of a key has 6 digits
 PATH_COLUMNS = ("path", "filepath", "file", "filename", "image", "image_path")
@@ -95,6 +101,7 @@ class ShardOptions:
     dedupe: bool = False              # reject later inputs with the same sha256 as an earlier one
     captions: bool = False            # write <key>.txt from caption columns or sibling <image>.txt
     max_pixels: int = 89_478_485      # width * height above this is a decompression bomb (PIL's default)
+    max_input_bytes: int = 256 << 20  # larger input files are rejected unread (too_large)
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "./\\ "):
@@ -113,6 +120,8 @@ class ShardOptions:
             raise ShardError(f"--min-size must be >= 0, got {self.min_size}")
         if self.max_pixels < 1:
             raise ShardError(f"--max-pixels must be >= 1, got {self.max_pixels}")
+        if self.max_input_bytes < 1:
+            raise ShardError(f"--max-input-bytes must be >= 1, got {self.max_input_bytes}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +135,7 @@ class InputItem:
 class InputSet:
     items: list[InputItem]          # sorted: the order that fixes shard assignment
     classes: list[str]              # class names; label i is classes[i] (empty for numeric labels)
+    skipped: list[dict] = dataclasses.field(default_factory=list)  # {path, reason, detail} found while walking
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
@@ -140,14 +150,63 @@ class InputSet:
 # Input discovery
 # ----------------------------------------------------------------------------------------------
 
-def _folder_entries(root: Path) -> list[tuple[str, Optional[str], None]]:
-    """Image files under ``root`` (recursive). If every image sits in a subfolder, the first subfolder
-    name is its class (the ImageFolder layout); otherwise images get no label."""
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files.extend(Path(dirpath) / f for f in filenames
-                     if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS)
+def _walk_images(root: Path, skipped: list[dict]) -> list[Path]:
+    """Image files under ``root``, each real file once, in a deterministic order (sorted, depth first).
+
+    Links are followed, but every folder (device, inode) is entered once, so a symlink loop or a second
+    link to a folder adds nothing, and a file reached by several paths (links, hard links) counts once.
+    FIFOs, devices and sockets with an image suffix, broken links and unreadable folders are not inputs:
+    each is appended to ``skipped`` as {path, reason, detail}. Nothing here opens a file.
+    """
+    seen_folders, seen_files, files = set(), set(), []
+    info = root.stat()
+    seen_folders.add((info.st_dev, info.st_ino))
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted((e for e in scan if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError as exc:
+            skipped.append({"path": str(folder), "reason": "unreadable_folder", "detail": exc.strerror or str(exc)})
+            continue
+        subfolders = []
+        # Real folders before links to folders, so that a file keeps its real path when both lead to it.
+        for entry in sorted(entries, key=lambda e: e.is_symlink()):
+            path = Path(entry.path)
+            is_image = path.suffix.lower() in IMAGE_EXTENSIONS
+            try:
+                info = entry.stat()  # follows links
+            except OSError as exc:
+                if is_image or entry.is_symlink():
+                    skipped.append({"path": str(path), "reason": "broken_link" if entry.is_symlink() else "unreadable",
+                                    "detail": exc.strerror or str(exc)})
+                continue
+            identity = (info.st_dev, info.st_ino)
+            if stat.S_ISDIR(info.st_mode):
+                if identity in seen_folders:
+                    skipped.append({"path": str(path), "reason": "symlink_loop",
+                                    "detail": f"links to {os.path.realpath(path)}, a folder already walked"})
+                else:
+                    seen_folders.add(identity)
+                    subfolders.append(path)
+            elif is_image and not stat.S_ISREG(info.st_mode):
+                skipped.append({"path": str(path), "reason": "not_a_file",
+                                "detail": "a FIFO, device or socket, not a regular file"})
+            elif is_image and identity in seen_files:
+                skipped.append({"path": str(path), "reason": "duplicate_link",
+                                "detail": f"the same file as an earlier input ({os.path.realpath(path)})"})
+            elif is_image:
+                seen_files.add(identity)
+                files.append(path)
+        stack.extend(sorted(subfolders, reverse=True))
+    return files
+
+
+def _folder_entries(root: Path, skipped: list[dict]) -> list[tuple[str, Optional[str], None]]:
+    """Image files under ``root`` (recursive, see ``_walk_images``). If every image sits in a subfolder,
+    the first subfolder name is its class (the ImageFolder layout); otherwise images get no label."""
+    files = _walk_images(root, skipped)
     rel = [f.relative_to(root) for f in files]
     class_layout = bool(rel) and all(len(r.parts) > 1 for r in rel)
     return [(os.path.abspath(f), r.parts[0] if class_layout else None, None) for f, r in zip(files, rel)]
@@ -218,13 +277,15 @@ def discover_inputs(paths: Sequence[str | os.PathLike]) -> InputSet:
 
     Labels are class names (folders, or text in a label column), mapped to indices in sorted name
     order and listed in ``classes``, or integers from a numeric label column. Mixing both is an error.
-    Raises ShardError for a missing input path or when no image is found.
+    Folders are walked with each real file and folder once (``_walk_images``); what the walk refuses is
+    listed in ``skipped``. Raises ShardError for a missing input path or when no image is found.
     """
     entries: list[tuple] = []
+    skipped: list[dict] = []
     for given in paths:
         path = Path(given)
         if path.is_dir():
-            entries.extend(_folder_entries(path))
+            entries.extend(_folder_entries(path, skipped))
         elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
             entries.extend(_list_entries(path))
         elif path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
@@ -247,7 +308,11 @@ def discover_inputs(paths: Sequence[str | os.PathLike]) -> InputSet:
                        None if caption is None or str(caption).strip() == "" else str(caption).strip())
              for (path, _, caption), label in zip(entries, labels)]
     items.sort(key=lambda it: (it.path, -1 if it.label is None else it.label, it.caption or ""))
-    return InputSet(items, names)
+    if skipped:
+        log.warning("skipped %d path(s) while walking the inputs (%s), e.g. %s", len(skipped),
+                    ", ".join(f"{r} {n}" for r, n in sorted(Counter(e["reason"] for e in skipped).items())),
+                    "; ".join(f"{e['path']}: {e['reason']}" for e in skipped[:3]))
+    return InputSet(items, names, skipped)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,24 +433,35 @@ def process_image(data: bytes, options: ShardOptions) -> tuple[bytes, tuple[int,
     return encode_image(rgb, options.format, options.quality), original
 
 
-def _read_source(path: str) -> bytes:
+def _read_source(path: str, limit: int) -> bytes:
+    """The bytes of an input file of at most ``limit`` bytes; FIFOs, devices (``/dev/zero``) and bigger
+    files (a 5 GB sparse ``.jpg``) are Rejected before anything is read."""
     try:
-        with open(path, "rb") as handle:
-            return handle.read()
+        handle, size = open_regular_file(path)
     except FileNotFoundError:
         raise Rejected("missing", "no such file") from None
+    except NotRegularFile as exc:
+        raise Rejected("not_a_file", str(exc)) from None
     except OSError as exc:
         raise Rejected("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}") from None
+    with handle:
+        if size > limit:
+            raise Rejected("too_large", f"{size} bytes is above --max-input-bytes {limit}")
+        try:
+            data = handle.read(limit + 1)
+        except OSError as exc:
+            raise Rejected("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise Rejected("too_large", f"grew above --max-input-bytes {limit} while being read")
+    return data
 
 
 def _sibling_caption(path: str) -> Optional[str]:
-    caption_file = os.path.splitext(path)[0] + ".txt"
     try:
-        with open(caption_file, "rb") as handle:
-            text = handle.read().decode("utf-8", errors="replace").strip()
-    except OSError:
+        text = _read_source(os.path.splitext(path)[0] + ".txt", MAX_CAPTION_BYTES)
+    except Rejected:
         return None
-    return text or None
+    return text.decode("utf-8", errors="replace").strip() or None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,7 +485,7 @@ def _json_bytes(value: Any) -> bytes:
 def atomic_tar(path: str | os.PathLike) -> Iterator[Callable[[str, bytes], None]]:
     """Stream a reproducible tar to ``path``: yields ``add(member_name, data)``; members keep their order
     and get mtime 0, root:root, mode 0644. The file appears under ``path`` only once complete
-    (:class:`data.atomic.AtomicFile`); an exception leaves nothing behind."""
+    (:class:`data.files.AtomicFile`); an exception leaves nothing behind."""
     with AtomicFile(path) as handle:
         with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             def add(name: str, data: bytes) -> None:
@@ -440,7 +516,7 @@ def write_shard(out_dir: str | os.PathLike, shard: int, items: Sequence[InputIte
             try:
                 if first_index + offset in duplicate_of:
                     raise Rejected("duplicate", f"same content as {duplicate_of[first_index + offset]}")
-                data = _read_source(item.path)
+                data = _read_source(item.path, options.max_input_bytes)
                 encoded, (width, height) = process_image(data, options)
             except Rejected as rej:
                 rejected.append({"key": key, "path": item.path, "reason": rej.reason, "detail": rej.detail})
@@ -493,12 +569,18 @@ def node_shards(num_shards: int, node_rank: int, num_nodes: int) -> list[int]:
     return list(range(node_rank, num_shards, num_nodes))
 
 
-def _hash_file(path: str) -> Optional[str]:
+def _hash_file(path: str, limit: int) -> Optional[str]:
     try:
-        with open(path, "rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+        handle, size = open_regular_file(path)
     except OSError:
-        return None  # rejected later as missing / unreadable
+        return None  # rejected later as missing / unreadable / not a file
+    with handle:
+        if size > limit:
+            return None  # rejected later as too large
+        try:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+        except OSError:
+            return None
 
 
 def find_duplicates(paths: Sequence[str], hashes: Iterable[Optional[str]]) -> dict[int, str]:
@@ -539,8 +621,8 @@ def _claim_output(out_dir: Path, record: dict) -> None:
     run_file = out_dir / RUN_FILE
     if run_file.exists():
         previous = json.loads(run_file.read_text())
-        diffs = [f"{k}: {previous['options'].get(k)!r} -> {v!r}" for k, v in record["options"].items()
-                 if previous.get("options", {}).get(k) != v]
+        before = {**dataclasses.asdict(ShardOptions()), **previous.get("options", {})}  # older runs lack new flags
+        diffs = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in record["options"].items() if before.get(k) != v]
         if previous.get("inputs_sha256") != record["inputs_sha256"]:
             diffs.append(f"input list: {previous.get('num_inputs')} -> {record['num_inputs']} inputs "
                          "(files added, removed or relabelled)")
@@ -568,8 +650,10 @@ def _write_shard_task(args: tuple) -> dict:
     return write_shard(*args, on_item=_tick)
 
 
-def _hash_pass(paths: list[str], executor: Optional[ProcessPoolExecutor], bar_factory) -> list[Optional[str]]:
-    hashes = executor.map(_hash_file, paths, chunksize=64) if executor is not None else map(_hash_file, paths)
+def _hash_pass(paths: list[str], limit: int, executor: Optional[ProcessPoolExecutor],
+               bar_factory) -> list[Optional[str]]:
+    hash_file = functools.partial(_hash_file, limit=limit)
+    hashes = executor.map(hash_file, paths, chunksize=64) if executor is not None else map(hash_file, paths)
     with bar_factory(len(paths), "hashing") as bar:
         result = []
         for digest in hashes:
@@ -585,7 +669,8 @@ def shard_images(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
 
     Errors in the command (no input, unwritable output, a resume with other flags) raise ShardError
     before any shard is written. With a single node the merged files are written at the end.
-    Returns this node's summary: shards (total / mine / skipped), written, rejected_by_reason, seconds.
+    Returns this node's summary: shards (total / mine / skipped), written, rejected_by_reason, seconds,
+    walk_skipped (paths the folder walk refused: links to folders already walked, FIFOs, ...).
     """
     start = time.perf_counter()
     if workers < 1:
@@ -618,7 +703,7 @@ def shard_images(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
         if options.dedupe and todo:
             last = (todo[-1] + 1) * size  # only inputs up to the end of this node's last shard matter
             paths = [item.path for item in items[:last]]
-            for index, first in find_duplicates(paths, _hash_pass(paths, executor, bar_factory)).items():
+            for index, first in find_duplicates(paths, _hash_pass(paths, options.max_input_bytes, executor, bar_factory)).items():
                 duplicates_by_shard[index // size][index] = first
         tasks = [(out_dir, s, items[s * size:(s + 1) * size], s * size, options, duplicates_by_shard[s])
                  for s in todo]
@@ -645,7 +730,9 @@ def shard_images(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
                "shards_mine": len(mine), "shards_skipped": len(mine) - len(todo),
                "inputs": sum(s["inputs"] for s in node_stats), "written": sum(s["count"] for s in node_stats),
                "rejected_by_reason": dict(sorted(reasons.items())), "merged": False,
-               "processed_this_run": sum(len(t[2]) for t in tasks)}
+               "processed_this_run": sum(len(t[2]) for t in tasks),
+               "walk_skipped_by_reason": dict(sorted(Counter(e["reason"] for e in input_set.skipped).items())),
+               "walk_skipped": input_set.skipped}
     if world == 1:
         merge_manifests(out_dir)
         summary["merged"] = True

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from data.atomic import atomic_write
+from data.files import atomic_write
 from models.config import ConfigError
 from models.tokenizer.router import (ENTROPY_BINS, ENTROPY_SIGMA, Router, RouterConfig, calibrate_entropy,
                                      region_entropy)

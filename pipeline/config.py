@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional, TypeVar
 
-from data.atomic import atomic_write
+from data.files import atomic_write
 from models.config import ConfigBase, ConfigError, check_choice
 
 __all__ = ["ConfigError", "RunConfig", "OptimConfig", "TrainConfig", "LoggingConfig", "load_config",

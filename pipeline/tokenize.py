@@ -41,9 +41,10 @@ import torchvision.transforms.v2.functional as TF
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.atomic import atomic_write, temp_files_of
+from data.files import atomic_write, temp_files_of
 from data.codes import CodeManifest, CodeWriter, ManifestMismatchError, part_file_name
-from data.stream import expand_shard_spec, iter_tar_members, shard_sizes
+from data.stream import expand_shard_spec
+from data.tar import display_name, iter_tar_members, name_problem, shard_sizes
 from data.transforms import IMAGE_EXTENSIONS, crop_resize_flip, decode_pil, to_unit_range
 from models.hub import WEIGHTS_NAME, config_hash, file_sha256
 from models.tokenizer import ImageCodes, Tokenizer
@@ -91,14 +92,24 @@ def read_shard(path: str, read_data: bool = True) -> Iterator[RawSample]:
     """Samples of one tar (adjacent members sharing a key), in file order; never raises on bad data.
 
     A truncated or garbled tar ends the shard with one RawSample carrying ``error`` (its key is the
-    sample being assembled, or "" when the damage fell between samples). ``read_data=False`` reads only
+    sample being assembled, or "" when the damage fell between samples); a sample whose member names are
+    not valid UTF-8 gives one RawSample with ``error`` (key shown with ``\xNN`` escapes) and reading goes on. ``read_data=False`` reads only
     the headers (members map to None).
     """
-    key, members = None, {}
+    key, members, last_bad = None, {}, None
     try:
         for name, data in iter_tar_members(path, read_data=read_data):
             base, ext = wds.tariterators.base_plus_ext(name)
             if base is None:
+                continue
+            problem = name_problem(name)
+            if problem:  # not a usable key: skip its members, listed once per key
+                if key is not None:
+                    yield RawSample(key, members)
+                key, members = None, {}
+                if display_name(base) != last_bad:
+                    last_bad = display_name(base)
+                    yield RawSample(last_bad, {}, f"bad_name: {problem}")
                 continue
             if base != key and key is not None:
                 yield RawSample(key, members)

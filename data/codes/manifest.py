@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from data.atomic import atomic_write, open_no_follow
+from data.files import atomic_write, open_no_follow
 from data.codes.format import code_dtype, part_file_name
 
 MANIFEST_NAME = "manifest.json"

@@ -1,4 +1,4 @@
-"""CodeWriter: one Arrow IPC part per input shard, written atomically (data.atomic) when complete."""
+"""CodeWriter: one Arrow IPC part per input shard, written atomically (data.files) when complete."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-from data.atomic import AtomicFile
+from data.files import AtomicFile
 from data.codes.format import code_schema, part_file_name, sequence_lengths
 from data.codes.manifest import CodeManifest
 

@@ -1,4 +1,6 @@
-"""Atomic output files that never follow a link: the one way varitok writes a file into an output folder.
+"""Safe file I/O: atomic output files that never follow a link, and input files opened without blocking.
+
+Writing (the one way varitok writes a file into an output folder)::
 
     with AtomicFile(out / "sizes.json") as handle:   # a binary file object
         handle.write(data)                           # the file appears under its name only on a clean exit
@@ -11,15 +13,21 @@ fsyncs the file, renames it over the destination (``rename`` replaces a link at 
 of following it) and fsyncs the folder; an exception deletes the temporary file. Readers therefore see
 the old file or the whole new one, and a kill -9 leaves at most a ``.{name}.*.tmp`` file
 (:func:`temp_files_of` finds them).
+
+Reading an untrusted path: :func:`open_regular_file` refuses FIFOs, devices, sockets and folders without
+blocking (``O_NONBLOCK``: ``open`` of a FIFO would wait for a writer forever) and reports the size, so a
+caller can refuse a ``/dev/zero`` or a 5 GB sparse file before reading a byte of it.
 """
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Optional
 
-__all__ = ["AtomicFile", "atomic_write", "temp_files_of", "open_no_follow", "fsync_directory"]
+__all__ = ["AtomicFile", "atomic_write", "temp_files_of", "open_no_follow", "fsync_directory", "NotRegularFile",
+           "open_regular_file"]
 
 FILE_MODE = 0o644
 TEMP_SUFFIX = ".tmp"
@@ -111,3 +119,30 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, encoding: Optional[
     with AtomicFile(path) as handle:
         handle.write(payload)
     return Path(path)
+
+
+class NotRegularFile(OSError):
+    """A path that is a FIFO, device, socket or folder where a regular file was expected."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def open_regular_file(path: str | os.PathLike, buffering: int = -1) -> tuple[BinaryIO, int]:
+    """``(binary reader, size in bytes)`` of a regular file (links followed); raises :class:`NotRegularFile`
+    for anything else, without blocking, and OSError when it cannot be opened."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFile(f"{path} is a {_kind(info.st_mode)}, not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=buffering), info.st_size
+    except BaseException:
+        os.close(fd)
+        raise
