@@ -3,6 +3,8 @@
 Layout of an output directory ``OUT`` (the "Shards" contract of DESIGN.md)::
 
     OUT/{name}-{i:06d}.tar          samples <key>.<fmt>, <key>.json, <key>.cls?, <key>.txt?
+                                    (<key>.json lists the sha256 of the sample's other members, which
+                                    the readers check: data.tar.sample_problem)
     OUT/{name}-{i:06d}.stats.json   written last and atomically: its presence means shard i is complete
     OUT/shard_run.json              the flags and the input fingerprint; a resume must match it
     OUT/manifest.json, OUT/sizes.json, OUT/rejected.jsonl, OUT/classes.json   (merge step)
@@ -41,6 +43,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from data.files import AtomicFile, NotRegularFile, atomic_write, open_regular_file, temp_files_of
+from data.tar import MEMBER_DIGESTS
 
 __all__ = [
     "ShardError", "Rejected", "ShardOptions", "InputItem", "InputSet", "IMAGE_EXTENSIONS", "RESIZE_MODES",
@@ -521,15 +524,20 @@ def write_shard(out_dir: str | os.PathLike, shard: int, items: Sequence[InputIte
             except Rejected as rej:
                 rejected.append({"key": key, "path": item.path, "reason": rej.reason, "detail": rej.detail})
             else:
-                meta = {"key": key, "source": item.path, "sha256": hashlib.sha256(data).hexdigest(),
-                        "original_width": width, "original_height": height}
-                add(f"{key}.{options.format}", encoded)
-                add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+                members = {options.format: encoded}
                 if item.label is not None:
-                    add(f"{key}.cls", str(item.label).encode())
+                    members["cls"] = str(item.label).encode()
                 caption = (item.caption or _sibling_caption(item.path)) if options.captions else None
                 if caption is not None:
-                    add(f"{key}.txt", caption.encode())
+                    members["txt"] = caption.encode()
+                meta = {"key": key, "source": item.path, "sha256": hashlib.sha256(data).hexdigest(),
+                        "original_width": width, "original_height": height,
+                        MEMBER_DIGESTS: {ext: hashlib.sha256(blob).hexdigest() for ext, blob in members.items()}}
+                add(f"{key}.{options.format}", encoded)
+                add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+                for ext in ("cls", "txt"):
+                    if ext in members:
+                        add(f"{key}.{ext}", members[ext])
             if on_item is not None:
                 on_item()
     stats = {
@@ -703,7 +711,8 @@ def shard_images(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
         if options.dedupe and todo:
             last = (todo[-1] + 1) * size  # only inputs up to the end of this node's last shard matter
             paths = [item.path for item in items[:last]]
-            for index, first in find_duplicates(paths, _hash_pass(paths, options.max_input_bytes, executor, bar_factory)).items():
+            hashes = _hash_pass(paths, options.max_input_bytes, executor, bar_factory)
+            for index, first in find_duplicates(paths, hashes).items():
                 duplicates_by_shard[index // size][index] = first
         tasks = [(out_dir, s, items[s * size:(s + 1) * size], s * size, options, duplicates_by_shard[s])
                  for s in todo]

@@ -68,7 +68,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.files import atomic_write
-from data.tar import iter_tar_members, name_problem, shard_sizes
+from data.tar import iter_tar_members, name_problem, sample_problem, shard_sizes
 from data.transforms import CROPS, DECODERS, IMAGE_EXTENSIONS, load_image, sample_augmentation, to_unit_range
 
 log = logging.getLogger("varitok.stream")
@@ -207,9 +207,15 @@ def _tar_files(path: str, stats: StreamStats) -> Iterator[dict[str, Any]]:
 
 def _shard_samples(path: str, stats: StreamStats) -> Iterator[dict[str, Any]]:
     """Raw samples (``{"__key__", ext: bytes, ...}``) of one tar. A read error (truncated or malformed
-    tar) is counted and ends the shard, dropping the sample being assembled; it is never raised."""
+    tar) is counted and ends the shard, dropping the sample being assembled; it is never raised. A sample
+    whose members do not match the digests of its ``.json`` (data.tar.sample_problem) is counted and dropped."""
     try:
-        yield from wds.tariterators.group_by_keys(_tar_files(path, stats), handler=wds.handlers.reraise_exception)
+        for sample in wds.tariterators.group_by_keys(_tar_files(path, stats), handler=wds.handlers.reraise_exception):
+            problem = sample_problem(sample)
+            if problem:
+                stats.bad("damaged_sample", f"{path}:{sample.get('__key__', '?')}", problem)
+                continue
+            yield sample
     except Exception as exc:  # tarfile, OS and webdataset grouping errors are all "this shard is broken"
         stats.bad("tar_error", path, repr(exc))
 

@@ -16,20 +16,21 @@ checks its type and each count against what the tar's size can hold, and counts 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import tarfile
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import webdataset as wds
 
 from data.files import NotRegularFile, open_regular_file
 
-__all__ = ["ShardReadError", "iter_tar_members", "count_tar_samples", "name_problem", "display_name",
-           "read_sizes_file", "shard_sizes", "SIZES_FILE", "MAX_MEMBER_BYTES"]
+__all__ = ["ShardReadError", "iter_tar_members", "count_tar_samples", "name_problem", "display_name", "sample_problem",
+           "read_sizes_file", "shard_sizes", "SIZES_FILE", "MAX_MEMBER_BYTES", "MEMBER_DIGESTS"]
 
 log = logging.getLogger("varitok.tar")
 
@@ -40,6 +41,7 @@ MAX_HEADER_BYTES = 1 << 20  # pax / GNU long-name headers hold names and a few n
 _META_MEMBER = re.compile(r"(.*/)?__[^/]*__$")  # webdataset metadata members, not samples
 _DATA_TYPES = (b"0", b"\0", b"7")
 _OCTAL_DIGITS = frozenset(b"01234567")
+MEMBER_DIGESTS = "members_sha256"  # key of <key>.json: {extension: sha256 hex of that member's bytes}
 
 
 class ShardReadError(tarfile.ReadError):
@@ -52,6 +54,34 @@ def name_problem(name: str) -> Optional[str]:
         name.encode("utf-8")
     except UnicodeEncodeError:
         return f"member name {display_name(name)!r} is not valid UTF-8"
+    return None
+
+
+def sample_problem(members: Mapping[str, Any]) -> Optional[str]:
+    """Why a sample's member bytes cannot be trusted (None when they can), from its ``.json`` member.
+
+    ``varitok shard`` lists the sha256 of every other member of a sample in ``<key>.json`` (``MEMBER_DIGESTS``);
+    a member that is missing or differs (a flipped bit, a member swapped in) is a problem. The tar headers'
+    own checksums cover names and sizes, so together a damaged sample is never passed on as a good one.
+    Samples without that list (shards from other tools) are not checked. ``members``: {extension: bytes}.
+    """
+    raw = members.get("json")
+    if raw is None:
+        return None
+    try:
+        digests = json.loads(raw).get(MEMBER_DIGESTS)
+    except (ValueError, AttributeError):
+        return "its .json member is not a JSON object"
+    if digests is None:
+        return None
+    if not isinstance(digests, dict):
+        return f"{MEMBER_DIGESTS} in its .json member is not an object"
+    for ext, digest in digests.items():
+        data = members.get(ext)
+        if not isinstance(data, bytes):
+            return f"member .{ext} listed in its .json is missing"
+        if hashlib.sha256(data).hexdigest() != digest:
+            return f"member .{ext} does not match the sha256 its .json lists (damaged)"
     return None
 
 

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data.files import atomic_write, temp_files_of
 from data.codes import CodeManifest, CodeWriter, ManifestMismatchError, part_file_name
 from data.stream import expand_shard_spec
-from data.tar import display_name, iter_tar_members, name_problem, shard_sizes
+from data.tar import display_name, iter_tar_members, name_problem, sample_problem, shard_sizes
 from data.transforms import IMAGE_EXTENSIONS, crop_resize_flip, decode_pil, to_unit_range
 from models.hub import WEIGHTS_NAME, config_hash, file_sha256
 from models.tokenizer import ImageCodes, Tokenizer
@@ -93,8 +93,8 @@ def read_shard(path: str, read_data: bool = True) -> Iterator[RawSample]:
 
     A truncated or garbled tar ends the shard with one RawSample carrying ``error`` (its key is the
     sample being assembled, or "" when the damage fell between samples); a sample whose member names are
-    not valid UTF-8 gives one RawSample with ``error`` (key shown with ``\xNN`` escapes) and reading goes on. ``read_data=False`` reads only
-    the headers (members map to None).
+    not valid UTF-8 gives one RawSample with ``error`` (key shown with ``\\xNN`` escapes) and reading goes
+    on. ``read_data=False`` reads only the headers (members map to None).
     """
     key, members, last_bad = None, {}, None
     try:
@@ -132,6 +132,9 @@ def decode_sample(sample: RawSample, mode: str, size: int) -> tuple[torch.Tensor
     """(uint8 ``V x 3 x S x S`` views, label) of a sample, or (None, reason: detail) when it is unusable."""
     if sample.error:
         return None, sample.error
+    problem = sample_problem(sample.members)
+    if problem:
+        return None, f"damaged_sample: {problem}"
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample.members), None)
     if ext is None:
         return None, f"missing_image: members {sorted(sample.members)}"

@@ -75,7 +75,7 @@ class CodeManifest:
     Attributes mirror the JSON: ``tokenizer_identity`` (dict, e.g. config hash + weights sha256),
     ``num_levels`` (G), ``num_subcodes`` (K), ``codebook_sizes`` (K ints), ``dtype`` (numpy uint16|uint32),
     ``grain_shape`` ((Hs, Ws)), ``parts`` ({part index: entry with rows, file, source_shard, num_codes,
-    file_bytes}), ``totals``.
+    file_bytes, sha256}), ``totals``.
     """
 
     def __init__(self, out_dir: str | os.PathLike, data: dict[str, Any]):
@@ -180,14 +180,17 @@ class CodeManifest:
         return part_index in self.refresh().parts
 
     def record_part(self, part_index: int, rows: int, source_shard: str = "", num_codes: int = 0,
-                    file_bytes: int = 0) -> None:
+                    file_bytes: int = 0, sha256: str = "") -> None:
         """Mark part ``part_index`` complete with ``rows`` rows (call only after its file is in place).
 
-        num_codes: sum of L over its rows; file_bytes: its size on disk (verify compares it to catch
-        truncation). Atomic and safe under concurrent calls from several processes.
+        num_codes: sum of L over its rows; file_bytes, sha256: its size on disk and digest (readers and
+        verify compare them to catch truncation and damage). Atomic and safe under concurrent calls from
+        several processes.
         """
         entry = {"index": int(part_index), "file": part_file_name(part_index), "rows": int(rows),
                  "source_shard": str(source_shard), "num_codes": int(num_codes), "file_bytes": int(file_bytes)}
+        if sha256:
+            entry["sha256"] = str(sha256)
         with _locked(self.out_dir):
             data = _read_json(self.path)
             parts = {p["index"]: p for p in data["parts"]}

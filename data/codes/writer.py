@@ -1,6 +1,7 @@
 """CodeWriter: one Arrow IPC part per input shard, written atomically (data.files) when complete."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Sequence
@@ -170,9 +171,11 @@ class CodeWriter:
         self._flush(final=True)
         self._ipc.close()
         self.closed = True
+        self._file.file.seek(0)
+        digest = hashlib.file_digest(self._file.file, "sha256").hexdigest()  # readers check it on open
         self._file.commit()
         self.manifest.record_part(self.part_index, self.rows, self.source_shard, self.num_codes,
-                                  self.final_path.stat().st_size)
+                                  self.final_path.stat().st_size, digest)
 
     def abort(self) -> None:
         """Drop the partial part: close and delete the temp file; nothing is recorded."""
