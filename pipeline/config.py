@@ -45,8 +45,15 @@ class OptimConfig(ConfigBase):
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
-        if len(self.betas) != 2:
-            raise ConfigError(f"optim.betas must have 2 values, got {list(self.betas)}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas must be 2 values in [0, 1), got {list(self.betas)}")
+        checks = {"weight_decay": self.weight_decay >= 0, "eps": self.eps > 0, "warmup_steps": self.warmup_steps >= 0,
+                  "min_lr_ratio": 0.0 <= self.min_lr_ratio <= 1.0, "grad_clip": self.grad_clip >= 0}
+        allowed = {"weight_decay": ">= 0", "eps": "> 0", "warmup_steps": ">= 0", "min_lr_ratio": "in [0, 1]",
+                   "grad_clip": ">= 0 (0 disables clipping)"}
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"optim.{name} must be {allowed[name]}, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass
