@@ -18,9 +18,11 @@ and the horizontal mirrors of those five (5..9).
 the given share of regions (per finer level, on its calibration data) is coded finely; a learned router
 has its budget baked into its weights and a fixed router has none, so both refuse the flag.
 
-Samples that cannot be read (truncated tar, missing image, undecodable bytes, bad label) are skipped,
-counted in the summary and listed in ``OUT/skipped/part-{i:06d}.jsonl`` (written atomically, just before
-the part itself is recorded).
+Samples that cannot be read (truncated or garbled tar, member name not UTF-8, member not matching the
+digest in its ``.json``, missing image, undecodable bytes, bad label) are skipped, counted in the summary
+and listed in ``OUT/skipped/part-{i:06d}.jsonl`` (written atomically, just before the part itself is
+recorded). A watchdog (``--watchdog-seconds``, pipeline.watchdog) ends every rank with an error when one
+of them finishes no batch for that long, instead of leaving the others waiting at the final barrier.
 """
 from __future__ import annotations
 
@@ -48,8 +50,10 @@ from data.tar import display_name, iter_tar_members, name_problem, sample_proble
 from data.transforms import IMAGE_EXTENSIONS, crop_resize_flip, decode_pil, to_unit_range
 from models.hub import WEIGHTS_NAME, config_hash, file_sha256
 from models.tokenizer import ImageCodes, Tokenizer
+from pipeline.watchdog import Watchdog, shared_token
 
 VIEW_COUNTS = {"center": 1, "flip": 2, "tencrop": 10}
+DEFAULT_WATCHDOG_S = 1800.0
 SKIPPED_DIR = "skipped"
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -306,11 +310,12 @@ def tokenize(tokenizer_dir: str | os.PathLike, shards: str | Sequence[str], outp
              views: str = "center", batch_size: int = 64, granularity_ratio: Optional[Sequence[float]] = None,
              image_size: Optional[int] = None, workers: int = 0, precision: str = "auto",
              rank: Optional[int] = None, world_size: Optional[int] = None,
-             device: Optional[str | torch.device] = None, progress: bool = True) -> dict[str, Any]:
+             device: Optional[str | torch.device] = None, progress: bool = True,
+             watchdog: Optional[Watchdog] = None) -> dict[str, Any]:
     """Tokenize this rank's shards of ``shards`` into ``output``; returns this rank's summary dict.
 
     image_size defaults to the tokenizer's ``encoder.resolution``; precision ``auto`` = bf16 autocast on
-    CUDA, fp32 on CPU. Raises ManifestMismatchError when ``output`` holds codes of another tokenizer or
+    CUDA, fp32 on CPU. ``watchdog`` gets a beat per batch. Raises ManifestMismatchError when ``output`` holds codes of another tokenizer or
     preprocessing, ValueError / FileNotFoundError for bad arguments.
     """
     start = time.perf_counter()
@@ -370,6 +375,8 @@ def tokenize(tokenizer_dir: str | os.PathLike, shards: str | Sequence[str], outp
                 _write_skipped(out_dir, part, batch["shard"], skipped.pop(part))
                 writers.pop(part).close()
                 counts["parts_written"] += 1
+            if watchdog is not None:
+                watchdog.beat(f"part {part} ({os.path.basename(batch['shard'])})")
         counts["skipped"] = len(read_skipped(out_dir, todo))
     except BaseException:
         for writer in writers.values():
@@ -413,22 +420,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="encoder precision: auto = bf16 autocast on CUDA, fp32 on CPU")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--watchdog-seconds", type=float, default=DEFAULT_WATCHDOG_S,
+                        help="exit every rank with an error when a rank makes no progress (no batch done) for this "
+                             f"long (default {DEFAULT_WATCHDOG_S:.0f}; 0 disables)")
 
 
 def run(args: argparse.Namespace) -> int:
     created_group = _init_process_group()
+    rank, world_size = resolve_rank_world()
+    grouped = torch.distributed.is_initialized()
+    # Ranks without a process group never wait on each other: each watches itself only.
+    watchdog = Watchdog(args.output, args.watchdog_seconds, rank=rank, world_size=max(world_size, rank + 1),
+                        token=shared_token(), name="tokenize", watched=None if grouped else [rank])
     try:
+        watchdog.start()
         summary = tokenize(args.tokenizer, args.shards, args.output, views=args.views, batch_size=args.batch_size,
                            granularity_ratio=args.granularity_ratio, image_size=args.image_size,
-                           workers=args.workers, precision=args.precision, progress=not args.no_progress)
+                           workers=args.workers, precision=args.precision, progress=not args.no_progress,
+                           watchdog=watchdog)
+        watchdog.idle()  # waiting at the barrier for slower ranks is not a stall; a stalled rank still is
         is_rank_zero = summary["rank"] == 0
-        if torch.distributed.is_initialized():
+        if grouped:
             torch.distributed.barrier()
         summary = _reduce_summaries(summary)
     except (ManifestMismatchError, FileNotFoundError, ValueError) as exc:
         print(f"varitok tokenize: error: {exc}", file=sys.stderr, flush=True)
         return 2
     finally:
+        watchdog.stop()
         if created_group:
             torch.distributed.destroy_process_group()
     if is_rank_zero:

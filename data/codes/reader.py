@@ -183,15 +183,19 @@ def listed(items: Sequence) -> str:
     return shown + (f" ... ({len(items)} in all)" if len(items) > MAX_LISTED else "")
 
 
-def part_file_problem(path: Path, entry: dict, check_digest: bool = True) -> str | None:
-    """Whether a recorded part's file is the one the manifest recorded: present, of the recorded size and,
-    when recorded, of the recorded sha256 (None = it is)."""
+def part_file_problem(path: Path, entry: dict) -> str | None:
+    """Whether a recorded part's file is present and of the recorded size (None = it is)."""
     if not path.is_file():
         return f"{entry['file']}: missing (recorded with {entry['rows']} rows)"
     size = path.stat().st_size
     if entry.get("file_bytes") and size != entry["file_bytes"]:
         return f"{entry['file']}: {size} bytes on disk but {entry['file_bytes']} recorded (truncated or rewritten)"
-    if check_digest and entry.get("sha256"):
+    return None
+
+
+def part_digest_problem(path: Path, entry: dict) -> str | None:
+    """Whether a part's bytes differ from the sha256 recorded when it was written (None = same, or none)."""
+    if entry.get("sha256"):
         with open(path, "rb") as handle:
             if hashlib.file_digest(handle, "sha256").hexdigest() != entry["sha256"]:
                 return f"{entry['file']}: contents differ from the sha256 recorded when it was written (damaged)"
@@ -220,7 +224,7 @@ class CodeReader:
         hint = f"run `varitok verify codes {out_dir}` for the full list, then re-tokenize the damaged parts"
         for index, entry in sorted(self.manifest.parts.items()):
             path = self.out_dir / entry["file"]
-            problem = part_file_problem(path, entry, check_digests)
+            problem = part_file_problem(path, entry) or (part_digest_problem(path, entry) if check_digests else None)
             if problem:
                 raise CodeFileError(f"{self.out_dir}/{problem}; {hint}")
             file, blocks = open_part(path, self.manifest)

@@ -11,7 +11,8 @@ import pyarrow as pa
 
 from data.codes.format import PART_NAME_RE
 from data.codes.manifest import CodeManifest
-from data.codes.reader import CodeReader, block_problems, listed, open_part, part_file_problem
+from data.codes.reader import (CodeReader, block_problems, listed, open_part, part_digest_problem,
+                               part_file_problem)
 
 
 @dataclass
@@ -94,6 +95,9 @@ def verify_codes(out_dir: str | os.PathLike, expected_keys: Iterable[str] | None
         if problem:
             report.problems.append(problem)
             continue
+        problem = part_digest_problem(path, entry)
+        if problem:
+            report.problems.append(problem)  # and go on: the value checks below say what changed
         try:
             _file, blocks = open_part(path, manifest)
         except (OSError, ValueError, pa.ArrowException) as error:
