@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from data.files import AtomicFile, NotRegularFile, atomic_write, open_regular_file, temp_files_of
-from data.tar import MEMBER_DIGESTS
+from data.tar import MEMBER_DIGESTS, META_DIGEST, meta_json
 
 __all__ = [
     "ShardError", "Rejected", "ShardOptions", "InputItem", "InputSet", "IMAGE_EXTENSIONS", "RESIZE_MODES",
@@ -157,52 +157,70 @@ def _walk_images(root: Path, skipped: list[dict]) -> list[Path]:
     """Image files under ``root``, each real file once, in a deterministic order (sorted, depth first).
 
     Links are followed, but every folder (device, inode) is entered once, so a symlink loop or a second
-    link to a folder adds nothing, and a file reached by several paths (links, hard links) counts once.
+    link to a folder adds nothing, and a file reached by several paths (links, hard links) counts once,
+    under its path without links when it has one (links are followed only after every real folder).
     FIFOs, devices and sockets with an image suffix, broken links and unreadable folders are not inputs:
     each is appended to ``skipped`` as {path, reason, detail}. Nothing here opens a file.
     """
-    seen_folders, seen_files, files = set(), set(), []
+    seen_folders, seen_files, files, links, stack = set(), set(), [], [], []
+
+    def skip(path: Path, reason: str, detail: str) -> None:
+        skipped.append({"path": str(path), "reason": reason, "detail": detail})
+
+    def add(path: Path, info: os.stat_result) -> Optional[Path]:
+        """A directory entry (``info`` followed any link): returns it when it is a folder to walk."""
+        identity = (info.st_dev, info.st_ino)
+        if stat.S_ISDIR(info.st_mode):
+            if identity in seen_folders:
+                skip(path, "symlink_loop", f"links to {os.path.realpath(path)}, a folder already walked")
+                return None
+            seen_folders.add(identity)
+            return path
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            return None
+        if not stat.S_ISREG(info.st_mode):
+            skip(path, "not_a_file", "a FIFO, device or socket, not a regular file")
+        elif identity in seen_files:
+            skip(path, "duplicate_link", f"the same file as an earlier input ({os.path.realpath(path)})")
+        else:
+            seen_files.add(identity)
+            files.append(path)
+        return None
+
+    def walk(folder: Path) -> None:
+        """Depth first, sorted, without recursion (a hostile tree may be thousands of folders deep)."""
+        stack.append(folder)
+        while stack:
+            current = stack.pop()
+            try:
+                with os.scandir(current) as scan:
+                    entries = sorted((e for e in scan if not e.name.startswith(".")), key=lambda e: e.name)
+            except OSError as exc:
+                skip(current, "unreadable_folder", exc.strerror or str(exc))
+                continue
+            subfolders = []
+            for entry in entries:
+                if entry.is_symlink():
+                    links.append(Path(entry.path))  # followed once every real folder has been walked
+                    continue
+                try:
+                    subfolders.append(add(Path(entry.path), entry.stat(follow_symlinks=False)))
+                except OSError as exc:
+                    skip(Path(entry.path), "unreadable", exc.strerror or str(exc))
+            stack.extend(sorted((f for f in subfolders if f is not None), reverse=True))
+
     info = root.stat()
     seen_folders.add((info.st_dev, info.st_ino))
-    stack = [root]
-    while stack:
-        folder = stack.pop()
+    walk(root)
+    while links:
+        link = links.pop(0)
         try:
-            with os.scandir(folder) as scan:
-                entries = sorted((e for e in scan if not e.name.startswith(".")), key=lambda e: e.name)
+            folder = add(link, link.stat())
         except OSError as exc:
-            skipped.append({"path": str(folder), "reason": "unreadable_folder", "detail": exc.strerror or str(exc)})
+            skip(link, "broken_link", exc.strerror or str(exc))
             continue
-        subfolders = []
-        # Real folders before links to folders, so that a file keeps its real path when both lead to it.
-        for entry in sorted(entries, key=lambda e: e.is_symlink()):
-            path = Path(entry.path)
-            is_image = path.suffix.lower() in IMAGE_EXTENSIONS
-            try:
-                info = entry.stat()  # follows links
-            except OSError as exc:
-                if is_image or entry.is_symlink():
-                    skipped.append({"path": str(path), "reason": "broken_link" if entry.is_symlink() else "unreadable",
-                                    "detail": exc.strerror or str(exc)})
-                continue
-            identity = (info.st_dev, info.st_ino)
-            if stat.S_ISDIR(info.st_mode):
-                if identity in seen_folders:
-                    skipped.append({"path": str(path), "reason": "symlink_loop",
-                                    "detail": f"links to {os.path.realpath(path)}, a folder already walked"})
-                else:
-                    seen_folders.add(identity)
-                    subfolders.append(path)
-            elif is_image and not stat.S_ISREG(info.st_mode):
-                skipped.append({"path": str(path), "reason": "not_a_file",
-                                "detail": "a FIFO, device or socket, not a regular file"})
-            elif is_image and identity in seen_files:
-                skipped.append({"path": str(path), "reason": "duplicate_link",
-                                "detail": f"the same file as an earlier input ({os.path.realpath(path)})"})
-            elif is_image:
-                seen_files.add(identity)
-                files.append(path)
-        stack.extend(sorted(subfolders, reverse=True))
+        if folder is not None:
+            walk(folder)
     return files
 
 
@@ -533,8 +551,9 @@ def write_shard(out_dir: str | os.PathLike, shard: int, items: Sequence[InputIte
                 meta = {"key": key, "source": item.path, "sha256": hashlib.sha256(data).hexdigest(),
                         "original_width": width, "original_height": height,
                         MEMBER_DIGESTS: {ext: hashlib.sha256(blob).hexdigest() for ext, blob in members.items()}}
+                meta[META_DIGEST] = hashlib.sha256(meta_json(meta)).hexdigest()
                 add(f"{key}.{options.format}", encoded)
-                add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+                add(f"{key}.json", meta_json(meta))
                 for ext in ("cls", "txt"):
                     if ext in members:
                         add(f"{key}.{ext}", members[ext])

@@ -30,7 +30,8 @@ import webdataset as wds
 from data.files import NotRegularFile, open_regular_file
 
 __all__ = ["ShardReadError", "iter_tar_members", "count_tar_samples", "name_problem", "display_name", "sample_problem",
-           "read_sizes_file", "shard_sizes", "SIZES_FILE", "MAX_MEMBER_BYTES", "MEMBER_DIGESTS"]
+           "read_sizes_file", "shard_sizes", "meta_json", "SIZES_FILE", "MAX_MEMBER_BYTES", "MEMBER_DIGESTS",
+           "META_DIGEST"]
 
 log = logging.getLogger("varitok.tar")
 
@@ -42,6 +43,7 @@ _META_MEMBER = re.compile(r"(.*/)?__[^/]*__$")  # webdataset metadata members, n
 _DATA_TYPES = (b"0", b"\0", b"7")
 _OCTAL_DIGITS = frozenset(b"01234567")
 MEMBER_DIGESTS = "members_sha256"  # key of <key>.json: {extension: sha256 hex of that member's bytes}
+META_DIGEST = "meta_sha256"  # key of <key>.json: sha256 of the rest of the .json (meta_json without this key)
 
 
 class ShardReadError(tarfile.ReadError):
@@ -60,8 +62,9 @@ def name_problem(name: str) -> Optional[str]:
 def sample_problem(members: Mapping[str, Any]) -> Optional[str]:
     """Why a sample's member bytes cannot be trusted (None when they can), from its ``.json`` member.
 
-    ``varitok shard`` lists the sha256 of every other member of a sample in ``<key>.json`` (``MEMBER_DIGESTS``);
-    a member that is missing or differs (a flipped bit, a member swapped in) is a problem. The tar headers'
+    ``varitok shard`` lists the sha256 of every other member of a sample in ``<key>.json`` (``MEMBER_DIGESTS``)
+    and of the ``.json`` itself (``META_DIGEST``); a member that is missing or differs (a flipped bit, a member
+    swapped in) is a problem. The tar headers'
     own checksums cover names and sizes, so together a damaged sample is never passed on as a good one.
     Samples without that list (shards from other tools) are not checked. ``members``: {extension: bytes}.
     """
@@ -69,13 +72,17 @@ def sample_problem(members: Mapping[str, Any]) -> Optional[str]:
     if raw is None:
         return None
     try:
-        digests = json.loads(raw).get(MEMBER_DIGESTS)
+        meta = json.loads(raw)
+        digests = meta.get(MEMBER_DIGESTS)
     except (ValueError, AttributeError):
         return "its .json member is not a JSON object"
     if digests is None:
         return None
     if not isinstance(digests, dict):
         return f"{MEMBER_DIGESTS} in its .json member is not an object"
+    own = meta.pop(META_DIGEST, None)
+    if own != hashlib.sha256(meta_json(meta)).hexdigest():
+        return "its .json member does not match its own sha256 (damaged)"
     for ext, digest in digests.items():
         data = members.get(ext)
         if not isinstance(data, bytes):
@@ -83,6 +90,11 @@ def sample_problem(members: Mapping[str, Any]) -> Optional[str]:
         if hashlib.sha256(data).hexdigest() != digest:
             return f"member .{ext} does not match the sha256 its .json lists (damaged)"
     return None
+
+
+def meta_json(meta: Mapping[str, Any]) -> bytes:
+    """The canonical bytes of a sample's ``.json`` (sorted keys), as ``varitok shard`` writes and hashes them."""
+    return json.dumps(meta, sort_keys=True).encode()
 
 
 def display_name(name: str) -> str:

@@ -31,7 +31,13 @@ class ManifestMismatchError(ValueError):
 
 @contextlib.contextmanager
 def _locked(out_dir: Path) -> Iterator[None]:
-    fd = open_no_follow(out_dir / f"{MANIFEST_NAME}.lock")  # a planted symlink is refused, never followed
+    lock = out_dir / f"{MANIFEST_NAME}.lock"
+    try:
+        fd = open_no_follow(lock)  # a planted symlink is refused, never followed
+    except OSError as exc:
+        if lock.is_symlink():
+            raise ValueError(f"{lock} is a symbolic link; refusing to follow it out of {out_dir} (delete it)") from None
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
@@ -47,8 +53,14 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except ValueError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}): the code manifest is damaged") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object: the code manifest is damaged")
+    return data
 
 
 def _layout(num_levels: int, num_subcodes: int, codebook_sizes: Sequence[int],
