@@ -243,7 +243,13 @@ def test_a_folder_tree_deeper_than_the_recursion_limit_is_walked(tmp_path):
         deep = deep / "d"
         os.mkdir(deep)
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(deep / "img.png")
-    assert len(discover_inputs([tmp_path / "in"]).items) == 1
+    try:
+        assert len(discover_inputs([tmp_path / "in"]).items) == 1
+    finally:  # shutil.rmtree (pytest's clean-up) recurses per level: remove the tree bottom up
+        (deep / "img.png").unlink()
+        while deep != tmp_path:
+            deep.rmdir()
+            deep = deep.parent
 
 
 @pytest.mark.timeout(120)
