@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-from data.atomic import AtomicFile, atomic_write
+from data.files import AtomicFile, atomic_write
 from models.config import ConfigBase
 
 CONFIG_NAME = "config.json"
@@ -54,7 +54,7 @@ def _canonicalize_safetensors_header(path: str | Path) -> None:
 
 def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path,
                     metadata: Mapping[str, str] | None = None) -> None:
-    """Write a safetensors file atomically (data.atomic: never through a link planted at ``path``).
+    """Write a safetensors file atomically (data.files: never through a link planted at ``path``).
 
     The bytes are a function of the tensors and the metadata only (the header's keys are sorted), so re-saving the
     same weights in another process gives the same file hash. Tied / shared tensors are cloned so that

@@ -17,13 +17,12 @@ from typing import Iterable, Optional, TypeVar
 
 from data.files import atomic_write
 from models.config import ConfigBase, ConfigError, check_choice
+from pipeline.precision import PRECISIONS
 
 __all__ = ["ConfigError", "RunConfig", "OptimConfig", "TrainConfig", "LoggingConfig", "load_config",
            "save_resolved_config", "config_search_path"]
 
 C = TypeVar("C", bound=ConfigBase)
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclasses.dataclass

@@ -44,12 +44,11 @@ from accelerate import Accelerator  # noqa: E402  (after DS_ACCELERATOR)
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration, set_seed  # noqa: E402
 
-from models.config import ConfigError  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
+from pipeline.precision import check_launcher_precision, deepspeed_precision_config, resolve_precision  # noqa: E402
 
-__all__ = ["build_accelerator", "finish_training", "mixed_precision_for", "launched_with_deepspeed_config", "free_port"]
+__all__ = ["build_accelerator", "finish_training", "launched_with_deepspeed_config", "free_port"]
 
-_MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 # Read before any Accelerator exists: Accelerate sets this variable itself once a DeepSpeed plugin is used.
 _LAUNCHER_GAVE_DEEPSPEED = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
@@ -59,18 +58,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def mixed_precision_for(precision: str, cuda: bool) -> str:
-    """Accelerate's ``mixed_precision`` for ``train.precision``: auto = bf16 on a GPU, fp32 on the CPU."""
-    if precision == "auto":
-        return "bf16" if cuda else "no"
-    if precision == "fp16" and not cuda:
-        raise ConfigError("train.precision=fp16 needs a GPU; use train.precision=fp32 (or auto) on the CPU")
-    if precision == "bf16" and not cuda:
-        warnings.warn("train.precision=bf16 on the CPU is ~500x slower than fp32 here (no native bf16 matmul); "
-                      "use train.precision=auto", stacklevel=2)
-    return _MIXED_PRECISION[precision]
 
 
 def launched_with_deepspeed_config() -> bool:
@@ -125,6 +112,15 @@ def _deepspeed_plugin(train: TrainConfig, grad_clip: float) -> DeepSpeedPlugin:
     return DeepSpeedPlugin(zero_stage=train.zero_stage, hf_ds_config="none", **shared)
 
 
+def _set_precision(plugin: DeepSpeedPlugin, precision: str) -> None:
+    """fp32 weights and optimizer state always; bf16 / fp16 as DeepSpeed's ``torch_autocast`` (pipeline.precision)."""
+    config = plugin.deepspeed_config
+    check_launcher_precision(config)
+    for section in ("bf16", "fp16", "torch_autocast"):
+        config.pop(section, None)
+    config.update(deepspeed_precision_config(precision))
+
+
 def _make_batch_sizes_consistent(plugin: DeepSpeedPlugin, micro_batch_size: Optional[int]) -> None:
     """Rule out DeepSpeed's ``train_batch_size == micro * accum * world`` assertion.
 
@@ -166,9 +162,10 @@ def build_accelerator(train: TrainConfig, run_dir: str | os.PathLike, *, grad_cl
     """Build the Accelerator for a training stage (DeepSpeed always, ZeRO stage from launcher or config).
 
     ``micro_batch_size`` is the per-rank batch of one forward (images or sequences); ``grad_clip`` is the
-    global gradient norm clip (0 disables). CPU: gloo, fp32, DS_ACCELERATOR=cpu. GPU: NCCL, TF32, bf16 by
-    default. Seeds ``seed + process_index`` on every rank (DeepSpeed broadcasts rank 0's initial weights,
-    so models still start identical). Trackers (``log_with``: "tensorboard", "wandb") log under
+    global gradient norm clip (0 disables). CPU: gloo, fp32, DS_ACCELERATOR=cpu. GPU: NCCL, TF32, bf16
+    autocast by default (``train.precision``; fp32 weights and optimizer state in every precision, see
+    pipeline.precision). Seeds ``seed + process_index`` on every rank (DeepSpeed broadcasts rank 0's initial
+    weights, so models still start identical). Trackers (``log_with``: "tensorboard", "wandb") log under
     ``run_dir/logs`` on rank 0; ``tracker_config`` is a flat dict of scalars recorded as hyperparameters.
     """
     cuda = torch.cuda.is_available()
@@ -179,11 +176,14 @@ def build_accelerator(train: TrainConfig, run_dir: str | os.PathLike, *, grad_cl
     _forget_previous_accelerator()
     plugin = _deepspeed_plugin(train, grad_clip)
     _make_batch_sizes_consistent(plugin, micro_batch_size)
+    precision = resolve_precision(train.precision, "cuda" if cuda else "cpu")
+    _set_precision(plugin, precision)
     handlers = [] if cuda else [InitProcessGroupKwargs(backend="gloo")]
     trackers = _trackers(log_with)
     run_dir = Path(run_dir)
     accelerator = Accelerator(
-        mixed_precision=mixed_precision_for(train.precision, cuda),
+        # Accelerate's bf16/fp16 would switch DeepSpeed to bf16/fp16 weights: precision is _set_precision's.
+        mixed_precision="no",
         deepspeed_plugin=plugin,
         gradient_accumulation_steps=train.grad_accum,
         # The schedule counts optimizer steps: the loop calls scheduler.step() once per optimizer step

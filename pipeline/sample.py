@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from models.config import ConfigError
+from pipeline.precision import PRECISIONS, autocast, resolve_precision
 
 __all__ = ["sample_labels", "generate_images", "add_arguments", "run"]
 
@@ -71,7 +72,7 @@ def generate_images(generator, tokenizer, labels: Sequence[int], *, batch_size: 
             maps = sample(generator, batch, position=token_filter, content=token_filter, cfg_scale=cfg_scale,
                           generator=seed_generator)
             decoded = tokenizer.decode([ImageCodes(g, c) for g, c in maps])
-            images.append(to_uint8(decoded))
+            images.append(to_uint8(decoded.float()))
             grains += [g.cpu() for g, _ in maps]
             bar.update(len(batch))
     return np.concatenate(images), grains
@@ -101,6 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     parser.add_argument("--batch-size", type=int, default=16, help="samples decoded together per rank")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="compute precision (fp32 weights, autocast): auto = bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--out", required=True, help="output directory")
 
 
@@ -126,10 +129,11 @@ def run(args: argparse.Namespace) -> int:
     mine = np.arange(rank, args.num, world)
     started = time.perf_counter()
     seed_generator = torch.Generator(device).manual_seed(args.seed * 1000003 + rank)
-    images, grains = generate_images(generator, tokenizer, labels[mine].tolist(), batch_size=args.batch_size,
-                                     seed_generator=seed_generator, cfg_scale=args.cfg, temperature=args.temperature,
-                                     top_k=args.top_k, top_p=args.top_p,
-                                     progress=rank == 0) if mine.size else (None, [])
+    with torch.inference_mode(), autocast(resolve_precision(args.precision, device), device):
+        images, grains = generate_images(generator, tokenizer, labels[mine].tolist(), batch_size=args.batch_size,
+                                         seed_generator=seed_generator, cfg_scale=args.cfg,
+                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                         progress=rank == 0) if mine.size else (None, [])
     for index, image in zip(mine.tolist(), images if images is not None else []):
         save_png(image, out / "images" / f"{index:06d}.png")
     part = out / f".part-rank{rank:05d}.npz"

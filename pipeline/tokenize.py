@@ -33,7 +33,6 @@ import os
 import sys
 import tarfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -50,12 +49,13 @@ from data.tar import display_name, iter_tar_members, name_problem, sample_proble
 from data.transforms import IMAGE_EXTENSIONS, crop_resize_flip, decode_pil, to_unit_range
 from models.hub import WEIGHTS_NAME, config_hash, file_sha256
 from models.tokenizer import ImageCodes, Tokenizer
+from pipeline.precision import PRECISIONS, autocast, resolve_precision
+from pipeline.training import to_device
 from pipeline.watchdog import Watchdog, shared_token
 
 VIEW_COUNTS = {"center": 1, "flip": 2, "tencrop": 10}
 DEFAULT_WATCHDOG_S = 1800.0
 SKIPPED_DIR = "skipped"
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 # ----------------------------------------------------------------------------------------- views
@@ -232,13 +232,13 @@ def tokenizer_identity(tok: Tokenizer, export_dir: str | os.PathLike, image_size
             "views": views}
 
 
-def encode_rows(tok: Tokenizer, images: torch.Tensor, autocast: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+def encode_rows(tok: Tokenizer, images: torch.Tensor, precision: str = "fp32"
+                ) -> tuple[np.ndarray, list[np.ndarray]]:
     """uint8 ``B x 3 x S x S`` on the model's device -> (grains uint8 [B, Hs, Ws], B int64 arrays (L_i, K)).
 
-    ``autocast`` runs the encoder under bf16 autocast (the quantizer looks codes up in fp32 regardless).
+    ``precision`` (fp32 / bf16 / fp16) is the encoder's autocast; the quantizer looks codes up in fp32 regardless.
     """
-    context = torch.autocast(images.device.type, dtype=torch.bfloat16) if autocast else nullcontext()
-    with torch.inference_mode(), context:
+    with torch.inference_mode(), autocast(precision, images.device):
         codes: list[ImageCodes] = tok.encode(to_unit_range(images))
     grains = torch.stack([c.grain for c in codes]).cpu().numpy()
     lengths = [len(c.codes) for c in codes]
@@ -315,23 +315,21 @@ def tokenize(tokenizer_dir: str | os.PathLike, shards: str | Sequence[str], outp
     """Tokenize this rank's shards of ``shards`` into ``output``; returns this rank's summary dict.
 
     image_size defaults to the tokenizer's ``encoder.resolution``; precision ``auto`` = bf16 autocast on
-    CUDA, fp32 on CPU. ``watchdog`` gets a beat per batch. Raises ManifestMismatchError when ``output`` holds codes of another tokenizer or
-    preprocessing, ValueError / FileNotFoundError for bad arguments.
+    CUDA, fp32 on CPU. ``watchdog`` gets a beat per batch. Raises ManifestMismatchError when ``output``
+    holds codes of another tokenizer or preprocessing, ValueError / FileNotFoundError for bad arguments.
     """
     start = time.perf_counter()
     if views not in VIEW_COUNTS:
         raise ValueError(f"--views must be one of {', '.join(VIEW_COUNTS)}, got {views!r}")
     if batch_size < 1 or workers < 0:
         raise ValueError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size} and {workers}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     default_rank, default_world = resolve_rank_world()
     rank = default_rank if rank is None else rank
     world_size = default_world if world_size is None else world_size
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     device = torch.device(device) if device is not None else _default_device()
-    autocast = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    precision = resolve_precision(precision, device)
 
     shard_list = sorted(expand_shard_spec(shards))
     tok = load_tokenizer(tokenizer_dir, granularity_ratio, device)
@@ -366,7 +364,7 @@ def tokenize(tokenizer_dir: str | os.PathLike, shards: str | Sequence[str], outp
                 skipped[part] = []
             skipped[part].extend(batch["skipped"])
             if len(batch["keys"]):
-                grains, codes = encode_rows(tok, batch["images"].to(device, non_blocking=True), autocast)
+                grains, codes = encode_rows(tok, to_device(batch["images"], device), precision)
                 writers[part].write(batch["keys"], batch["labels"].numpy(), batch["views"].numpy(), grains, codes)
             counts["images"] += batch["images_read"]
             counts["rows"] += len(batch["keys"])
@@ -418,7 +416,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=None, help="pixels; default: the tokenizer's resolution")
     parser.add_argument("--workers", type=int, default=2, help="decoding processes per rank (0 = in process)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="encoder precision: auto = bf16 autocast on CUDA, fp32 on CPU")
+                        help="encoder precision (fp32 weights, autocast; codes looked up in fp32): "
+                             "auto = bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--watchdog-seconds", type=float, default=DEFAULT_WATCHDOG_S,
                         help="exit every rank with an error when a rank makes no progress (no batch done) for this "

@@ -224,7 +224,7 @@ def test_kill9_on_two_machines_then_resume_matches_the_straight_run(runs):
 def test_nan_loss_stops_after_max_bad_steps_and_zero3_is_refused(runs):
     assert runs["codes"]["nan"] != 0
     log = runs["logs"]["nan"].read_text()
-    assert "loss was NaN/Inf for 2 steps in a row" in log and "train.max_bad_steps=2" in log
+    assert "loss or gradient was NaN/Inf for 2 steps in a row" in log and "train.max_bad_steps=2" in log
     assert not (runs["dirs"]["nan"] / "checkpoints" / "step-1").exists()
     assert runs["codes"]["zero3"] == 2
     assert "ZeRO-3 is not supported for train-tokenizer" in runs["logs"]["zero3"].read_text()

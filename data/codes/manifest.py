@@ -34,7 +34,7 @@ def _locked(out_dir: Path) -> Iterator[None]:
     lock = out_dir / f"{MANIFEST_NAME}.lock"
     try:
         fd = open_no_follow(lock)  # a planted symlink is refused, never followed
-    except OSError as exc:
+    except OSError:
         if lock.is_symlink():
             raise ValueError(f"{lock} is a symbolic link; refusing to follow it out of {out_dir} (delete it)") from None
         raise

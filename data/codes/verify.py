@@ -65,7 +65,8 @@ def verify_codes(out_dir: str | os.PathLike, expected_keys: Iterable[str] | None
 
     Checks: manifest readable; every recorded part present, of the recorded size and sha256, readable
     (Arrow's full validation), with the expected schema and row count; no unrecorded part files; totals;
-    non-null columns; code list length == L * K; grain maps of grain_shape with levels < G and L == sum 4**grain; codes < codebook sizes.
+    non-null columns; code list length == L * K; grain maps of grain_shape with levels < G and
+    L == sum 4**grain; codes < codebook sizes.
     With expected_keys: every expected key present, no other key, no duplicate (key, view), and each key
     with exactly views_per_key distinct views (default: the number of distinct view ids in the corpus).
     """
