@@ -67,6 +67,7 @@ class TrainConfig(ConfigBase):
     ema_decay: float = 0.999       # 0 disables EMA
     zero_stage: int = 2            # DeepSpeed ZeRO stage when not launched with an accelerate config
     max_bad_steps: int = 20        # consecutive non-finite losses before the run stops
+    watchdog_s: float = 1800.0     # every rank exits (code 124) when any rank makes no step for this long; 0 = off
 
     def __post_init__(self) -> None:
         check_choice("train", "precision", self.precision, PRECISIONS)
@@ -77,6 +78,8 @@ class TrainConfig(ConfigBase):
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1) (0 disables EMA), got {self.ema_decay}")
+        if self.watchdog_s < 0:
+            raise ConfigError(f"train.watchdog_s must be >= 0 seconds (0 disables the watchdog), got {self.watchdog_s}")
 
 
 @dataclasses.dataclass
