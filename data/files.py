@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import BinaryIO, Optional
 
 __all__ = ["AtomicFile", "atomic_write", "temp_files_of", "open_no_follow", "fsync_directory", "NotRegularFile",
-           "open_regular_file"]
+           "open_regular_file", "make_folder"]
 
 FILE_MODE = 0o644
 TEMP_SUFFIX = ".tmp"
@@ -51,6 +51,16 @@ def open_no_follow(path: str | os.PathLike, flags: int = os.O_RDWR | os.O_CREAT,
     """``os.open`` that refuses a symlink at ``path`` (``O_NOFOLLOW``): for lock files and the like, which are
     opened in place rather than replaced. Returns the file descriptor; raises OSError (ELOOP) on a link."""
     return os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
+
+
+def make_folder(path: str | os.PathLike) -> Path:
+    """Create a folder a stage owns inside its output (parents too); a symlink planted in its place is refused
+    (ValueError) instead of being written through."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink():
+        raise ValueError(f"{path} is a symbolic link; refusing to write through it out of {path.parent} (delete it)")
+    return path
 
 
 def temp_files_of(path: str | os.PathLike) -> list[Path]:

@@ -340,7 +340,10 @@ class CheckpointManager:
         final, tmp = self.root / f"step-{step}", self.root / f".tmp-step-{step}"
         if acc.is_main_process:
             for stale in self.root.glob(".tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
+                if stale.is_symlink():  # planted: remove the link, never what it points to
+                    stale.unlink()
+                else:
+                    shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))

@@ -42,7 +42,7 @@ import torchvision.transforms.v2.functional as TF
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.files import atomic_write, temp_files_of
+from data.files import atomic_write, make_folder, temp_files_of
 from data.codes import CodeManifest, CodeWriter, ManifestMismatchError, part_file_name
 from data.stream import expand_shard_spec
 from data.tar import display_name, iter_tar_members, name_problem, sample_problem, shard_sizes
@@ -284,7 +284,7 @@ def _write_skipped(out_dir: Path, part: int, shard: str, entries: list[dict[str,
     path = skipped_path(out_dir, part)
     if not entries:
         return
-    path.parent.mkdir(exist_ok=True)
+    make_folder(path.parent)
     atomic_write(path, "".join(json.dumps({"shard": os.path.basename(shard), **e}) + "\n" for e in entries))
 
 

@@ -31,7 +31,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from data.files import atomic_write
+from data.files import atomic_write, make_folder
 
 __all__ = ["Watchdog", "shared_token", "EXIT_CODE", "HEARTBEATS"]
 
@@ -86,7 +86,7 @@ class Watchdog:
     # ------------------------------------------------------------------------------------- main thread
     def start(self) -> "Watchdog":
         if self.enabled:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            make_folder(self.directory)
             self._publish()
             self._thread.start()
         return self

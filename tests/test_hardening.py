@@ -481,3 +481,40 @@ def test_random_bytes_truncations_and_bit_flips_never_hang_crash_or_pass_wrong_s
     assert outcomes.get("shard flip error", 0) > 0 and outcomes.get("shard truncate error", 0) > 0
     assert sum(v for k, v in outcomes.items() if k.startswith("part") and "digests=True" in k) == 300
     assert all(not k.endswith("read") for k in outcomes if k.startswith("part") and "digests=True" in k), outcomes
+
+
+def test_planted_folder_links_are_refused_not_written_through(tmp_path):
+    from pipeline.checkpoint import CheckpointManager
+    from pipeline.tokenize import _write_skipped
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    codes = tmp_path / "codes"
+    codes.mkdir()
+    os.symlink(outside, codes / "skipped")
+    with pytest.raises(ValueError, match="skipped is a symbolic link"):
+        _write_skipped(codes, 0, "s.tar", [{"key": "k", "reason": "r"}])
+    assert not list(outside.iterdir())
+
+    class OneProcess:  # what CheckpointManager touches before the DeepSpeed save
+        is_main_process, process_index, num_processes, device = True, 0, 1, torch.device("cpu")
+
+        class state:  # noqa: N801
+            deepspeed_plugin = None
+
+        def wait_for_everyone(self):
+            pass
+
+        def save_state(self, directory):
+            Path(directory, "state.bin").write_bytes(b"x")
+            raise RuntimeError("stop after the temporary folder was made")
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    os.symlink(outside, run / "checkpoints" / ".tmp-step-1")
+    os.symlink(tmp_path / "victim", run / "checkpoints" / ".shared-fs-probe")
+    manager = CheckpointManager(run, OneProcess(), 1, {})
+    with pytest.raises(RuntimeError, match="stop after"):
+        manager.save(1)
+    assert not list(outside.iterdir()) and not (tmp_path / "victim").exists()
+    assert (run / "checkpoints" / ".tmp-step-1" / "state.bin").is_file()  # a real folder replaced the link
