@@ -102,13 +102,14 @@ class CodeFileError(ValueError):
     """A part file that cannot be used as it is (damaged, truncated, values out of range); names the file."""
 
 
-def open_part(path: str | os.PathLike,
-              manifest: CodeManifest) -> tuple[pa.ipc.RecordBatchFileReader, list[RecordBlock]]:
+def open_part(path: str | os.PathLike, manifest: CodeManifest,
+              validate: bool = True) -> tuple[pa.ipc.RecordBatchFileReader, list[RecordBlock]]:
     """Memory-maps one part file and returns its reader (keep it alive) and its non-empty blocks.
 
     Raises CodeFileError when the file is not a readable Arrow IPC file, its schema differs from the one
     the manifest implies, or a record batch fails Arrow's full validation (offsets monotone and inside
     their buffers, keys valid UTF-8): nothing is ever indexed through an unchecked offset.
+    ``validate=False`` skips the full validation (for re-opening files already validated by this run).
     """
     try:
         file = pa.ipc.open_file(pa.memory_map(str(path), "r"))
@@ -121,7 +122,8 @@ def open_part(path: str | os.PathLike,
     for index in range(file.num_record_batches):
         try:
             batch = file.get_batch(index)
-            batch.validate(full=True)
+            if validate:
+                batch.validate(full=True)
         except (OSError, pa.ArrowException) as exc:
             raise CodeFileError(f"{path}: record batch {index} is damaged: {exc}") from None
         if batch.num_rows:
@@ -213,12 +215,15 @@ class CodeReader:
     sha256 against the manifest (``check_digests``), Arrow's full validation, and the values
     (:func:`block_problems`: codes < codebook sizes, length == sum 4**grain, labels >= -1 and
     < ``num_classes`` when given). The first problems raise CodeFileError naming the file.
+    ``validate=False`` keeps only the size and layout checks: for re-opening, in a worker, a directory this
+    run has already opened with the checks (they cost one pass over the files).
 
     ``reader[i]`` -> CodeRecord for a global index i in [0, len) (part order, then row order), found via
     cumulative row offsets (bisect over record batches, O(log batches)); data stays memory-mapped.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, num_classes: int | None = None, check_digests: bool = True):
+    def __init__(self, out_dir: str | os.PathLike, num_classes: int | None = None, check_digests: bool = True,
+                 validate: bool = True):
         self.out_dir = Path(out_dir)
         self.manifest = CodeManifest.load(out_dir)
         self._files: list[pa.ipc.RecordBatchFileReader] = []
@@ -227,11 +232,13 @@ class CodeReader:
         hint = f"run `varitok verify codes {out_dir}` for the full list, then re-tokenize the damaged parts"
         for index, entry in sorted(self.manifest.parts.items()):
             path = self.out_dir / entry["file"]
-            problem = part_file_problem(path, entry) or (part_digest_problem(path, entry) if check_digests else None)
+            check = check_digests and validate
+            problem = part_file_problem(path, entry) or (part_digest_problem(path, entry) if check else None)
             if problem:
                 raise CodeFileError(f"{self.out_dir}/{problem}; {hint}")
-            file, blocks = open_part(path, self.manifest)
-            problems = [p for block, row0 in zip(blocks, np.cumsum([0] + [b.num_rows for b in blocks]).tolist())
+            file, blocks = open_part(path, self.manifest, validate)
+            starts = np.cumsum([0] + [b.num_rows for b in blocks]).tolist()
+            problems = [p for block, row0 in zip(blocks, starts) if validate
                         for p in block_problems(block, self.manifest, str(path), row0, num_classes)]
             problems += [f"{path}: {p}" for p in (b.layout_problem() for b in blocks) if p][:1]
             if problems:
