@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -28,7 +27,7 @@ from data.files import AtomicFile, atomic_write, temp_files_of
 from data.shards import ShardOptions, discover_inputs, shard_images
 from data.stream import ShardStream, StreamStats, _shard_samples
 from data.tar import ShardReadError, count_tar_samples, iter_tar_members, shard_sizes
-from pipeline.tokenize import PartBatches, read_shard
+from pipeline.tokenize import read_shard
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCK = 512
@@ -146,7 +145,8 @@ def hostile_shards(tmp_path_factory):
     shards = root / "shards"
     (shards / "sizes.json").unlink()
     (shards / "shard-000002.tar").write_bytes(b"this is not a tar" * 100)
-    (shards / "shard-000003.tar").write_bytes(tar_bytes(good_sample("z1", 5, 0), tar_member(b"z\xff.png", png_bytes(6))))
+    bad_name = tar_member(b"z\xff.png", png_bytes(6))
+    (shards / "shard-000003.tar").write_bytes(tar_bytes(good_sample("z1", 5, 0), bad_name))
     return shards
 
 
@@ -286,7 +286,8 @@ def test_planted_links_in_the_output_are_never_followed(tmp_path):
         os.symlink(victim, out / name)
     shard_images([src], out, ShardOptions(image_size=8), progress=False)
     assert victim.read_text() == "precious"
-    assert json.loads((out / "sizes.json").read_text()) == {"shard-000000.tar": 1} and not (out / "sizes.json").is_symlink()
+    assert json.loads((out / "sizes.json").read_text()) == {"shard-000000.tar": 1}
+    assert not (out / "sizes.json").is_symlink()
 
     codes = tmp_path / "codes"
     codes.mkdir()
