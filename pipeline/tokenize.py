@@ -18,9 +18,11 @@ and the horizontal mirrors of those five (5..9).
 the given share of regions (per finer level, on its calibration data) is coded finely; a learned router
 has its budget baked into its weights and a fixed router has none, so both refuse the flag.
 
-Samples that cannot be read (truncated tar, missing image, undecodable bytes, bad label) are skipped,
-counted in the summary and listed in ``OUT/skipped/part-{i:06d}.jsonl`` (written atomically, just before
-the part itself is recorded).
+Samples that cannot be read (truncated or garbled tar, member name not UTF-8, member not matching the
+digest in its ``.json``, missing image, undecodable bytes, bad label) are skipped, counted in the summary
+and listed in ``OUT/skipped/part-{i:06d}.jsonl`` (written atomically, just before the part itself is
+recorded). A watchdog (``--watchdog-seconds``, pipeline.watchdog) ends every rank with an error when one
+of them finishes no batch for that long, instead of leaving the others waiting at the final barrier.
 """
 from __future__ import annotations
 
@@ -40,15 +42,19 @@ import torchvision.transforms.v2.functional as TF
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data.files import atomic_write, make_folder, temp_files_of
 from data.codes import CodeManifest, CodeWriter, ManifestMismatchError, part_file_name
-from data.stream import expand_shard_spec, iter_tar_members, shard_sizes
+from data.stream import expand_shard_spec
+from data.tar import display_name, iter_tar_members, name_problem, sample_problem, shard_sizes
 from data.transforms import IMAGE_EXTENSIONS, crop_resize_flip, decode_pil, to_unit_range
 from models.hub import WEIGHTS_NAME, config_hash, file_sha256
 from models.tokenizer import ImageCodes, Tokenizer
 from pipeline.precision import PRECISIONS, autocast, resolve_precision
 from pipeline.training import to_device
+from pipeline.watchdog import Watchdog, shared_token
 
 VIEW_COUNTS = {"center": 1, "flip": 2, "tencrop": 10}
+DEFAULT_WATCHDOG_S = 1800.0
 SKIPPED_DIR = "skipped"
 
 
@@ -90,14 +96,24 @@ def read_shard(path: str, read_data: bool = True) -> Iterator[RawSample]:
     """Samples of one tar (adjacent members sharing a key), in file order; never raises on bad data.
 
     A truncated or garbled tar ends the shard with one RawSample carrying ``error`` (its key is the
-    sample being assembled, or "" when the damage fell between samples). ``read_data=False`` reads only
-    the headers (members map to None).
+    sample being assembled, or "" when the damage fell between samples); a sample whose member names are
+    not valid UTF-8 gives one RawSample with ``error`` (key shown with ``\\xNN`` escapes) and reading goes
+    on. ``read_data=False`` reads only the headers (members map to None).
     """
-    key, members = None, {}
+    key, members, last_bad = None, {}, None
     try:
         for name, data in iter_tar_members(path, read_data=read_data):
             base, ext = wds.tariterators.base_plus_ext(name)
             if base is None:
+                continue
+            problem = name_problem(name)
+            if problem:  # not a usable key: skip its members, listed once per key
+                if key is not None:
+                    yield RawSample(key, members)
+                key, members = None, {}
+                if display_name(base) != last_bad:
+                    last_bad = display_name(base)
+                    yield RawSample(last_bad, {}, f"bad_name: {problem}")
                 continue
             if base != key and key is not None:
                 yield RawSample(key, members)
@@ -120,6 +136,9 @@ def decode_sample(sample: RawSample, mode: str, size: int) -> tuple[torch.Tensor
     """(uint8 ``V x 3 x S x S`` views, label) of a sample, or (None, reason: detail) when it is unusable."""
     if sample.error:
         return None, sample.error
+    problem = sample_problem(sample.members)
+    if problem:
+        return None, f"damaged_sample: {problem}"
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample.members), None)
     if ext is None:
         return None, f"missing_image: members {sorted(sample.members)}"
@@ -265,10 +284,8 @@ def _write_skipped(out_dir: Path, part: int, shard: str, entries: list[dict[str,
     path = skipped_path(out_dir, part)
     if not entries:
         return
-    path.parent.mkdir(exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text("".join(json.dumps({"shard": os.path.basename(shard), **e}) + "\n" for e in entries))
-    os.replace(temp, path)
+    make_folder(path.parent)
+    atomic_write(path, "".join(json.dumps({"shard": os.path.basename(shard), **e}) + "\n" for e in entries))
 
 
 def read_skipped(out_dir: str | os.PathLike, parts: Optional[Sequence[int]] = None) -> list[dict[str, str]]:
@@ -283,7 +300,7 @@ def _clear_stale(out_dir: Path, parts: Sequence[int]) -> None:
     """Remove what an interrupted earlier run left for ``parts`` (this rank owns them, nobody else
     writes them): temp part files and skipped lists of parts that were never recorded."""
     for part in parts:
-        for temp in out_dir.glob(f".{part_file_name(part)}.tmp-*"):
+        for temp in temp_files_of(out_dir / part_file_name(part)):
             temp.unlink(missing_ok=True)
         skipped_path(out_dir, part).unlink(missing_ok=True)
 
@@ -293,12 +310,13 @@ def tokenize(tokenizer_dir: str | os.PathLike, shards: str | Sequence[str], outp
              views: str = "center", batch_size: int = 64, granularity_ratio: Optional[Sequence[float]] = None,
              image_size: Optional[int] = None, workers: int = 0, precision: str = "auto",
              rank: Optional[int] = None, world_size: Optional[int] = None,
-             device: Optional[str | torch.device] = None, progress: bool = True) -> dict[str, Any]:
+             device: Optional[str | torch.device] = None, progress: bool = True,
+             watchdog: Optional[Watchdog] = None) -> dict[str, Any]:
     """Tokenize this rank's shards of ``shards`` into ``output``; returns this rank's summary dict.
 
     image_size defaults to the tokenizer's ``encoder.resolution``; precision ``auto`` = bf16 autocast on
-    CUDA, fp32 on CPU. Raises ManifestMismatchError when ``output`` holds codes of another tokenizer or
-    preprocessing, ValueError / FileNotFoundError for bad arguments.
+    CUDA, fp32 on CPU. ``watchdog`` gets a beat per batch. Raises ManifestMismatchError when ``output``
+    holds codes of another tokenizer or preprocessing, ValueError / FileNotFoundError for bad arguments.
     """
     start = time.perf_counter()
     if views not in VIEW_COUNTS:
@@ -355,6 +373,8 @@ def tokenize(tokenizer_dir: str | os.PathLike, shards: str | Sequence[str], outp
                 _write_skipped(out_dir, part, batch["shard"], skipped.pop(part))
                 writers.pop(part).close()
                 counts["parts_written"] += 1
+            if watchdog is not None:
+                watchdog.beat(f"part {part} ({os.path.basename(batch['shard'])})")
         counts["skipped"] = len(read_skipped(out_dir, todo))
     except BaseException:
         for writer in writers.values():
@@ -399,22 +419,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="encoder precision (fp32 weights, autocast; codes looked up in fp32): "
                              "auto = bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--watchdog-seconds", type=float, default=DEFAULT_WATCHDOG_S,
+                        help="exit every rank with an error when a rank makes no progress (no batch done) for this "
+                             f"long (default {DEFAULT_WATCHDOG_S:.0f}; 0 disables)")
 
 
 def run(args: argparse.Namespace) -> int:
     created_group = _init_process_group()
+    rank, world_size = resolve_rank_world()
+    grouped = torch.distributed.is_initialized()
+    # Ranks without a process group never wait on each other: each watches itself only.
+    watchdog = Watchdog(args.output, args.watchdog_seconds, rank=rank, world_size=max(world_size, rank + 1),
+                        token=shared_token(), name="tokenize", watched=None if grouped else [rank])
     try:
+        watchdog.start()
         summary = tokenize(args.tokenizer, args.shards, args.output, views=args.views, batch_size=args.batch_size,
                            granularity_ratio=args.granularity_ratio, image_size=args.image_size,
-                           workers=args.workers, precision=args.precision, progress=not args.no_progress)
+                           workers=args.workers, precision=args.precision, progress=not args.no_progress,
+                           watchdog=watchdog)
+        watchdog.idle()  # waiting at the barrier for slower ranks is not a stall; a stalled rank still is
         is_rank_zero = summary["rank"] == 0
-        if torch.distributed.is_initialized():
+        if grouped:
             torch.distributed.barrier()
         summary = _reduce_summaries(summary)
     except (ManifestMismatchError, FileNotFoundError, ValueError) as exc:
         print(f"varitok tokenize: error: {exc}", file=sys.stderr, flush=True)
         return 2
     finally:
+        watchdog.stop()
         if created_group:
             torch.distributed.destroy_process_group()
     if is_rank_zero:

@@ -275,7 +275,7 @@ def test_kill_minus_nine_then_resume_equals_clean_run(tmp_path):
     done = list(out.glob("*.stats.json"))
     assert 1 <= len(done) < 30 and not (out / "manifest.json").exists(), "the kill did not land mid-run"
     (out / "shard-000029.tar").write_bytes(b"half a tar")     # killed between tar rename and stats write
-    (out / "shard-000028.tar.tmp").write_bytes(b"\0" * 100)   # killed while writing the tar
+    (out / ".shard-000028.tar.k1ll3d.tmp").write_bytes(b"\0" * 100)   # killed while writing the tar
 
     assert subprocess.run(command, cwd=REPO, capture_output=True).returncode == 0
     shard_images([str(src)], tmp_path / "clean", ShardOptions(shard_size=2, format="png", resize="none"),

@@ -6,6 +6,7 @@ that the round-trip, resume, multi-process and verify tests compare against.
 from __future__ import annotations
 
 import io
+import hashlib
 import json
 import os
 import shutil
@@ -163,6 +164,7 @@ def _rewrite_part(code_dir: Path, index: int, table: pa.Table) -> None:
     manifest = json.loads((code_dir / "manifest.json").read_text())
     entry = next(p for p in manifest["parts"] if p["index"] == index)
     entry["rows"], entry["file_bytes"] = table.num_rows, path.stat().st_size
+    entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     manifest["totals"]["rows"] = sum(p["rows"] for p in manifest["parts"])
     (code_dir / "manifest.json").write_text(json.dumps(manifest))
 
