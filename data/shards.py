@@ -42,8 +42,15 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data.files import AtomicFile, NotRegularFile, atomic_write, open_regular_file, temp_files_of
+from data.files import (
+    AtomicFile,
+    NotRegularFile,
+    atomic_write,
+    open_regular_file,
+    temp_files_of,
+)
 from data.tar import MEMBER_DIGESTS, META_DIGEST, meta_json
+from data.world import resolve_world
 
 __all__ = [
     "ShardError", "Rejected", "ShardOptions", "InputItem", "InputSet", "IMAGE_EXTENSIONS", "RESIZE_MODES",
@@ -573,20 +580,16 @@ def write_shard(out_dir: str | os.PathLike, shard: int, items: Sequence[InputIte
 # ----------------------------------------------------------------------------------------------
 
 def resolve_node(node_rank: Optional[int] = None, num_nodes: Optional[int] = None) -> tuple[int, int]:
-    """(rank, count) from the flags, else RANK/WORLD_SIZE, else SLURM_PROCID/SLURM_NTASKS, else (0, 1)."""
+    """(rank, count) from the flags, else this process's place in its job (:func:`data.world.resolve_world`:
+    launcher env, an srun step, mpirun), else (0, 1)."""
     if (node_rank is None) != (num_nodes is None):
         raise ShardError("give both --node-rank and --num-nodes, or neither")
     if node_rank is None:
-        for rank_var, size_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-            if rank_var in os.environ and size_var in os.environ:
-                try:
-                    node_rank, num_nodes = int(os.environ[rank_var]), int(os.environ[size_var])
-                except ValueError:
-                    raise ShardError(f"{rank_var}/{size_var} must be integers, got "
-                                     f"{os.environ[rank_var]!r}/{os.environ[size_var]!r}") from None
-                break
-        else:
-            node_rank, num_nodes = 0, 1
+        try:
+            world = resolve_world()
+        except ValueError as exc:
+            raise ShardError(str(exc)) from None
+        node_rank, num_nodes = world.rank, world.size
     if num_nodes < 1 or not 0 <= node_rank < num_nodes:
         raise ShardError(f"node rank must be in 0..num_nodes-1, got rank {node_rank} of {num_nodes}")
     return node_rank, num_nodes

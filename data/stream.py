@@ -69,7 +69,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.files import atomic_write
 from data.tar import iter_tar_members, name_problem, sample_problem, shard_sizes
-from data.transforms import CROPS, DECODERS, IMAGE_EXTENSIONS, load_image, sample_augmentation, to_unit_range
+from data.transforms import (
+    CROPS,
+    DECODERS,
+    IMAGE_EXTENSIONS,
+    load_image,
+    sample_augmentation,
+    to_unit_range,
+)
+from data.world import resolve_world
 
 log = logging.getLogger("varitok.stream")
 
@@ -356,12 +364,6 @@ def _init_worker(_: int) -> None:
     torch.set_num_threads(1)  # each worker decodes on one core; more threads only oversubscribe
 
 
-def _default_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 # ----------------------------------------------------------------------------------------- the stream
 class ShardStream:
     """Iterable of image batches from WebDataset shards; see the module docstring for the rules."""
@@ -380,7 +382,8 @@ class ShardStream:
             raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
         if batch_size < 1 or image_size < 1 or num_workers < 0 or shuffle_buffer < 0:
             raise ValueError("batch_size and image_size must be >= 1, num_workers and shuffle_buffer >= 0")
-        default_rank, default_world = _default_rank_world()
+        world = resolve_world()
+        default_rank, default_world = world.rank, world.size
         self.rank = default_rank if rank is None else int(rank)
         self.world_size = default_world if world_size is None else int(world_size)
         if not 0 <= self.rank < self.world_size:

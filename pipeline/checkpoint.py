@@ -52,6 +52,7 @@ from torch import Tensor
 from data.files import AtomicFile, atomic_write
 from models.config import ConfigError
 from models.hub import PretrainedMixin, save_state_dict
+from pipeline.training import zero_stage
 
 __all__ = ["CheckpointManager", "ResumeError", "MODEL_CLASSES", "complete_checkpoints", "find_checkpoint",
            "read_meta", "check_compatible", "import_class", "export_pretrained", "checkpoint_problem",
@@ -304,8 +305,7 @@ class CheckpointManager:
 
     @property
     def zero_stage(self) -> int:
-        plugin = self.accelerator.state.deepspeed_plugin
-        return int(plugin.deepspeed_config["zero_optimization"]["stage"]) if plugin is not None else 0
+        return zero_stage(self.accelerator)
 
     def _check_shared_filesystem(self) -> None:
         """Every rank must see rank 0's files: checkpoints are written by all ranks into one directory."""

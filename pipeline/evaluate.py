@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import zipfile
 from pathlib import Path
@@ -47,11 +46,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from data.files import AtomicFile
 from models.config import ConfigError
+from pipeline.metrics import (
+    GaussianStats,
+    InceptionFeatures,
+    MissingWeightsError,
+    MomentAccumulator,
+    codebook_usage,
+    frechet_distance,
+    inception_score,
+    kernel_inception_distance,
+    precision_recall,
+    psnr,
+    ssim,
+)
 from pipeline.precision import PRECISIONS, autocast, resolve_precision
-from pipeline.metrics import (GaussianStats, InceptionFeatures, MissingWeightsError, MomentAccumulator,
-                              codebook_usage, frechet_distance, inception_score, kernel_inception_distance,
-                              precision_recall, psnr, ssim)
 
 __all__ = ["ReconstructionAccumulator", "Extremes", "NpzImages", "InceptionPass", "evaluate_reconstruction",
            "evaluate_generation", "build_reference", "add_arguments", "run"]
@@ -470,11 +480,9 @@ def build_reference(shards: str, out: str | Path, inception_weights: Optional[st
     (mu, sigma), (mu_s, sigma_s) = features.pool_moments.stats().numpy(), features.spatial_moments.stats().numpy()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    part = out.with_name(f".{out.name}.part")
-    with open(part, "wb") as handle:
+    with AtomicFile(out) as handle:
         np.savez(handle, arr_0=kept, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, num_images=np.int64(wanted),
                  image_size=np.int64(image_size), inception_sha256=np.str_(inception.sha256 or ""))
-    os.replace(part, out)
     return {"reference": str(out), "shards": str(shards), "num_images": wanted, "arr_0_images": keep,
             "image_size": image_size,
             "protocol": _protocol_note(inception, f"mu/sigma, mu_s/sigma_s of {wanted} images, arr_0 {keep} of them",

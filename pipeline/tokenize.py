@@ -42,11 +42,23 @@ import torchvision.transforms.v2.functional as TF
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.files import atomic_write, make_folder, temp_files_of
 from data.codes import CodeManifest, CodeWriter, ManifestMismatchError, part_file_name
+from data.files import atomic_write, make_folder, temp_files_of
 from data.stream import expand_shard_spec
-from data.tar import display_name, iter_tar_members, name_problem, sample_problem, shard_sizes
-from data.transforms import IMAGE_EXTENSIONS, crop_resize_flip, decode_pil, to_unit_range
+from data.tar import (
+    display_name,
+    iter_tar_members,
+    name_problem,
+    sample_problem,
+    shard_sizes,
+)
+from data.transforms import (
+    IMAGE_EXTENSIONS,
+    crop_resize_flip,
+    decode_pil,
+    to_unit_range,
+)
+from data.world import resolve_world
 from models.hub import WEIGHTS_NAME, config_hash, file_sha256
 from models.tokenizer import ImageCodes, Tokenizer
 from pipeline.precision import PRECISIONS, autocast, resolve_precision
@@ -248,18 +260,20 @@ def encode_rows(tok: Tokenizer, images: torch.Tensor, precision: str = "fp32"
 
 # ----------------------------------------------------------------------------------------- distribution
 def resolve_rank_world() -> tuple[int, int]:
-    """(rank, world size) from torch.distributed when initialised, else env RANK / WORLD_SIZE (0 / 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    """(rank, world size) of this process (:func:`data.world.resolve_world`: torch.distributed, launcher env,
+    an srun step, mpirun; else 0 / 1)."""
+    world = resolve_world()
+    return world.rank, world.size
 
 
 def _init_process_group() -> bool:
     """Join a gloo group when launched as several processes with a rendezvous (torchrun, accelerate launch,
-    or env MASTER_ADDR / MASTER_PORT). Gloo suffices: the only collectives are a barrier and a few counters."""
-    if (int(os.environ.get("WORLD_SIZE", 1)) > 1 and "MASTER_ADDR" in os.environ
+    or env MASTER_ADDR / MASTER_PORT, also under srun / mpirun). Gloo suffices: the only collectives are a
+    barrier and a few counters."""
+    rank, world_size = resolve_rank_world()
+    if (world_size > 1 and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
             and torch.distributed.is_available() and not torch.distributed.is_initialized()):
-        torch.distributed.init_process_group("gloo")
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
         return True
     return False
 

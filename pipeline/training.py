@@ -24,6 +24,8 @@ from typing import Any, Optional
 
 import torch
 
+from data.files import atomic_write
+
 __all__ = ["NonFiniteGuard", "GuardedStep", "zero_stage", "to_device", "MetricWindow", "MetricsLog", "tracker_names",
            "peak_memory_bytes", "state_digest", "write_summary", "add_stage_arguments"]
 
@@ -204,7 +206,7 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    atomic_write(Path(run_dir) / "summary.json", json.dumps(summary, indent=1) + "\n")
 
 
 def finished_run_summary(run_dir: Path, step: int, start_step: int) -> Optional[dict[str, Any]]:

@@ -19,6 +19,7 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 sys.path.insert(0, str(TESTS))
 
+from conftest import launch_env  # noqa: E402
 from models.config import ConfigError  # noqa: E402
 from pipeline.checkpoint import (CHECKSUMS, ResumeError, checkpoint_problem, import_class,  # noqa: E402
                                  newest_intact_checkpoint, no_pickled_code, write_checksums)
@@ -93,7 +94,7 @@ def test_import_class_only_imports_varitok_models(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------ real DeepSpeed runs
 def _run(run_dir: Path, steps: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = {**launch_env(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}   # no launcher variables
     handle = open(log, "w")
     return subprocess.Popen([*TOY, "--run-dir", str(run_dir), "--steps", str(steps), *COMMON], cwd=REPO, env=env,
                             stdout=handle, stderr=subprocess.STDOUT)

@@ -1,4 +1,6 @@
 """How the runtime completes the process-group environment a launcher left partial."""
+import os
+
 import pytest
 
 from pipeline import runtime
@@ -11,9 +13,14 @@ ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "M
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    """No launcher variables; whatever the code under test sets is removed afterwards (monkeypatch only undoes
+    the variables it touched, and the runtime sets the missing ones in os.environ)."""
+    saved = dict(os.environ)
     for name in ENV:
         monkeypatch.delenv(name, raising=False)
-    return monkeypatch
+    yield monkeypatch
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_plain_run_becomes_a_world_of_one(clean_env):

@@ -26,7 +26,8 @@ from data.shards import (Rejected, ShardError, ShardOptions, discover_inputs, me
 from pipeline.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parent.parent
-NODE_VARS = ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")
+NODE_VARS = ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_RANK",
+             "OMPI_COMM_WORLD_SIZE")
 
 
 @pytest.fixture(autouse=True)
@@ -309,7 +310,9 @@ def test_resolve_node_sources(monkeypatch):
     assert resolve_node() == (0, 1)
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "4")
-    assert resolve_node() == (3, 4)
+    assert resolve_node() == (0, 1)                # an sbatch script's own command: one process
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    assert resolve_node() == (3, 4)                # task 3 of an srun step of 4
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert resolve_node() == (1, 2) and resolve_node(0, 3) == (0, 3)

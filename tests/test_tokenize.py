@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tokenizer" / "tiny.yaml"
 NUM_IMAGES, SHARD_SIZE = 24, 2
 NUM_SHARDS = NUM_IMAGES // SHARD_SIZE
-LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+              "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")
 
 
 @pytest.fixture(autouse=True)
@@ -153,6 +154,25 @@ def test_two_processes_equal_one_process(corpus, tmp_path):
     parts = json.loads((out / "manifest.json").read_text())["parts"]
     assert [p["index"] for p in parts] == list(range(NUM_SHARDS))
     assert [p["source_shard"] for p in parts] == [f"shard-{i:06d}.tar" for i in range(NUM_SHARDS)]
+    assert _rows(out) == _rows(ref)
+
+
+def test_srun_tasks_without_a_launcher_split_the_parts(corpus, tmp_path):
+    """``srun -n 2 varitok tokenize ...`` (no torchrun, no rendezvous): each task takes its own parts from
+    SLURM's variables, so together they write every part once (before, every task was rank 0 of 1)."""
+    shards, tok_dir, ref = corpus
+    out = tmp_path / "codes"
+    procs = [_run_cli("tokenize", "--tokenizer", str(tok_dir), "--shards", str(shards), "--output", str(out),
+                      "--batch-size", "4", "--workers", "0", "--no-progress",
+                      env_extra={"SLURM_PROCID": str(task), "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
+                                 "SLURM_LOCALID": str(task)})
+             for task in range(2)]
+    outputs = [p.communicate(timeout=100) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    summary = json.loads(outputs[0][0].strip().splitlines()[-1])   # without a group, task 0 reports its own parts
+    assert summary["world_size"] == 2 and summary["parts_written"] == NUM_SHARDS // 2
+    parts = json.loads((out / "manifest.json").read_text())["parts"]
+    assert [p["index"] for p in parts] == list(range(NUM_SHARDS))
     assert _rows(out) == _rows(ref)
 
 

@@ -101,7 +101,7 @@ def runs(tmp_path_factory):
         "zero1": start_process(two + ["--main_process_port", str(free_port()), "--zero_stage", "1", *STAGE,
                                f"run.dir={dirs['zero1']}", *pair], logs["zero1"]),
         "nan": start_process([sys.executable, *STAGE, f"data.shards={shards}", f"run.dir={dirs['nan']}", *SMALL,
-                       "loss.rec_weight=inf", "train.max_bad_steps=2", "train.max_steps=5"], logs["nan"]),
+                       "loss.rec_weight=1e38", "train.max_bad_steps=2", "train.max_steps=5"], logs["nan"]),
         "zero3": start_process([sys.executable, *STAGE, f"data.shards={shards}", f"run.dir={dirs['zero3']}", *SMALL,
                          "train.zero_stage=3"], logs["zero3"]),
     }
