@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SKIP = {"common.py", "run_all.py", "quality.py"}  # quality.py is a long study run on its own (see README)
+SKIP = {"common.py", "run_all.py", "quality.py", "generator_nll.py", "gpu_check.py"}  # long studies / the GPU check run on their own
 
 
 def scripts(selected: list[str]) -> list[Path]:
