@@ -1,6 +1,6 @@
 """Shared pieces of the benchmark scripts: machine description, timing, the JSON record.
 
-Every script prints ONE JSON object (DESIGN.md "Benchmarks"):
+Every script prints ONE JSON object (docs/formats.md, "Benchmark records"):
 ``{"benchmark", "machine": {cpu, threads, gpu}, "figures": {...}, "targets": {name: {value, target, met}}}``.
 """
 from __future__ import annotations

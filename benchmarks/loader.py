@@ -69,8 +69,8 @@ def write_benchmark_shards(images: list[Path], out: Path, shard_size: int) -> No
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=Path, default=REPO.parent / "shared" / "data" / "imagenet-samples",
-                        help="folder of images to shard (default: ../shared/data/imagenet-samples)")
+    parser.add_argument("--images", type=Path, required=True,
+                        help="folder of real photos to shard (e.g. a few hundred ImageNet images)")
     parser.add_argument("--limit", type=int, default=0, help="use at most this many images (0 = all)")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
