@@ -32,8 +32,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-# Import the repo's packages from the repo root.
-from benchmarks.common import REPO, emit, target  # noqa: E402
+from benchmarks.common import emit, target  # noqa: E402  (first: it sets the process env before torch loads)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
