@@ -308,3 +308,56 @@ def test_calibrate_entropy_gives_the_requested_share_through_the_router(tmp_path
     assert main(["calibrate-entropy", "--shards", str(tmp_path / "none"), "--config", "tiny", "--out",
                  str(tmp_path / "x.json")]) == 2
     assert "--shards" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_zero2_equals_zero0_over_the_first_steps(tmp_path):
+    """2 processes, same seed and batches: ZeRO-2 and ZeRO-0 give the same losses, per-model gradient norms
+    (discriminator from step 2 on) and weights over the first 5 steps, to ~1e-5 relative."""
+    shards = make_shards(tmp_path / "data", num_images=16, per_shard=8)
+    common = [f"data.shards={shards}", *SMALL, "train.max_steps=5", "train.log_every=1", "train.ckpt_every=5",
+              "train.image_every=100", "loss.disc_start=2", "train.ema_decay=0"]
+    procs = {stage: start_process(ACCELERATE + ["--num_processes", "2", "--use_deepspeed", "--main_process_port",
+                                                str(free_port()), "--zero_stage", str(stage), *STAGE,
+                                                f"run.dir={tmp_path / f'zero{stage}'}", *common],
+                                  tmp_path / f"zero{stage}.log") for stage in (0, 2)}
+    for stage, proc in procs.items():
+        assert proc.wait(timeout=600) == 0, (tmp_path / f"zero{stage}.log").read_text()[-4000:]
+    zero0, zero2 = (_metrics(tmp_path / f"zero{stage}") for stage in (0, 2))
+    assert [m["step"] for m in zero0] == [m["step"] for m in zero2] == [1, 2, 3, 4, 5]
+    keys = ("loss/total", "loss/rec", "loss/codebook", "loss/entropy", "grad_norm/tokenizer")
+    for a, b in zip(zero0, zero2):
+        for key in keys + (("grad_norm/discriminator", "loss/gan_d") if a["step"] > 2 else ()):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-9), (a["step"], key)
+    weights0, weights2 = (load_file(str(tmp_path / f"zero{stage}/checkpoints/step-5/model.safetensors"))
+                          for stage in (0, 2))
+    assert weights0.keys() == weights2.keys()
+    for key, value in weights0.items():
+        if value.is_floating_point():
+            gap = float((weights2[key] - value).norm() / value.norm().clamp_min(1e-12))
+            assert gap < 1e-5, (key, gap)
+
+
+def test_ema_warmup_decay_follows_one_plus_n_over_ten_plus_n():
+    """With warmup the n-th update uses min(decay, (1 + n) / (10 + n)): after 1000 steps at decay 0.999 the
+    initial weights keep a 1e-3-ish share instead of 0.999^1000 = 37%."""
+    from pipeline.ema import EMA
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    ema = EMA([param], decay=0.999, warmup=True)
+    with torch.no_grad():
+        param.fill_(1.0)
+    ema.update()
+    assert ema.current_decay() == pytest.approx(2 / 11) and float(ema.shadow[0]) == pytest.approx(9 / 11)
+    for _ in range(999):
+        ema.update()
+    assert 1 - float(ema.shadow[0]) < 0.01            # the initial 0 is (nearly) forgotten
+    plain = EMA([param], decay=0.999)
+    with torch.no_grad():
+        param.zero_()
+    plain.shadow[0].zero_()
+    with torch.no_grad():
+        param.fill_(1.0)
+    for _ in range(1000):
+        plain.update()
+    assert float(plain.shadow[0]) == pytest.approx(1 - 0.999 ** 1000, rel=1e-4)
