@@ -180,7 +180,10 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
                                     micro_batch_size=cfg.data.batch_size, seed=cfg.run.seed,
                                     log_with=tracker_names(cfg.logging),
                                     project_name=cfg.logging.project, tracker_config=_flat_scalars(cfg.to_dict()))
-    zero_stage = int(accelerator.state.deepspeed_plugin.deepspeed_config["zero_optimization"]["stage"])
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    # Explicitly off: Accelerate drops a 0 clip from the plugin and then fills "auto" with 1.0.
+    ds_config["gradient_clipping"] = 0.0
+    zero_stage = int(ds_config["zero_optimization"]["stage"])
     if zero_stage == 3:
         raise ConfigError("ZeRO-3 is not supported for train-tokenizer (the discriminator's detached functional "
                           "call needs whole parameters): use --zero 2 (train.zero_stage=2) or --zero 1")

@@ -363,3 +363,22 @@ def test_param_groups_exempt_codebooks_norms_biases_embeddings_and_clip_each_mod
     assert all(torch.equal(p.grad, g) for p, g in zip(module.tokenizer.parameters(), tokenizer_grads))
     clipped = torch.stack([p.grad.norm() for p in module.gan_loss.discriminator.parameters()]).norm()
     assert float(clipped) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_one_directional_infonce_leaves_predictions_alone_when_teacher_features_are_alike():
+    """Random-weight teachers give (nearly) one feature for every image: FQGAN's one-directional InfoNCE then
+    has no gradient, the symmetric form pushes all predictions together (towards image-invariant codes)."""
+    from models.tokenizer.semantic import info_nce
+
+    pred = torch.randn(6, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    alike = torch.randn(1, 8).expand(6, 8)
+    info_nce(pred, alike, 0.1, symmetric=False).backward()
+    assert pred.grad.abs().max() < 1e-6
+    pred.grad = None
+    info_nce(pred, alike, 0.1).backward()
+    assert pred.grad.abs().max() > 1e-2
+    # one-directional, distinct targets: CE of each prediction against the batch's targets
+    target = torch.randn(6, 8, generator=torch.Generator().manual_seed(1))
+    logits = torch.nn.functional.normalize(pred, dim=1) @ torch.nn.functional.normalize(target, dim=1).T / 0.1
+    expected = torch.nn.functional.cross_entropy(logits, torch.arange(6))
+    assert torch.allclose(info_nce(pred, target, 0.1, symmetric=False), expected)

@@ -104,6 +104,11 @@ class GroupClippedAdamW(torch.optim.AdamW):
     with that group's flat partition of this rank, so set :attr:`partitioned` (the trainer does, after
     ``accelerator.prepare``) and the squared norms are all-reduced over the data-parallel ranks (one scalar
     per group) before clipping. ``step`` never reads a value on the host.
+
+    A parameter without a gradient (the discriminator before ``disc_start``) is stepped with a zero gradient,
+    as ZeRO-1/2's flat partitions always are: otherwise ZeRO-0 would start its Adam moments and bias
+    correction only at the first real gradient (first steps of lr x sign(g)) and ZeRO-2 long before (steps
+    about 0.45 x lr at beta2 0.95), and the two stages would train the discriminator differently.
     """
 
     partitioned: bool = False
@@ -116,6 +121,9 @@ class GroupClippedAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         for index, group in enumerate(self.param_groups):
+            for param in group["params"]:
+                if param.grad is None and param.requires_grad:
+                    param.grad = torch.zeros_like(param)
             grads = [p.grad for p in group["params"] if p.grad is not None]
             device = group["params"][0].device
             squares = (torch.stack([g.float().square().sum() for g in grads]).sum() if grads
