@@ -202,8 +202,10 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
     group_names = [group["name"] for group in base_optimizer.param_groups]
     scheduler = warmup_cosine(optimizer, cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio)
     model, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
-    # ZeRO-1/2 hand each group's flat partition of this rank to step(): its norms need the other ranks' parts.
-    base_optimizer.partitioned = zero_stage in (1, 2) and accelerator.num_processes > 1
+    # ZeRO-1/2 (and DeepSpeed's bf16 optimizer at ZeRO-0) hand step() this rank's flat partition of each group:
+    # its norms need the other ranks' parts. Told apart by size: a partition holds a share of the parameters.
+    stepped = sum(p.numel() for group in base_optimizer.param_groups for p in group["params"])
+    base_optimizer.partitioned = accelerator.num_processes > 1 and stepped < sum(p.numel() for p in module.parameters())
     unwrapped: TokenizerTrainingModule = accelerator.unwrap_model(model)
     for teacher in prepared.teachers.values():
         teacher.to(accelerator.device)
