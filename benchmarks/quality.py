@@ -383,8 +383,9 @@ def plot_psnr_vs_codes(points: dict[str, dict], labels: dict[str, str], path: Pa
     def errorbar(names, fmt, color, label):
         names = [n for n in names if n in points]
         if names:
-            ax.errorbar([points[n]["codes_per_image"]["mean"] for n in names], [points[n]["psnr"]["mean"] for n in names],
-                        yerr=[points[n]["psnr"]["std"] for n in names], fmt=fmt, color=color, capsize=3, label=label)
+            ax.errorbar([points[n]["codes_per_image"]["mean"] for n in names],
+                        [points[n]["psnr"]["mean"] for n in names], yerr=[points[n]["psnr"]["std"] for n in names],
+                        fmt=fmt, color=color, capsize=3, label=label)
 
     if "ref" in points:
         ax.axhline(points["ref"]["psnr"]["mean"], color="grey", ls="--", lw=1, label="reference VQ F8 (PSNR)")

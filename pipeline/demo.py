@@ -107,7 +107,8 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def demo_teachers(weights_dir: Path, dino_weights: str = "", clip_weights: str = "") -> tuple[list[dict[str, Any]], str]:
+def demo_teachers(weights_dir: Path, dino_weights: str = "",
+                  clip_weights: str = "") -> tuple[list[dict[str, Any]], str]:
     """Teacher config entries and a note; small random-weight teachers saved to files when no weights are given."""
     import torch
     from safetensors.torch import save_file
@@ -261,7 +262,8 @@ def compare_with_reference(args: argparse.Namespace, work: Path, train_folder: P
                 "identity_retrieval": round(identity_retrieval(rec.clamp(-1, 1), held_float), 4)}
 
     result = {"held_out_images": len(held), "steps": steps, "batch": batch, "chance": round(1 / len(held), 4),
-              "tokenizer": {**scores(tok_rec), "codes_per_image": round(sum(c.codes.shape[0] for c in codes) / len(codes), 2),
+              "tokenizer": {**scores(tok_rec),
+                            "codes_per_image": round(sum(c.codes.shape[0] for c in codes) / len(codes), 2),
                             "fine_share": round(float((grain > 0).float().mean()), 4)},
               "reference": {**scores(ref_rec), "codes_per_image": float(ref_rec.shape[-1] // finest) ** 2}}
     (work / "compare.json").write_text(json.dumps(result, indent=2))
@@ -280,7 +282,8 @@ def add_demo_teachers(model: dict[str, Any], teachers: list[dict[str, Any]], rea
     while len(subcodebooks) < 3:
         subcodebooks.append(dict(subcodebooks[-1]))
     # teacher feature widths: DINOv2-S 384, CLIP ViT-B/16 512, or the small random demo teachers'
-    widths = {"dinov2": 384 if real_dino else TINY_DINO["embed_dim"], "clip": 512 if real_clip else TINY_CLIP["embed_dim"]}
+    widths = {"dinov2": 384 if real_dino else TINY_DINO["embed_dim"],
+              "clip": 512 if real_clip else TINY_CLIP["embed_dim"]}
     for entry, align in zip(subcodebooks, ["", "dinov2", "clip"]):
         entry["align"], entry["align_dim"] = align, widths.get(align, 0)
     model["semantic"] = dict(DEMO_SEMANTIC)

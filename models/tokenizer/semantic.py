@@ -82,10 +82,11 @@ def info_nce(pred: torch.Tensor, target: torch.Tensor, temperature: float | torc
     else FQGAN's one-directional CE(pred -> targets) (each prediction picks its teacher feature among the
     batch's). Averaged over this rank's rows. The one-directional form gives the prediction no gradient when
     the teacher's features are all alike (random-weight teachers), while the target -> preds term then pushes
-    every image's prediction to the same point, i.e. the codes towards image-invariance. When torch.distributed is initialised and ``gather`` is true, the
-    negatives are the GLOBAL batch (every rank's rows, same B on every rank); the mean of the per-rank
-    losses then equals the single-process loss on the concatenated batch, and the gradients reaching each
-    rank (sum over ranks through all_gather's backward, then averaged by DDP/ZeRO) match it too.
+    every image's prediction to the same point, i.e. the codes towards image-invariance. When torch.distributed
+    is initialised and ``gather`` is true, the negatives are the GLOBAL batch (every rank's rows, same B on every
+    rank); the mean of the per-rank losses then equals the single-process loss on the concatenated batch, and the
+    gradients reaching each rank (sum over ranks through all_gather's backward, then averaged by DDP/ZeRO) match it
+    too.
     """
     pred = F.normalize(pred.float(), dim=-1)
     target = F.normalize(target.float(), dim=-1)

@@ -122,17 +122,15 @@ class GroupClippedAdamW(torch.optim.AdamW):
     def step(self, closure=None):
         for index, group in enumerate(self.param_groups):
             for param in group["params"]:
-                if param.grad is None and param.requires_grad:
+                if param.grad is None:
                     param.grad = torch.zeros_like(param)
-            grads = [p.grad for p in group["params"] if p.grad is not None]
-            device = group["params"][0].device
-            squares = (torch.stack([g.float().square().sum() for g in grads]).sum() if grads
-                       else torch.zeros((), device=device))
+            grads = [p.grad for p in group["params"]]
+            squares = torch.stack([g.float().square().sum() for g in grads]).sum()
             if self.partitioned and dist.is_available() and dist.is_initialized():
                 dist.all_reduce(squares, group=self.process_group)
             norm = squares.sqrt()
             self.grad_norms[group.get("name", str(index))] = norm
             max_norm = group.get("max_grad_norm", 0.0)
-            if max_norm > 0 and grads:
+            if max_norm > 0:
                 torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].dtype))
         return super().step(closure)
