@@ -28,6 +28,7 @@ setup(
         "pillow>=10",
         "scipy>=1.10",
         "torchmetrics>=1.3",
+        "torch-fidelity>=0.4",
         "matplotlib>=3.7",
     ],
     extras_require={

@@ -3,6 +3,8 @@
 Layout of an output directory ``OUT`` (the "Shards" contract of DESIGN.md)::
 
     OUT/{name}-{i:06d}.tar          samples <key>.<fmt>, <key>.json, <key>.cls?, <key>.txt?
+                                    (<key>.json lists the sha256 of the sample's other members, which
+                                    the readers check: data.tar.sample_problem)
     OUT/{name}-{i:06d}.stats.json   written last and atomically: its presence means shard i is complete
     OUT/shard_run.json              the flags and the input fingerprint; a resume must match it
     OUT/manifest.json, OUT/sizes.json, OUT/rejected.jsonl, OUT/classes.json   (merge step)
@@ -18,13 +20,16 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
+import logging
 import math
 import multiprocessing
 import os
 import socket
+import stat
 import tarfile
 import time
 import warnings
@@ -37,6 +42,16 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from data.files import (
+    AtomicFile,
+    NotRegularFile,
+    atomic_write,
+    open_regular_file,
+    temp_files_of,
+)
+from data.tar import MEMBER_DIGESTS, META_DIGEST, meta_json
+from data.world import resolve_world
+
 __all__ = [
     "ShardError", "Rejected", "ShardOptions", "InputItem", "InputSet", "IMAGE_EXTENSIONS", "RESIZE_MODES",
     "FORMATS", "REJECT_REASONS", "RUN_FILE", "discover_inputs", "to_rgb", "resize_image", "encode_image",
@@ -48,9 +63,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 LIST_EXTENSIONS = (".txt", ".lst", ".csv", ".tsv", ".parquet")
 RESIZE_MODES = ("center-crop", "shorter-side", "none")
 FORMATS = ("jpg", "png", "webp")
-REJECT_REASONS = ("missing", "unreadable", "empty", "not_an_image", "truncated", "corrupt",
-                  "decompression_bomb", "too_small", "duplicate")
+REJECT_REASONS = ("missing", "unreadable", "not_a_file", "too_large", "empty", "not_an_image", "truncated",
+                  "corrupt", "decompression_bomb", "too_small", "duplicate")
+WALK_SKIP_REASONS = ("symlink_loop", "duplicate_link", "not_a_file", "broken_link", "unreadable", "unreadable_folder")
+MAX_CAPTION_BYTES = 1 << 20
 RUN_FILE = "shard_run.json"
+log = logging.getLogger("varitok.shard")
 REDUCING_GAP = 3.0  # resampling keeps >= 3x the target resolution before the final Lanczos step
 MAX_SHARD_SIZE = 1_000_000  # the in-shard part of a key has 6 digits
 PATH_COLUMNS = ("path", "filepath", "file", "filename", "image", "image_path")
@@ -93,6 +111,7 @@ class ShardOptions:
     dedupe: bool = False              # reject later inputs with the same sha256 as an earlier one
     captions: bool = False            # write <key>.txt from caption columns or sibling <image>.txt
     max_pixels: int = 89_478_485      # width * height above this is a decompression bomb (PIL's default)
+    max_input_bytes: int = 256 << 20  # larger input files are rejected unread (too_large)
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "./\\ "):
@@ -111,6 +130,8 @@ class ShardOptions:
             raise ShardError(f"--min-size must be >= 0, got {self.min_size}")
         if self.max_pixels < 1:
             raise ShardError(f"--max-pixels must be >= 1, got {self.max_pixels}")
+        if self.max_input_bytes < 1:
+            raise ShardError(f"--max-input-bytes must be >= 1, got {self.max_input_bytes}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +145,7 @@ class InputItem:
 class InputSet:
     items: list[InputItem]          # sorted: the order that fixes shard assignment
     classes: list[str]              # class names; label i is classes[i] (empty for numeric labels)
+    skipped: list[dict] = dataclasses.field(default_factory=list)  # {path, reason, detail} found while walking
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
@@ -138,14 +160,81 @@ class InputSet:
 # Input discovery
 # ----------------------------------------------------------------------------------------------
 
-def _folder_entries(root: Path) -> list[tuple[str, Optional[str], None]]:
-    """Image files under ``root`` (recursive). If every image sits in a subfolder, the first subfolder
-    name is its class (the ImageFolder layout); otherwise images get no label."""
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files.extend(Path(dirpath) / f for f in filenames
-                     if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS)
+def _walk_images(root: Path, skipped: list[dict]) -> list[Path]:
+    """Image files under ``root``, each real file once, in a deterministic order (sorted, depth first).
+
+    Links are followed, but every folder (device, inode) is entered once, so a symlink loop or a second
+    link to a folder adds nothing, and a file reached by several paths (links, hard links) counts once,
+    under its path without links when it has one (links are followed only after every real folder).
+    FIFOs, devices and sockets with an image suffix, broken links and unreadable folders are not inputs:
+    each is appended to ``skipped`` as {path, reason, detail}. Nothing here opens a file.
+    """
+    seen_folders, seen_files, files, links, stack = set(), set(), [], [], []
+
+    def skip(path: Path, reason: str, detail: str) -> None:
+        skipped.append({"path": str(path), "reason": reason, "detail": detail})
+
+    def add(path: Path, info: os.stat_result) -> Optional[Path]:
+        """A directory entry (``info`` followed any link): returns it when it is a folder to walk."""
+        identity = (info.st_dev, info.st_ino)
+        if stat.S_ISDIR(info.st_mode):
+            if identity in seen_folders:
+                skip(path, "symlink_loop", f"links to {os.path.realpath(path)}, a folder already walked")
+                return None
+            seen_folders.add(identity)
+            return path
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            return None
+        if not stat.S_ISREG(info.st_mode):
+            skip(path, "not_a_file", "a FIFO, device or socket, not a regular file")
+        elif identity in seen_files:
+            skip(path, "duplicate_link", f"the same file as an earlier input ({os.path.realpath(path)})")
+        else:
+            seen_files.add(identity)
+            files.append(path)
+        return None
+
+    def walk(folder: Path) -> None:
+        """Depth first, sorted, without recursion (a hostile tree may be thousands of folders deep)."""
+        stack.append(folder)
+        while stack:
+            current = stack.pop()
+            try:
+                with os.scandir(current) as scan:
+                    entries = sorted((e for e in scan if not e.name.startswith(".")), key=lambda e: e.name)
+            except OSError as exc:
+                skip(current, "unreadable_folder", exc.strerror or str(exc))
+                continue
+            subfolders = []
+            for entry in entries:
+                if entry.is_symlink():
+                    links.append(Path(entry.path))  # followed once every real folder has been walked
+                    continue
+                try:
+                    subfolders.append(add(Path(entry.path), entry.stat(follow_symlinks=False)))
+                except OSError as exc:
+                    skip(Path(entry.path), "unreadable", exc.strerror or str(exc))
+            stack.extend(sorted((f for f in subfolders if f is not None), reverse=True))
+
+    info = root.stat()
+    seen_folders.add((info.st_dev, info.st_ino))
+    walk(root)
+    while links:
+        link = links.pop(0)
+        try:
+            folder = add(link, link.stat())
+        except OSError as exc:
+            skip(link, "broken_link", exc.strerror or str(exc))
+            continue
+        if folder is not None:
+            walk(folder)
+    return files
+
+
+def _folder_entries(root: Path, skipped: list[dict]) -> list[tuple[str, Optional[str], None]]:
+    """Image files under ``root`` (recursive, see ``_walk_images``). If every image sits in a subfolder,
+    the first subfolder name is its class (the ImageFolder layout); otherwise images get no label."""
+    files = _walk_images(root, skipped)
     rel = [f.relative_to(root) for f in files]
     class_layout = bool(rel) and all(len(r.parts) > 1 for r in rel)
     return [(os.path.abspath(f), r.parts[0] if class_layout else None, None) for f, r in zip(files, rel)]
@@ -216,13 +305,15 @@ def discover_inputs(paths: Sequence[str | os.PathLike]) -> InputSet:
 
     Labels are class names (folders, or text in a label column), mapped to indices in sorted name
     order and listed in ``classes``, or integers from a numeric label column. Mixing both is an error.
-    Raises ShardError for a missing input path or when no image is found.
+    Folders are walked with each real file and folder once (``_walk_images``); what the walk refuses is
+    listed in ``skipped``. Raises ShardError for a missing input path or when no image is found.
     """
     entries: list[tuple] = []
+    skipped: list[dict] = []
     for given in paths:
         path = Path(given)
         if path.is_dir():
-            entries.extend(_folder_entries(path))
+            entries.extend(_folder_entries(path, skipped))
         elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
             entries.extend(_list_entries(path))
         elif path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
@@ -245,7 +336,11 @@ def discover_inputs(paths: Sequence[str | os.PathLike]) -> InputSet:
                        None if caption is None or str(caption).strip() == "" else str(caption).strip())
              for (path, _, caption), label in zip(entries, labels)]
     items.sort(key=lambda it: (it.path, -1 if it.label is None else it.label, it.caption or ""))
-    return InputSet(items, names)
+    if skipped:
+        log.warning("skipped %d path(s) while walking the inputs (%s), e.g. %s", len(skipped),
+                    ", ".join(f"{r} {n}" for r, n in sorted(Counter(e["reason"] for e in skipped).items())),
+                    "; ".join(f"{e['path']}: {e['reason']}" for e in skipped[:3]))
+    return InputSet(items, names, skipped)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,24 +461,35 @@ def process_image(data: bytes, options: ShardOptions) -> tuple[bytes, tuple[int,
     return encode_image(rgb, options.format, options.quality), original
 
 
-def _read_source(path: str) -> bytes:
+def _read_source(path: str, limit: int) -> bytes:
+    """The bytes of an input file of at most ``limit`` bytes; FIFOs, devices (``/dev/zero``) and bigger
+    files (a 5 GB sparse ``.jpg``) are Rejected before anything is read."""
     try:
-        with open(path, "rb") as handle:
-            return handle.read()
+        handle, size = open_regular_file(path)
     except FileNotFoundError:
         raise Rejected("missing", "no such file") from None
+    except NotRegularFile as exc:
+        raise Rejected("not_a_file", str(exc)) from None
     except OSError as exc:
         raise Rejected("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}") from None
+    with handle:
+        if size > limit:
+            raise Rejected("too_large", f"{size} bytes is above --max-input-bytes {limit}")
+        try:
+            data = handle.read(limit + 1)
+        except OSError as exc:
+            raise Rejected("unreadable", f"{type(exc).__name__}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise Rejected("too_large", f"grew above --max-input-bytes {limit} while being read")
+    return data
 
 
 def _sibling_caption(path: str) -> Optional[str]:
-    caption_file = os.path.splitext(path)[0] + ".txt"
     try:
-        with open(caption_file, "rb") as handle:
-            text = handle.read().decode("utf-8", errors="replace").strip()
-    except OSError:
+        text = _read_source(os.path.splitext(path)[0] + ".txt", MAX_CAPTION_BYTES)
+    except Rejected:
         return None
-    return text or None
+    return text.decode("utf-8", errors="replace").strip() or None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,15 +505,6 @@ def shard_stem(name: str, shard: int) -> str:
     return f"{name}-{shard:06d}"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _json_bytes(value: Any) -> bytes:
     return (json.dumps(value, sort_keys=True, indent=1) + "\n").encode()
 
@@ -415,11 +512,9 @@ def _json_bytes(value: Any) -> bytes:
 @contextlib.contextmanager
 def atomic_tar(path: str | os.PathLike) -> Iterator[Callable[[str, bytes], None]]:
     """Stream a reproducible tar to ``path``: yields ``add(member_name, data)``; members keep their order
-    and get mtime 0, root:root, mode 0644. The file appears under ``path`` only once complete (written
-    to ``path.tmp``, fsynced, renamed); an exception leaves just the temporary file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
+    and get mtime 0, root:root, mode 0644. The file appears under ``path`` only once complete
+    (:class:`data.files.AtomicFile`); an exception leaves nothing behind."""
+    with AtomicFile(path) as handle:
         with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             def add(name: str, data: bytes) -> None:
                 info = tarfile.TarInfo(name)
@@ -428,9 +523,6 @@ def atomic_tar(path: str | os.PathLike) -> Iterator[Callable[[str, bytes], None]
                 info.uname = info.gname = ""
                 tar.addfile(info, io.BytesIO(data))
             yield add
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def write_shard(out_dir: str | os.PathLike, shard: int, items: Sequence[InputItem], first_index: int,
@@ -444,26 +536,34 @@ def write_shard(out_dir: str | os.PathLike, shard: int, items: Sequence[InputIte
     stem = shard_stem(options.name, shard)
     duplicate_of = duplicate_of or {}
     rejected: list[dict] = []
+    for stale in temp_files_of(out_dir / f"{stem}.tar") + temp_files_of(out_dir / f"{stem}.stats.json"):
+        stale.unlink(missing_ok=True)  # left by a killed writer of this shard (this node owns it)
     with atomic_tar(out_dir / f"{stem}.tar") as add:
         for offset, item in enumerate(items):
             key = sample_key(shard, offset)
             try:
                 if first_index + offset in duplicate_of:
                     raise Rejected("duplicate", f"same content as {duplicate_of[first_index + offset]}")
-                data = _read_source(item.path)
+                data = _read_source(item.path, options.max_input_bytes)
                 encoded, (width, height) = process_image(data, options)
             except Rejected as rej:
                 rejected.append({"key": key, "path": item.path, "reason": rej.reason, "detail": rej.detail})
             else:
-                meta = {"key": key, "source": item.path, "sha256": hashlib.sha256(data).hexdigest(),
-                        "original_width": width, "original_height": height}
-                add(f"{key}.{options.format}", encoded)
-                add(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+                members = {options.format: encoded}
                 if item.label is not None:
-                    add(f"{key}.cls", str(item.label).encode())
+                    members["cls"] = str(item.label).encode()
                 caption = (item.caption or _sibling_caption(item.path)) if options.captions else None
                 if caption is not None:
-                    add(f"{key}.txt", caption.encode())
+                    members["txt"] = caption.encode()
+                meta = {"key": key, "source": item.path, "sha256": hashlib.sha256(data).hexdigest(),
+                        "original_width": width, "original_height": height,
+                        MEMBER_DIGESTS: {ext: hashlib.sha256(blob).hexdigest() for ext, blob in members.items()}}
+                meta[META_DIGEST] = hashlib.sha256(meta_json(meta)).hexdigest()
+                add(f"{key}.{options.format}", encoded)
+                add(f"{key}.json", meta_json(meta))
+                for ext in ("cls", "txt"):
+                    if ext in members:
+                        add(f"{key}.{ext}", members[ext])
             if on_item is not None:
                 on_item()
     stats = {
@@ -471,7 +571,7 @@ def write_shard(out_dir: str | os.PathLike, shard: int, items: Sequence[InputIte
         "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
         "rejected": rejected, "seconds": round(time.perf_counter() - start, 3),
     }
-    _atomic_write(out_dir / f"{stem}.stats.json", _json_bytes(stats))
+    atomic_write(out_dir / f"{stem}.stats.json", _json_bytes(stats))
     return stats
 
 
@@ -480,20 +580,16 @@ def write_shard(out_dir: str | os.PathLike, shard: int, items: Sequence[InputIte
 # ----------------------------------------------------------------------------------------------
 
 def resolve_node(node_rank: Optional[int] = None, num_nodes: Optional[int] = None) -> tuple[int, int]:
-    """(rank, count) from the flags, else RANK/WORLD_SIZE, else SLURM_PROCID/SLURM_NTASKS, else (0, 1)."""
+    """(rank, count) from the flags, else this process's place in its job (:func:`data.world.resolve_world`:
+    launcher env, an srun step, mpirun), else (0, 1)."""
     if (node_rank is None) != (num_nodes is None):
         raise ShardError("give both --node-rank and --num-nodes, or neither")
     if node_rank is None:
-        for rank_var, size_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-            if rank_var in os.environ and size_var in os.environ:
-                try:
-                    node_rank, num_nodes = int(os.environ[rank_var]), int(os.environ[size_var])
-                except ValueError:
-                    raise ShardError(f"{rank_var}/{size_var} must be integers, got "
-                                     f"{os.environ[rank_var]!r}/{os.environ[size_var]!r}") from None
-                break
-        else:
-            node_rank, num_nodes = 0, 1
+        try:
+            world = resolve_world()
+        except ValueError as exc:
+            raise ShardError(str(exc)) from None
+        node_rank, num_nodes = world.rank, world.size
     if num_nodes < 1 or not 0 <= node_rank < num_nodes:
         raise ShardError(f"node rank must be in 0..num_nodes-1, got rank {node_rank} of {num_nodes}")
     return node_rank, num_nodes
@@ -503,12 +599,18 @@ def node_shards(num_shards: int, node_rank: int, num_nodes: int) -> list[int]:
     return list(range(node_rank, num_shards, num_nodes))
 
 
-def _hash_file(path: str) -> Optional[str]:
+def _hash_file(path: str, limit: int) -> Optional[str]:
     try:
-        with open(path, "rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+        handle, size = open_regular_file(path)
     except OSError:
-        return None  # rejected later as missing / unreadable
+        return None  # rejected later as missing / unreadable / not a file
+    with handle:
+        if size > limit:
+            return None  # rejected later as too large
+        try:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+        except OSError:
+            return None
 
 
 def find_duplicates(paths: Sequence[str], hashes: Iterable[Optional[str]]) -> dict[int, str]:
@@ -533,9 +635,7 @@ def _writer_id() -> str:
 def _check_output(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-probe-{_writer_id()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        atomic_write(out_dir / f".write-probe-{_writer_id()}", b"").unlink()
     except OSError as exc:
         raise ShardError(f"--output {out_dir} is not a writable folder: {exc.strerror or exc}") from None
 
@@ -551,8 +651,8 @@ def _claim_output(out_dir: Path, record: dict) -> None:
     run_file = out_dir / RUN_FILE
     if run_file.exists():
         previous = json.loads(run_file.read_text())
-        diffs = [f"{k}: {previous['options'].get(k)!r} -> {v!r}" for k, v in record["options"].items()
-                 if previous.get("options", {}).get(k) != v]
+        before = {**dataclasses.asdict(ShardOptions()), **previous.get("options", {})}  # older runs lack new flags
+        diffs = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in record["options"].items() if before.get(k) != v]
         if previous.get("inputs_sha256") != record["inputs_sha256"]:
             diffs.append(f"input list: {previous.get('num_inputs')} -> {record['num_inputs']} inputs "
                          "(files added, removed or relabelled)")
@@ -560,9 +660,7 @@ def _claim_output(out_dir: Path, record: dict) -> None:
             raise ShardError(f"{out_dir} holds shards made with different settings; cannot resume into it "
                              f"({'; '.join(diffs)}). Use the original flags or a new --output.")
         return
-    tmp = out_dir / f"{RUN_FILE}.{_writer_id()}.tmp"
-    tmp.write_bytes(_json_bytes(record))
-    os.replace(tmp, run_file)
+    atomic_write(run_file, _json_bytes(record))
 
 
 _progress_counter = None
@@ -582,8 +680,10 @@ def _write_shard_task(args: tuple) -> dict:
     return write_shard(*args, on_item=_tick)
 
 
-def _hash_pass(paths: list[str], executor: Optional[ProcessPoolExecutor], bar_factory) -> list[Optional[str]]:
-    hashes = executor.map(_hash_file, paths, chunksize=64) if executor is not None else map(_hash_file, paths)
+def _hash_pass(paths: list[str], limit: int, executor: Optional[ProcessPoolExecutor],
+               bar_factory) -> list[Optional[str]]:
+    hash_file = functools.partial(_hash_file, limit=limit)
+    hashes = executor.map(hash_file, paths, chunksize=64) if executor is not None else map(hash_file, paths)
     with bar_factory(len(paths), "hashing") as bar:
         result = []
         for digest in hashes:
@@ -599,7 +699,8 @@ def shard_images(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
 
     Errors in the command (no input, unwritable output, a resume with other flags) raise ShardError
     before any shard is written. With a single node the merged files are written at the end.
-    Returns this node's summary: shards (total / mine / skipped), written, rejected_by_reason, seconds.
+    Returns this node's summary: shards (total / mine / skipped), written, rejected_by_reason, seconds,
+    walk_skipped (paths the folder walk refused: links to folders already walked, FIFOs, ...).
     """
     start = time.perf_counter()
     if workers < 1:
@@ -632,7 +733,8 @@ def shard_images(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
         if options.dedupe and todo:
             last = (todo[-1] + 1) * size  # only inputs up to the end of this node's last shard matter
             paths = [item.path for item in items[:last]]
-            for index, first in find_duplicates(paths, _hash_pass(paths, executor, bar_factory)).items():
+            hashes = _hash_pass(paths, options.max_input_bytes, executor, bar_factory)
+            for index, first in find_duplicates(paths, hashes).items():
                 duplicates_by_shard[index // size][index] = first
         tasks = [(out_dir, s, items[s * size:(s + 1) * size], s * size, options, duplicates_by_shard[s])
                  for s in todo]
@@ -659,7 +761,9 @@ def shard_images(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
                "shards_mine": len(mine), "shards_skipped": len(mine) - len(todo),
                "inputs": sum(s["inputs"] for s in node_stats), "written": sum(s["count"] for s in node_stats),
                "rejected_by_reason": dict(sorted(reasons.items())), "merged": False,
-               "processed_this_run": sum(len(t[2]) for t in tasks)}
+               "processed_this_run": sum(len(t[2]) for t in tasks),
+               "walk_skipped_by_reason": dict(sorted(Counter(e["reason"] for e in input_set.skipped).items())),
+               "walk_skipped": input_set.skipped}
     if world == 1:
         merge_manifests(out_dir)
         summary["merged"] = True
@@ -697,10 +801,10 @@ def merge_manifests(out_dir: str | os.PathLike) -> dict:
         "num_shards": num_shards, "shards": list(sizes), "classes": record["classes"],
         "num_classes": len(record["classes"]), "inputs_sha256": record["inputs_sha256"],
     }
-    _atomic_write(out_dir / "sizes.json", _json_bytes(sizes))
-    _atomic_write(out_dir / "rejected.jsonl",
+    atomic_write(out_dir / "sizes.json", _json_bytes(sizes))
+    atomic_write(out_dir / "rejected.jsonl",
                   b"".join(json.dumps(entry, sort_keys=True).encode() + b"\n" for entry in rejected))
     if record["classes"]:
-        _atomic_write(out_dir / "classes.json", _json_bytes({c: i for i, c in enumerate(record["classes"])}))
-    _atomic_write(out_dir / "manifest.json", _json_bytes(manifest))
+        atomic_write(out_dir / "classes.json", _json_bytes({c: i for i, c in enumerate(record["classes"])}))
+    atomic_write(out_dir / "manifest.json", _json_bytes(manifest))
     return manifest

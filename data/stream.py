@@ -55,8 +55,6 @@ import logging
 import math
 import os
 import random
-import re
-import tarfile
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, replace
@@ -69,7 +67,17 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.transforms import CROPS, DECODERS, IMAGE_EXTENSIONS, load_image, sample_augmentation, to_unit_range
+from data.files import atomic_write
+from data.tar import iter_tar_members, name_problem, sample_problem, shard_sizes
+from data.transforms import (
+    CROPS,
+    DECODERS,
+    IMAGE_EXTENSIONS,
+    load_image,
+    sample_augmentation,
+    to_unit_range,
+)
+from data.world import resolve_world
 
 log = logging.getLogger("varitok.stream")
 
@@ -79,8 +87,6 @@ STATE_FORMAT = "varitok.stream/1"
 PREFETCH = 2
 RING_SLOTS = PREFETCH + 1
 IMAGE_DTYPES = (torch.float32, torch.uint8)
-SIZES_FILE = "sizes.json"
-_META_MEMBER = re.compile(r"(.*/)?__[^/]*__$")  # webdataset metadata members, not samples
 
 
 # ----------------------------------------------------------------------------------------- shard lists
@@ -112,43 +118,6 @@ def expand_shard_spec(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> 
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise FileNotFoundError(f"{len(missing)} of {len(shards)} shards do not exist: {missing[:5]}{more}")
     return shards
-
-
-def count_tar_samples(path: str) -> int:
-    """Number of samples (distinct adjacent keys) in a tar, from its headers only (data is seeked over).
-
-    A truncated tar counts the samples whose headers could be read.
-    """
-    count, previous = 0, None
-    try:
-        for name, _ in iter_tar_members(path, read_data=False):
-            key, _ = wds.tariterators.base_plus_ext(name)
-            if key is not None and key != previous:
-                count, previous = count + 1, key
-    except (tarfile.ReadError, OSError) as exc:
-        log.warning("while counting samples of %s: %s (counted %d)", path, exc, count)
-    return count
-
-
-def shard_sizes(shards: Sequence[str]) -> tuple[list[int], str]:
-    """Sample count per shard and where it came from: ``"sizes.json"`` when every shard is listed in
-    the ``sizes.json`` beside it, else ``"tar headers"`` (missing ones are counted by scanning)."""
-    listed: dict[str, dict[str, int]] = {}
-    sizes, scanned = [], 0
-    for shard in shards:
-        directory, name = os.path.split(os.path.abspath(shard))
-        if directory not in listed:
-            sizes_path = os.path.join(directory, SIZES_FILE)
-            listed[directory] = json.loads(Path(sizes_path).read_text()) if os.path.isfile(sizes_path) else {}
-        if name in listed[directory]:
-            sizes.append(int(listed[directory][name]))
-        else:
-            sizes.append(count_tar_samples(shard))
-            scanned += 1
-    if scanned:
-        log.info("no %s entry for %d of %d shards: counted their samples from tar headers",
-                 SIZES_FILE, scanned, len(shards))
-    return sizes, ("tar headers" if scanned else SIZES_FILE)
 
 
 # ----------------------------------------------------------------------------------------- epoch plan
@@ -233,82 +202,28 @@ class StreamStats:
                 **plain, "reasons": reasons}
 
 
-def _octal_field(field: bytes) -> int:
-    """A numeric tar header field: NUL/space padded octal, or GNU base-256 when the top bit is set."""
-    if field[0] & 0x80:
-        return int.from_bytes(field[1:], "big")
-    digits = field.split(b"\0", 1)[0].strip()
-    return int(digits, 8) if digits else 0
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    """``"<len> key=value\n"`` records of a pax extended header."""
-    records, offset = {}, 0
-    while offset < len(data):
-        length = int(data[offset:data.index(b" ", offset)])
-        key, _, value = data[data.index(b" ", offset) + 1:offset + length - 1].partition(b"=")
-        records[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
-        offset += length
-    return records
-
-
-def iter_tar_members(path: str, read_data: bool = True) -> Iterator[tuple[str, bytes | None]]:
-    """``(name, data)`` of every regular file in a tar (ustar, GNU long names, pax), in file order.
-
-    About 7x faster than ``tarfile`` streaming on small members, which matters at thousands of samples/s.
-    ``read_data=False`` seeks over the data and yields ``None``. Raises ``tarfile.ReadError`` when the
-    archive is truncated (a member or the end-of-archive block is cut off) or a header is garbled
-    (bad checksum); members before the damage have been yielded by then.
-    """
-    block = tarfile.BLOCKSIZE
-    with open(path, "rb", buffering=1 << 20) as stream:
-        long_name, pax = None, {}
-        while True:
-            header = stream.read(block)
-            if len(header) < block:
-                raise tarfile.ReadError(f"truncated at byte {stream.tell() - len(header)}: no end-of-archive block")
-            if not any(header):
-                return
-            if _octal_field(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
-                raise tarfile.ReadError(f"garbled header at byte {stream.tell() - block} (checksum mismatch)")
-            kind = header[156:157]
-            size = int(pax["size"]) if "size" in pax else _octal_field(header[124:136])
-            padding = -size % block
-            if kind in (b"0", b"\0", b"7", b"L", b"x") and (read_data or kind in (b"L", b"x")):
-                data = stream.read(size)
-                if len(data) < size:
-                    raise tarfile.ReadError(f"truncated inside member data at byte {stream.tell()}")
-                stream.seek(padding, os.SEEK_CUR)
-            else:
-                data = None
-                stream.seek(size + padding, os.SEEK_CUR)
-            if kind == b"L":
-                long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                continue
-            if kind == b"x":
-                pax = _pax_records(data)
-                continue
-            name = pax.get("path") or long_name
-            if name is None:
-                name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
-                name = f"{prefix.decode('utf-8', 'surrogateescape')}/{name}" if prefix else name
-            long_name, pax = None, {}
-            if kind in (b"0", b"\0", b"7") and not _META_MEMBER.match(name):
-                yield name, data
-
-
-def _tar_files(path: str) -> Iterator[dict[str, Any]]:
-    """Members of a tar in the form webdataset's ``group_by_keys`` consumes."""
+def _tar_files(path: str, stats: StreamStats) -> Iterator[dict[str, Any]]:
+    """Members of a tar in the form webdataset's ``group_by_keys`` consumes; members whose name is not
+    valid UTF-8 are skipped and counted (``bad_name``)."""
     for name, data in iter_tar_members(path):
+        problem = name_problem(name)
+        if problem:
+            stats.bad("bad_name", path, problem)
+            continue
         yield {"fname": name, "data": data, "__url__": path}
 
 
 def _shard_samples(path: str, stats: StreamStats) -> Iterator[dict[str, Any]]:
     """Raw samples (``{"__key__", ext: bytes, ...}``) of one tar. A read error (truncated or malformed
-    tar) is counted and ends the shard, dropping the sample being assembled; it is never raised."""
+    tar) is counted and ends the shard, dropping the sample being assembled; it is never raised. A sample
+    whose members do not match the digests of its ``.json`` (data.tar.sample_problem) is counted and dropped."""
     try:
-        yield from wds.tariterators.group_by_keys(_tar_files(path), handler=wds.handlers.reraise_exception)
+        for sample in wds.tariterators.group_by_keys(_tar_files(path, stats), handler=wds.handlers.reraise_exception):
+            problem = sample_problem(sample)
+            if problem:
+                stats.bad("damaged_sample", f"{path}:{sample.get('__key__', '?')}", problem)
+                continue
+            yield sample
     except Exception as exc:  # tarfile, OS and webdataset grouping errors are all "this shard is broken"
         stats.bad("tar_error", path, repr(exc))
 
@@ -449,12 +364,6 @@ def _init_worker(_: int) -> None:
     torch.set_num_threads(1)  # each worker decodes on one core; more threads only oversubscribe
 
 
-def _default_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 # ----------------------------------------------------------------------------------------- the stream
 class ShardStream:
     """Iterable of image batches from WebDataset shards; see the module docstring for the rules."""
@@ -473,7 +382,8 @@ class ShardStream:
             raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
         if batch_size < 1 or image_size < 1 or num_workers < 0 or shuffle_buffer < 0:
             raise ValueError("batch_size and image_size must be >= 1, num_workers and shuffle_buffer >= 0")
-        default_rank, default_world = _default_rank_world()
+        world = resolve_world()
+        default_rank, default_world = world.rank, world.size
         self.rank = default_rank if rank is None else int(rank)
         self.world_size = default_world if world_size is None else int(world_size)
         if not 0 <= self.rank < self.world_size:
@@ -599,15 +509,12 @@ class ShardStream:
                 "positions": list(self._positions), **self._identity()}
 
     def save_state_file(self, directory: str | os.PathLike) -> Path:
-        """Write ``state_dict()`` to ``directory/stream-rank{rank:05d}.json`` atomically (temporary file,
-        then rename) and return the path. Every rank calls it: positions are per rank, and
+        """Write ``state_dict()`` to ``directory/stream-rank{rank:05d}.json`` atomically (data.files) and
+        return the path. Every rank calls it: positions are per rank, and
         ``accelerator.register_for_checkpointing`` would save rank 0's state only (and as a pickle)."""
         path = Path(directory) / f"stream-rank{self.rank:05d}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".tmp{os.getpid()}")
-        temporary.write_text(json.dumps(self.state_dict(), indent=1))
-        os.replace(temporary, path)
-        return path
+        return atomic_write(path, json.dumps(self.state_dict(), indent=1))
 
     def load_state_file(self, directory: str | os.PathLike) -> None:
         """Restore the state this rank wrote with :meth:`save_state_file`."""

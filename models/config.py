@@ -7,12 +7,14 @@ wrong type is an error that names the full key path and what is allowed there::
     ConfigError: model.encoder.chanels: unknown key; allowed keys: ch, ch_mult, num_res_blocks, ...
 
 ``__post_init__`` of a schema may raise ``ValueError`` for semantic checks (choices, ranges); those are
-reported with the section's key path too.
+reported with the section's key path too. Every float anywhere in a config must be finite (``nan`` and
+``inf`` are refused at load, naming the key, before any range check or process group sees them).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, TypeVar
@@ -78,6 +80,7 @@ class ConfigBase:
             overrides = list(overrides)
             if overrides:
                 merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(overrides))
+            _check_finite(merged, "")
             return OmegaConf.to_object(merged)  # runs __post_init__ checks
         except OmegaConfBaseException as exc:
             raise ConfigError(_describe(exc, cls)) from None
@@ -111,6 +114,20 @@ class ConfigBase:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _check_finite(node: Any, path: str) -> None:
+    """Every float in a merged config must be finite (nan / inf pass ``<`` range checks unnoticed)."""
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            _check_finite(node._get_node(key), f"{path}.{key}" if path else str(key))
+    elif isinstance(node, ListConfig):
+        for index in range(len(node)):
+            _check_finite(node._get_node(index), f"{path}[{index}]")
+    else:
+        value = node._value() if hasattr(node, "_value") else node
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path}: must be a finite number, got {value}")
 
 
 def _plain(value: Any) -> Any:

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from data.files import AtomicFile, atomic_write
 from models.config import ConfigBase
 
 CONFIG_NAME = "config.json"
@@ -55,7 +54,7 @@ def _canonicalize_safetensors_header(path: str | Path) -> None:
 
 def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path,
                     metadata: Mapping[str, str] | None = None) -> None:
-    """Write a safetensors file atomically (temp file in the same directory, then rename).
+    """Write a safetensors file atomically (data.files: never through a link planted at ``path``).
 
     The bytes are a function of the tensors and the metadata only (the header's keys are sorted), so re-saving the
     same weights in another process gives the same file hash. Tied / shared tensors are cloned so that
@@ -70,15 +69,14 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | Path,
         tensors[name] = tensor.clone().contiguous() if key in seen else tensor.contiguous()
         if key != -1:
             seen.setdefault(key, name)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=dict(metadata or {}))
-        _canonicalize_safetensors_header(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    output = AtomicFile(path)
+    try:  # safetensors writes by name: into the temporary file, which it truncates (same inode, no new file)
+        save_file(tensors, str(output.temp_path), metadata=dict(metadata or {}))
+        _canonicalize_safetensors_header(output.temp_path)
+    except BaseException:
+        output.abort()
+        raise
+    output.commit()
 
 
 def load_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -107,7 +105,7 @@ class PretrainedMixin:
         state = state_dict if state_dict is not None else self.state_dict()  # type: ignore[attr-defined]
         save_state_dict(state, directory / WEIGHTS_NAME, metadata={"format": "pt", "class": type(self).__name__})
         config_json = json.dumps({"class": type(self).__name__, **self.config.to_dict()}, indent=2, sort_keys=True)
-        (directory / CONFIG_NAME).write_text(config_json + "\n")
+        atomic_write(directory / CONFIG_NAME, config_json + "\n")
         return directory
 
     @classmethod

@@ -34,6 +34,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from data.files import atomic_write
 from models.config import ConfigError
 from models.tokenizer.router import (ENTROPY_BINS, ENTROPY_SIGMA, Router, RouterConfig, calibrate_entropy,
                                      region_entropy)
@@ -210,9 +211,7 @@ def calibrate(shards: str, config_path: str | os.PathLike, out: str | os.PathLik
                  achieved_shares=[float((grain == g).double().mean()) for g in range(1, levels)])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(table, indent=1) + "\n")
-    os.replace(tmp, out)
+    atomic_write(out, json.dumps(table, indent=1) + "\n")
     return table
 
 

@@ -10,42 +10,57 @@ at worst a ``.tmp-*`` directory, removed by the next save)::
     model.safetensors             consolidated exportable weights (rank 0; gathered from ZeRO-3 shards)
     ema.safetensors               consolidated fp32 EMA weights (rank 0), metadata: decay, num_updates
     meta.json                     {step, world_size, zero_stage, config_identity, time, stage, model_class}
+    checksums.json                written last: {relative path: {bytes, sha256}} of every other file
 
 Rolling back (``resume`` from a checkpoint older than the newest, or saving step N while a ``step-M``,
 M > N, exists, e.g. after ``--resume none``) abandons the newer checkpoints: they are renamed to
 ``abandoned-step-M-<YYYYmmdd-HHMMSS>`` (kept for inspection, ignored by ``--resume auto`` and by pruning),
 so pruning never deletes the checkpoint just written and ``auto`` never continues the abandoned run.
 
-The files written by Accelerate / DeepSpeed are pickles: resume only from checkpoints your own runs wrote.
-Everything varitok reads itself is safetensors, JSON, or ``torch.load(weights_only=True)``.
+Resume verifies ``checksums.json`` first: with ``--resume auto`` a checkpoint with a missing, truncated,
+changed or unlisted file is skipped with a warning naming the file, and the newest intact one is loaded
+(none intact: the run starts from step 0 with a warning), so a torn checkpoint never loads and never
+blocks a run (no crash loop under SLURM ``--requeue``). The files written by Accelerate / DeepSpeed are
+pickles; resume loads every one of them with ``torch.load(weights_only=True)`` (DeepSpeed's own loader
+passes ``weights_only=False``: :func:`no_pickled_code` overrides it and allow-lists the few plain
+DeepSpeed types its optimizer states hold), so a pickle planted in a shared ``run.dir`` cannot run code.
+``varitok export`` rebuilds only varitok's own model classes (:func:`import_class`).
 The run directory must be on a file system shared by all machines (checked at construction).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Protocol
+from typing import Any, Callable, Iterator, Mapping, Optional, Protocol
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
+from data.files import AtomicFile, atomic_write
 from models.config import ConfigError
-from models.hub import save_state_dict
+from models.hub import PretrainedMixin, save_state_dict
+from pipeline.training import zero_stage
 
 __all__ = ["CheckpointManager", "ResumeError", "MODEL_CLASSES", "complete_checkpoints", "find_checkpoint",
-           "read_meta", "check_compatible", "import_class", "export_pretrained"]
+           "read_meta", "check_compatible", "import_class", "export_pretrained", "checkpoint_problem",
+           "write_checksums", "no_pickled_code", "newest_intact_checkpoint"]
 
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
+CHECKSUMS = "checksums.json"
 MODEL_WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -100,7 +115,123 @@ def find_checkpoint(run_dir: str | os.PathLike, spec: Optional[str] = "auto",
 
 
 def read_meta(checkpoint: str | os.PathLike) -> dict:
-    return json.loads((Path(checkpoint) / META).read_text())
+    try:
+        meta = json.loads((Path(checkpoint) / META).read_text())
+    except (OSError, ValueError) as exc:
+        raise ResumeError(f"{Path(checkpoint) / META} is unreadable ({exc}): the checkpoint is damaged") from None
+    if not isinstance(meta, dict) or not all(k in meta for k in ("step", "world_size", "zero_stage")):
+        raise ResumeError(f"{Path(checkpoint) / META} lacks step / world_size / zero_stage: the checkpoint is damaged")
+    return meta
+
+
+def newest_intact_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
+    """The newest complete checkpoint that passes :func:`checkpoint_problem`; each newer damaged one is
+    skipped with a warning naming what is wrong. None when there is none."""
+    found = complete_checkpoints(run_dir)
+    for _, candidate in reversed(found):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        log.warning("skipping checkpoint %s: %s; trying the next older one", candidate.name, problem)
+    if found:
+        log.warning("none of the %d checkpoints in %s is intact (see above): starting from step 0", len(found),
+                    Path(run_dir) / CHECKPOINTS)
+    return None
+
+
+def _checkpoint_files(checkpoint: Path) -> list[str]:
+    """Relative paths of the files of a checkpoint, sorted; the checksum list and dotfiles excluded."""
+    found = []
+    for directory, folders, files in os.walk(checkpoint):
+        folders[:] = [f for f in folders if not f.startswith(".")]
+        for name in files:
+            relative = os.path.relpath(os.path.join(directory, name), checkpoint)
+            if not name.startswith(".") and relative != CHECKSUMS:
+                found.append(relative)
+    return sorted(found)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def write_checksums(checkpoint: str | os.PathLike) -> Path:
+    """Write ``checkpoint/checksums.json`` listing the size and sha256 of every other file (call it last)."""
+    checkpoint = Path(checkpoint)
+    files = {name: {"bytes": (checkpoint / name).stat().st_size, "sha256": _sha256(checkpoint / name)}
+             for name in _checkpoint_files(checkpoint)}
+    return atomic_write(checkpoint / CHECKSUMS, json.dumps({"format": 1, "files": files}, indent=1, sort_keys=True))
+
+
+def checkpoint_problem(checkpoint: str | os.PathLike) -> Optional[str]:
+    """Why ``checkpoint`` must not be loaded (None when it is intact): no or an unreadable checksum list, a
+    listed file missing, truncated or changed, a file that is not listed, an unreadable meta.json."""
+    checkpoint = Path(checkpoint)
+    try:
+        listed = json.loads((checkpoint / CHECKSUMS).read_text())["files"]
+        if not isinstance(listed, dict):
+            raise ValueError("'files' is not an object")
+    except FileNotFoundError:
+        return f"{checkpoint / CHECKSUMS} is missing (the save was interrupted, or a file was removed)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{checkpoint / CHECKSUMS} is unreadable ({exc})"
+    present = set(_checkpoint_files(checkpoint))
+    unlisted = sorted(present - listed.keys())
+    if unlisted:
+        return f"{checkpoint}: files not in its checksum list (planted or left over): {unlisted[:5]}"
+    for name, entry in sorted(listed.items()):
+        path = checkpoint / name
+        if name not in present:
+            return f"{path} is missing"
+        try:
+            size, expected_size, digest = path.stat().st_size, int(entry["bytes"]), str(entry["sha256"])
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            return f"{path}: cannot check it ({exc})"
+        if size != expected_size:
+            return f"{path} has {size} bytes, {expected_size} were written (truncated or replaced)"
+        if _sha256(path) != digest:
+            return f"{path} differs from what was written (sha256 mismatch)"
+    try:
+        read_meta(checkpoint)
+    except ResumeError as exc:
+        return str(exc)
+    return None
+
+
+def _deepspeed_safe_globals() -> list:
+    """The plain, non-tensor types DeepSpeed puts in its optimizer states (seen with DeepSpeed 0.19, ZeRO 0-3):
+    an IntEnum, a namedtuple and the static / dynamic loss-scaler records. None of them runs code on load."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+@contextlib.contextmanager
+def no_pickled_code() -> Iterator[None]:
+    """Inside: every ``torch.load`` runs with ``weights_only=True``, whatever its caller asks for.
+
+    DeepSpeed's ``TorchCheckpointEngine.load`` (and ZeRO-3's optimizer loader) call ``torch.load(...,
+    weights_only=False)``, which would run any code a planted pickle carries. The override turns those
+    calls into restricted loads; the types DeepSpeed legitimately stores are allow-listed; anything else
+    fails with ``pickle.UnpicklingError`` before any object is built.
+    """
+    original = torch.load
+
+    def restricted_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = restricted_load
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            yield
+    finally:
+        torch.load = original
 
 
 def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
@@ -174,8 +305,7 @@ class CheckpointManager:
 
     @property
     def zero_stage(self) -> int:
-        plugin = self.accelerator.state.deepspeed_plugin
-        return int(plugin.deepspeed_config["zero_optimization"]["stage"]) if plugin is not None else 0
+        return zero_stage(self.accelerator)
 
     def _check_shared_filesystem(self) -> None:
         """Every rank must see rank 0's files: checkpoints are written by all ranks into one directory."""
@@ -186,7 +316,7 @@ class CheckpointManager:
         probe = self.root / ".shared-fs-probe"
         if acc.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe.write_text(token[0])
+            atomic_write(probe, token[0])
         if acc.num_processes > 1:
             broadcast_object_list(token)
         acc.wait_for_everyone()
@@ -210,13 +340,16 @@ class CheckpointManager:
         final, tmp = self.root / f"step-{step}", self.root / f".tmp-step-{step}"
         if acc.is_main_process:
             for stale in self.root.glob(".tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
+                if stale.is_symlink():  # planted: remove the link, never what it points to
+                    stale.unlink()
+                else:
+                    shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         if extra:
-            torch.save({name: obj.state_dict() for name, obj in extra.items()},
-                       tmp / f"extra-rank{acc.process_index:05d}.pt")
+            with AtomicFile(tmp / f"extra-rank{acc.process_index:05d}.pt") as handle:
+                torch.save({name: obj.state_dict() for name, obj in extra.items()}, handle)
         weights = export_state() if export_state is not None else self._default_export_state()
         ema_state = ema.state_dict_for() if ema is not None else None
         if acc.is_main_process:
@@ -258,8 +391,9 @@ class CheckpointManager:
         meta = {"step": step, "world_size": self.world_size, "zero_stage": self.zero_stage,
                 "config_identity": self.config_identity, "time": time.time(), "stage": self.stage,
                 "model_class": self.model_class, "format": 1}
-        (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        atomic_write(tmp / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
         _fsync_tree(tmp)
+        write_checksums(tmp)  # last: its presence and contents vouch for every other file
         if final.exists():  # the same step saved again (e.g. after a resume): replace it
             old = self.root / f".tmp-old-step-{step}"
             os.replace(final, old)
@@ -279,27 +413,30 @@ class CheckpointManager:
                extra: Optional[Mapping[str, Stateful]] = None) -> int:
         """Restore model, optimizer, scheduler, RNG, ``ema`` and ``extra``; return the step to continue from.
 
-        ``spec``: "auto" (newest complete checkpoint of this run, 0 when there is none), a checkpoint
-        directory, or None. Raises :class:`ResumeError` before loading anything when the checkpoint's
-        world size, ZeRO stage or config identity differ from this run. After a successful load from an
-        older checkpoint than this run's newest, the newer ones are moved aside (``abandoned-step-M-<time>``).
+        ``spec``: "auto" (newest intact checkpoint of this run, 0 when there is none; damaged newer ones are
+        skipped with a warning), a checkpoint directory (must be intact), or None. Raises
+        :class:`ResumeError` before loading anything when the checkpoint's world size, ZeRO stage or config
+        identity differ from this run, or when one of its pickles holds more than plain state. After a
+        successful load from an older checkpoint than this run's newest, the newer ones are moved aside
+        (``abandoned-step-M-<time>``).
         """
-        path = find_checkpoint(self.run_dir, spec)
+        path = self._select(spec)
         if path is None:
             return 0
         meta = read_meta(path)
         check_compatible(meta, self.world_size, self.zero_stage, self.config_identity)
         acc = self.accelerator
-        acc.load_state(str(path))
-        if extra:
-            own = path / f"extra-rank{acc.process_index:05d}.pt"
-            if not own.is_file():
-                raise ResumeError(f"{own} missing: the checkpoint was saved without the extra state {sorted(extra)}")
-            saved = torch.load(own, map_location="cpu", weights_only=True)
-            for name, obj in extra.items():
-                if name not in saved:
-                    raise ResumeError(f"{own} has no state for {name!r} (it holds {sorted(saved)})")
-                obj.load_state_dict(saved[name])
+        try:
+            with no_pickled_code():
+                acc.load_state(str(path))
+                saved = self._load_extra(path, sorted(extra)) if extra else {}
+        except pickle.UnpicklingError as exc:
+            raise ResumeError(f"refusing to load {path}: one of its files holds pickled objects other than plain "
+                              f"state, which could run code ({str(exc).splitlines()[0]}); it was not written by this "
+                              f"training code, or was tampered with. Move it aside and resume from another "
+                              f"checkpoint") from None
+        for name, obj in (extra or {}).items():
+            obj.load_state_dict(saved[name])
         if ema is not None:
             ema.load_state_dict(read_ema_state(path))
         step = int(meta["step"])
@@ -308,6 +445,45 @@ class CheckpointManager:
             self._abandon_newer_than(step, f"resumed from {path} (step {step})")
         acc.wait_for_everyone()
         return step
+
+
+    def _load_extra(self, path: Path, names: list[str]) -> dict:
+        own = path / f"extra-rank{self.accelerator.process_index:05d}.pt"
+        if not own.is_file():
+            raise ResumeError(f"{own} missing: the checkpoint was saved without the extra state {names}")
+        saved = torch.load(own, map_location="cpu", weights_only=True)
+        for name in names:
+            if name not in saved:
+                raise ResumeError(f"{own} has no state for {name!r} (it holds {sorted(saved)})")
+        return saved
+
+    def _select(self, spec: Optional[str]) -> Optional[Path]:
+        """The checkpoint to resume from, the same on every rank: rank 0 checks the candidates' checksum lists
+        (newest first for "auto") and broadcasts its choice or its error, so no rank waits for a failed one."""
+        from accelerate.utils import broadcast_object_list
+
+        acc = self.accelerator
+        choice: list = [None, None]  # [path or None, error or None]
+        if acc.is_main_process:
+            try:
+                choice[0] = str(path) if (path := self._select_here(spec)) is not None else None
+            except ResumeError as exc:
+                choice[1] = str(exc)
+        if acc.num_processes > 1:
+            broadcast_object_list(choice)
+        if choice[1] is not None:
+            raise ResumeError(choice[1])
+        return Path(choice[0]) if choice[0] is not None else None
+
+    def _select_here(self, spec: Optional[str]) -> Optional[Path]:
+        path = find_checkpoint(self.run_dir, spec) if str(spec) != "auto" else None
+        if path is not None:
+            problem = checkpoint_problem(path)
+            if problem:
+                raise ResumeError(f"cannot resume from {path}: {problem}. Pass another checkpoint, or --resume auto "
+                                  f"for the newest intact one")
+            return path
+        return newest_intact_checkpoint(self.run_dir) if str(spec) == "auto" else None
 
 
 def read_ema_state(checkpoint: str | os.PathLike) -> dict:
@@ -322,11 +498,27 @@ def read_ema_state(checkpoint: str | os.PathLike) -> dict:
 
 
 def import_class(path: str) -> type:
-    """``"package.module:Class"`` -> the class."""
-    module_name, _, class_name = path.partition(":")
+    """``"package.module:Class"`` -> the class, for varitok's own model classes only.
+
+    A checkpoint's meta.json names the class, and importing a module runs its code, so only the classes of
+    :data:`MODEL_CLASSES` are imported. A class from any other module is accepted only when that module is
+    already loaded by the running program (a script or test training its own ``PretrainedMixin`` model) and
+    the class is a ``PretrainedMixin``; nothing new is imported for it.
+    """
+    module_name, _, class_name = str(path).partition(":")
     if not class_name:
         raise ValueError(f"model class {path!r} must look like 'package.module:Class'")
-    return getattr(importlib.import_module(module_name), class_name)
+    if path in MODEL_CLASSES.values():
+        module = importlib.import_module(module_name)
+    elif module_name in sys.modules:
+        module = sys.modules[module_name]
+    else:
+        raise ConfigError(f"model class {path!r} is not one of varitok's model classes "
+                          f"({sorted(MODEL_CLASSES.values())}); refusing to import a module named by a checkpoint file")
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, PretrainedMixin)):
+        raise ConfigError(f"model class {path!r} is not a PretrainedMixin model class")
+    return cls
 
 
 def export_pretrained(model_class_path: str, config_dict: Mapping[str, Any], state: Mapping[str, Tensor],

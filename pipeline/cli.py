@@ -26,7 +26,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "decode-codes": ("pipeline.decode_codes", "decode stored codes back to images (PNG grid)"),
     "train-generator": ("pipeline.train_generator", "stage 3: train the coarse-to-fine generator on code files"),
     "sample": ("pipeline.sample", "generate images with a trained generator + tokenizer"),
-    "eval": ("pipeline.evaluate", "reconstruction / generation metrics (PSNR, SSIM, LPIPS, FID, IS)"),
+    "eval": ("pipeline.evaluate", "reconstruction / generation metrics and ADM reference batches (PSNR, SSIM, "
+                                  "LPIPS, rFID, FID, sFID, IS, KID, precision / recall)"),
     "launch": ("pipeline.launch", "build and run the `accelerate launch` command for a training stage"),
     "demo": ("pipeline.demo", "run the whole pipeline end to end on a small embedded image set"),
 }

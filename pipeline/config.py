@@ -15,14 +15,14 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional, TypeVar
 
+from data.files import atomic_write
 from models.config import ConfigBase, ConfigError, check_choice
+from pipeline.precision import PRECISIONS
 
 __all__ = ["ConfigError", "RunConfig", "OptimConfig", "TrainConfig", "LoggingConfig", "load_config",
            "save_resolved_config", "config_search_path"]
 
 C = TypeVar("C", bound=ConfigBase)
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclasses.dataclass
@@ -44,8 +44,15 @@ class OptimConfig(ConfigBase):
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
-        if len(self.betas) != 2:
-            raise ConfigError(f"optim.betas must have 2 values, got {list(self.betas)}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas must be 2 values in [0, 1), got {list(self.betas)}")
+        checks = {"weight_decay": self.weight_decay >= 0, "eps": self.eps > 0, "warmup_steps": self.warmup_steps >= 0,
+                  "min_lr_ratio": 0.0 <= self.min_lr_ratio <= 1.0, "grad_clip": self.grad_clip >= 0}
+        allowed = {"weight_decay": ">= 0", "eps": "> 0", "warmup_steps": ">= 0", "min_lr_ratio": "in [0, 1]",
+                   "grad_clip": ">= 0 (0 disables clipping)"}
+        for name, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"optim.{name} must be {allowed[name]}, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass
@@ -60,6 +67,7 @@ class TrainConfig(ConfigBase):
     ema_decay: float = 0.999       # 0 disables EMA
     zero_stage: int = 2            # DeepSpeed ZeRO stage when not launched with an accelerate config
     max_bad_steps: int = 20        # consecutive non-finite losses before the run stops
+    watchdog_s: float = 1800.0     # every rank exits (code 124) when any rank makes no step for this long; 0 = off
 
     def __post_init__(self) -> None:
         check_choice("train", "precision", self.precision, PRECISIONS)
@@ -70,6 +78,8 @@ class TrainConfig(ConfigBase):
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1) (0 disables EMA), got {self.ema_decay}")
+        if self.watchdog_s < 0:
+            raise ConfigError(f"train.watchdog_s must be >= 0 seconds (0 disables the watchdog), got {self.watchdog_s}")
 
 
 @dataclasses.dataclass
@@ -115,8 +125,4 @@ def save_resolved_config(config: ConfigBase, directory: str | os.PathLike, name:
     """Write the fully resolved config next to a run's outputs (atomically)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / name
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text(config.to_yaml())
-    os.replace(tmp, target)
-    return target
+    return atomic_write(directory / name, config.to_yaml())

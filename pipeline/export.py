@@ -2,10 +2,11 @@
 
     varitok export RUN_DIR --out DIR [--raw] [--step N]
 
-Reads the newest complete checkpoint (or ``--step N``) of ``RUN_DIR``: its consolidated
-``ema.safetensors`` (default) or ``model.safetensors`` (``--raw``), the model section of
-``RUN_DIR/config.yaml``, and ``meta.json`` for the model class. Needs neither DeepSpeed nor the
-training processes: the weights were consolidated from the ZeRO shards when the checkpoint was saved.
+Reads the newest intact checkpoint (checksum list verified; or ``--step N``) of ``RUN_DIR``: its
+consolidated ``ema.safetensors`` (default) or ``model.safetensors`` (``--raw``), the model section of
+``RUN_DIR/config.yaml``, and ``meta.json`` for the model class (one of varitok's own classes only).
+Needs neither DeepSpeed nor the training processes: the weights were consolidated from the ZeRO shards
+when the checkpoint was saved.
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from models.config import ConfigError
-from pipeline.checkpoint import (EMA_WEIGHTS, MODEL_CLASSES, MODEL_WEIGHTS, export_pretrained, find_checkpoint,
-                                 read_meta)
+from pipeline.checkpoint import (EMA_WEIGHTS, MODEL_CLASSES, MODEL_WEIGHTS, checkpoint_problem, export_pretrained,
+                                 find_checkpoint, newest_intact_checkpoint, read_meta)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,9 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def export_run(run_dir: str | Path, out: str | Path, *, raw: bool = False, step: Optional[int] = None) -> Path:
     """Export a run's checkpoint; returns ``out``. Errors name the missing piece."""
     run_dir = Path(run_dir)
-    checkpoint = find_checkpoint(run_dir, "auto", step=step)
+    checkpoint = find_checkpoint(run_dir, "auto", step=step) if step is not None else newest_intact_checkpoint(run_dir)
     if checkpoint is None:
-        raise ConfigError(f"no complete checkpoint under {run_dir / 'checkpoints'}: train first (or check the path)")
+        raise ConfigError(f"no intact checkpoint under {run_dir / 'checkpoints'}: train first (or check the path)")
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        raise ConfigError(f"cannot export {checkpoint}: {problem}; export another --step")
     meta = read_meta(checkpoint)
     model_class = meta.get("model_class") or MODEL_CLASSES.get(meta.get("stage") or "")
     if not model_class:

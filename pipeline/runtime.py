@@ -44,12 +44,12 @@ from accelerate import Accelerator  # noqa: E402  (after DS_ACCELERATOR)
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration, set_seed  # noqa: E402
 
-from models.config import ConfigError  # noqa: E402
+from data.world import resolve_world  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
+from pipeline.precision import check_launcher_precision, deepspeed_precision_config, resolve_precision  # noqa: E402
 
-__all__ = ["build_accelerator", "finish_training", "mixed_precision_for", "launched_with_deepspeed_config", "free_port"]
+__all__ = ["build_accelerator", "finish_training", "launched_with_deepspeed_config", "free_port"]
 
-_MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 # Read before any Accelerator exists: Accelerate sets this variable itself once a DeepSpeed plugin is used.
 _LAUNCHER_GAVE_DEEPSPEED = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
@@ -59,18 +59,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def mixed_precision_for(precision: str, cuda: bool) -> str:
-    """Accelerate's ``mixed_precision`` for ``train.precision``: auto = bf16 on a GPU, fp32 on the CPU."""
-    if precision == "auto":
-        return "bf16" if cuda else "no"
-    if precision == "fp16" and not cuda:
-        raise ConfigError("train.precision=fp16 needs a GPU; use train.precision=fp32 (or auto) on the CPU")
-    if precision == "bf16" and not cuda:
-        warnings.warn("train.precision=bf16 on the CPU is ~500x slower than fp32 here (no native bf16 matmul); "
-                      "use train.precision=auto", stacklevel=2)
-    return _MIXED_PRECISION[precision]
 
 
 def launched_with_deepspeed_config() -> bool:
@@ -90,27 +78,25 @@ def _forget_previous_accelerator() -> None:
 
 
 def _ensure_process_group_env() -> None:
-    """Fill the process-group environment a launcher did not set.
+    """Fill the process-group environment Accelerate reads (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+    MASTER_ADDR/PORT) that a launcher did not set, from :func:`data.world.resolve_world`.
 
     A plain ``python script.py`` run becomes a world of one. A hand-made launch (``RANK=1 WORLD_SIZE=2
-    MASTER_ADDR=... varitok ...``) or ``srun`` without torchrun keeps its rank and world size; only the
-    missing local rank is derived (from SLURM_LOCALID when present).
+    MASTER_ADDR=... varitok ...``), an ``srun`` step without torchrun or an ``mpirun`` keeps its placement.
     """
-    if any(name in os.environ for name in ("LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
+    if "LOCAL_RANK" in os.environ or "PMI_SIZE" in os.environ:    # a launcher (or MPICH) set everything
         return
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
-        os.environ["RANK"], os.environ["WORLD_SIZE"] = os.environ["SLURM_PROCID"], os.environ["SLURM_NTASKS"]
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0" if os.environ["WORLD_SIZE"] == "1"
-                                                       else os.environ["RANK"]))
-    os.environ.setdefault("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", os.environ["WORLD_SIZE"]))
+    world = resolve_world()
+    for name, value in (("RANK", world.rank), ("WORLD_SIZE", world.size), ("LOCAL_RANK", world.local_rank),
+                        ("LOCAL_WORLD_SIZE", world.local_size)):
+        os.environ.setdefault(name, str(value))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if os.environ["WORLD_SIZE"] == "1":
+    if world.size == 1:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     elif "MASTER_PORT" not in os.environ:
-        raise RuntimeError("RANK/WORLD_SIZE are set for a multi-process run but MASTER_PORT is not: set "
-                           "MASTER_ADDR and MASTER_PORT (or use `varitok launch`, accelerate launch or torchrun)")
+        raise RuntimeError(f"this is process {world.rank} of {world.size} ({world.source}) but MASTER_PORT is not "
+                           f"set: set MASTER_ADDR and MASTER_PORT (or use `varitok launch`, accelerate launch or "
+                           f"torchrun)")
 
 
 def _deepspeed_plugin(train: TrainConfig, grad_clip: float) -> DeepSpeedPlugin:
@@ -123,6 +109,15 @@ def _deepspeed_plugin(train: TrainConfig, grad_clip: float) -> DeepSpeedPlugin:
     if launched_with_deepspeed_config():
         return DeepSpeedPlugin(**shared)
     return DeepSpeedPlugin(zero_stage=train.zero_stage, hf_ds_config="none", **shared)
+
+
+def _set_precision(plugin: DeepSpeedPlugin, precision: str) -> None:
+    """fp32 weights and optimizer state always; bf16 / fp16 as DeepSpeed's ``torch_autocast`` (pipeline.precision)."""
+    config = plugin.deepspeed_config
+    check_launcher_precision(config)
+    for section in ("bf16", "fp16", "torch_autocast"):
+        config.pop(section, None)
+    config.update(deepspeed_precision_config(precision))
 
 
 def _make_batch_sizes_consistent(plugin: DeepSpeedPlugin, micro_batch_size: Optional[int]) -> None:
@@ -166,9 +161,10 @@ def build_accelerator(train: TrainConfig, run_dir: str | os.PathLike, *, grad_cl
     """Build the Accelerator for a training stage (DeepSpeed always, ZeRO stage from launcher or config).
 
     ``micro_batch_size`` is the per-rank batch of one forward (images or sequences); ``grad_clip`` is the
-    global gradient norm clip (0 disables). CPU: gloo, fp32, DS_ACCELERATOR=cpu. GPU: NCCL, TF32, bf16 by
-    default. Seeds ``seed + process_index`` on every rank (DeepSpeed broadcasts rank 0's initial weights,
-    so models still start identical). Trackers (``log_with``: "tensorboard", "wandb") log under
+    global gradient norm clip (0 disables). CPU: gloo, fp32, DS_ACCELERATOR=cpu. GPU: NCCL, TF32, bf16
+    autocast by default (``train.precision``; fp32 weights and optimizer state in every precision, see
+    pipeline.precision). Seeds ``seed + process_index`` on every rank (DeepSpeed broadcasts rank 0's initial
+    weights, so models still start identical). Trackers (``log_with``: "tensorboard", "wandb") log under
     ``run_dir/logs`` on rank 0; ``tracker_config`` is a flat dict of scalars recorded as hyperparameters.
     """
     cuda = torch.cuda.is_available()
@@ -179,11 +175,14 @@ def build_accelerator(train: TrainConfig, run_dir: str | os.PathLike, *, grad_cl
     _forget_previous_accelerator()
     plugin = _deepspeed_plugin(train, grad_clip)
     _make_batch_sizes_consistent(plugin, micro_batch_size)
+    precision = resolve_precision(train.precision, "cuda" if cuda else "cpu")
+    _set_precision(plugin, precision)
     handlers = [] if cuda else [InitProcessGroupKwargs(backend="gloo")]
     trackers = _trackers(log_with)
     run_dir = Path(run_dir)
     accelerator = Accelerator(
-        mixed_precision=mixed_precision_for(train.precision, cuda),
+        # Accelerate's bf16/fp16 would switch DeepSpeed to bf16/fp16 weights: precision is _set_precision's.
+        mixed_precision="no",
         deepspeed_plugin=plugin,
         gradient_accumulation_steps=train.grad_accum,
         # The schedule counts optimizer steps: the loop calls scheduler.step() once per optimizer step

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from data.world import World, resolve_world
 from models.config import ConfigError
+from pipeline.precision import PRECISIONS, autocast, resolve_precision
 
 __all__ = ["sample_labels", "generate_images", "add_arguments", "run"]
 
@@ -71,19 +73,20 @@ def generate_images(generator, tokenizer, labels: Sequence[int], *, batch_size: 
             maps = sample(generator, batch, position=token_filter, content=token_filter, cfg_scale=cfg_scale,
                           generator=seed_generator)
             decoded = tokenizer.decode([ImageCodes(g, c) for g, c in maps])
-            images.append(to_uint8(decoded))
+            images.append(to_uint8(decoded.float()))
             grains += [g.cpu() for g, _ in maps]
             bar.update(len(batch))
     return np.concatenate(images), grains
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); joins a gloo/NCCL group when launched with several processes."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1 and not torch.distributed.is_initialized():
+def _distributed() -> World:
+    """This process's place (data.world); joins a gloo/NCCL group when launched with several processes."""
+    world = resolve_world()
+    if world.size > 1 and not torch.distributed.is_initialized():
+        for name, value in (("RANK", world.rank), ("WORLD_SIZE", world.size)):   # srun / mpirun: for the rendezvous
+            os.environ.setdefault(name, str(value))
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return rank, world
+    return world
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,6 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     parser.add_argument("--batch-size", type=int, default=16, help="samples decoded together per rank")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="compute precision (fp32 weights, autocast): auto = bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--out", required=True, help="output directory")
 
 
@@ -109,8 +114,9 @@ def run(args: argparse.Namespace) -> int:
     from models.tokenizer import Tokenizer
     from pipeline.visual import grain_overlay, save_png, tile
 
-    rank, world = _distributed()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    placement = _distributed()
+    rank, world = placement.rank, placement.size
+    device = torch.device(f"cuda:{placement.local_rank}" if torch.cuda.is_available() else "cpu")
     generator = Generator.from_pretrained(args.generator).to(device).eval()
     tokenizer = Tokenizer.from_pretrained(args.tokenizer).to(device).eval()
     spec = generator.config
@@ -126,10 +132,11 @@ def run(args: argparse.Namespace) -> int:
     mine = np.arange(rank, args.num, world)
     started = time.perf_counter()
     seed_generator = torch.Generator(device).manual_seed(args.seed * 1000003 + rank)
-    images, grains = generate_images(generator, tokenizer, labels[mine].tolist(), batch_size=args.batch_size,
-                                     seed_generator=seed_generator, cfg_scale=args.cfg, temperature=args.temperature,
-                                     top_k=args.top_k, top_p=args.top_p,
-                                     progress=rank == 0) if mine.size else (None, [])
+    with torch.inference_mode(), autocast(resolve_precision(args.precision, device), device):
+        images, grains = generate_images(generator, tokenizer, labels[mine].tolist(), batch_size=args.batch_size,
+                                         seed_generator=seed_generator, cfg_scale=args.cfg,
+                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                         progress=rank == 0) if mine.size else (None, [])
     for index, image in zip(mine.tolist(), images if images is not None else []):
         save_png(image, out / "images" / f"{index:06d}.png")
     part = out / f".part-rank{rank:05d}.npz"

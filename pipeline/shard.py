@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reject images whose shorter side is below this many pixels")
     parser.add_argument("--max-pixels", type=int, default=_DEFAULTS.max_pixels,
                         help="reject images declaring more pixels than this (decompression bombs)")
+    parser.add_argument("--max-input-bytes", type=int, default=_DEFAULTS.max_input_bytes,
+                        help="reject input files larger than this, unread (default 256 MiB)")
     parser.add_argument("--workers", type=int, default=1, help="processes on this node (one shard per task)")
     parser.add_argument("--dedupe", action="store_true",
                         help="reject exact duplicates (same sha256); the first in sorted order is kept")
@@ -60,6 +62,10 @@ def _print_summary(summary: dict) -> None:
           f"({summary['shards_skipped']} already complete); written {summary['written']} of "
           f"{summary['inputs']} inputs; rejected: {reasons}; {summary['seconds']:.1f} s "
           f"({rate:.1f} images/s)")
+    walked = summary.get("walk_skipped_by_reason") or {}
+    if walked:
+        print("varitok shard: not inputs (found while walking the folders): "
+              + ", ".join(f"{reason} {count}" for reason, count in walked.items()))
     if not summary["merged"]:
         print("varitok shard: when every node is done, run `varitok shard --merge-manifests <output>`")
 
@@ -78,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         options = ShardOptions(name=args.name, image_size=args.image_size, resize=args.resize,
                                format=args.format, quality=args.quality, shard_size=args.shard_size,
                                min_size=args.min_size, dedupe=args.dedupe, captions=args.captions,
-                               max_pixels=args.max_pixels)
+                               max_pixels=args.max_pixels, max_input_bytes=args.max_input_bytes)
         summary = shard_images(args.input, args.output, options, workers=args.workers,
                                node_rank=args.node_rank, num_nodes=args.num_nodes)
     except ShardError as exc:

@@ -18,9 +18,11 @@ and the horizontal mirrors of those five (5..9).
 the given share of regions (per finer level, on its calibration data) is coded finely; a learned router
 has its budget baked into its weights and a fixed router has none, so both refuse the flag.
 
-Samples that cannot be read (truncated tar, missing image, undecodable bytes, bad label) are skipped,
-counted in the summary and listed in ``OUT/skipped/part-{i:06d}.jsonl`` (written atomically, just before
-the part itself is recorded).
+Samples that cannot be read (truncated or garbled tar, member name not UTF-8, member not matching the
+digest in its ``.json``, missing image, undecodable bytes, bad label) are skipped, counted in the summary
+and listed in ``OUT/skipped/part-{i:06d}.jsonl`` (written atomically, just before the part itself is
+recorded). A watchdog (``--watchdog-seconds``, pipeline.watchdog) ends every rank with an error when one
+of them finishes no batch for that long, instead of leaving the others waiting at the final barrier.
 """
 from __future__ import annotations
 
@@ -31,7 +33,6 @@ import os
 import sys
 import tarfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -42,14 +43,31 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.codes import CodeManifest, CodeWriter, ManifestMismatchError, part_file_name
-from data.stream import expand_shard_spec, iter_tar_members, shard_sizes
-from data.transforms import IMAGE_EXTENSIONS, crop_resize_flip, decode_pil, to_unit_range
+from data.files import atomic_write, make_folder, temp_files_of
+from data.stream import expand_shard_spec
+from data.tar import (
+    display_name,
+    iter_tar_members,
+    name_problem,
+    sample_problem,
+    shard_sizes,
+)
+from data.transforms import (
+    IMAGE_EXTENSIONS,
+    crop_resize_flip,
+    decode_pil,
+    to_unit_range,
+)
+from data.world import resolve_world
 from models.hub import WEIGHTS_NAME, config_hash, file_sha256
 from models.tokenizer import ImageCodes, Tokenizer
+from pipeline.precision import PRECISIONS, autocast, resolve_precision
+from pipeline.training import to_device
+from pipeline.watchdog import Watchdog, shared_token
 
 VIEW_COUNTS = {"center": 1, "flip": 2, "tencrop": 10}
+DEFAULT_WATCHDOG_S = 1800.0
 SKIPPED_DIR = "skipped"
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 # ----------------------------------------------------------------------------------------- views
@@ -90,14 +108,24 @@ def read_shard(path: str, read_data: bool = True) -> Iterator[RawSample]:
     """Samples of one tar (adjacent members sharing a key), in file order; never raises on bad data.
 
     A truncated or garbled tar ends the shard with one RawSample carrying ``error`` (its key is the
-    sample being assembled, or "" when the damage fell between samples). ``read_data=False`` reads only
-    the headers (members map to None).
+    sample being assembled, or "" when the damage fell between samples); a sample whose member names are
+    not valid UTF-8 gives one RawSample with ``error`` (key shown with ``\\xNN`` escapes) and reading goes
+    on. ``read_data=False`` reads only the headers (members map to None).
     """
-    key, members = None, {}
+    key, members, last_bad = None, {}, None
     try:
         for name, data in iter_tar_members(path, read_data=read_data):
             base, ext = wds.tariterators.base_plus_ext(name)
             if base is None:
+                continue
+            problem = name_problem(name)
+            if problem:  # not a usable key: skip its members, listed once per key
+                if key is not None:
+                    yield RawSample(key, members)
+                key, members = None, {}
+                if display_name(base) != last_bad:
+                    last_bad = display_name(base)
+                    yield RawSample(last_bad, {}, f"bad_name: {problem}")
                 continue
             if base != key and key is not None:
                 yield RawSample(key, members)
@@ -120,6 +148,9 @@ def decode_sample(sample: RawSample, mode: str, size: int) -> tuple[torch.Tensor
     """(uint8 ``V x 3 x S x S`` views, label) of a sample, or (None, reason: detail) when it is unusable."""
     if sample.error:
         return None, sample.error
+    problem = sample_problem(sample.members)
+    if problem:
+        return None, f"damaged_sample: {problem}"
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample.members), None)
     if ext is None:
         return None, f"missing_image: members {sorted(sample.members)}"
@@ -213,13 +244,13 @@ def tokenizer_identity(tok: Tokenizer, export_dir: str | os.PathLike, image_size
             "views": views}
 
 
-def encode_rows(tok: Tokenizer, images: torch.Tensor, autocast: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+def encode_rows(tok: Tokenizer, images: torch.Tensor, precision: str = "fp32"
+                ) -> tuple[np.ndarray, list[np.ndarray]]:
     """uint8 ``B x 3 x S x S`` on the model's device -> (grains uint8 [B, Hs, Ws], B int64 arrays (L_i, K)).
 
-    ``autocast`` runs the encoder under bf16 autocast (the quantizer looks codes up in fp32 regardless).
+    ``precision`` (fp32 / bf16 / fp16) is the encoder's autocast; the quantizer looks codes up in fp32 regardless.
     """
-    context = torch.autocast(images.device.type, dtype=torch.bfloat16) if autocast else nullcontext()
-    with torch.inference_mode(), context:
+    with torch.inference_mode(), autocast(precision, images.device):
         codes: list[ImageCodes] = tok.encode(to_unit_range(images))
     grains = torch.stack([c.grain for c in codes]).cpu().numpy()
     lengths = [len(c.codes) for c in codes]
@@ -229,18 +260,20 @@ def encode_rows(tok: Tokenizer, images: torch.Tensor, autocast: bool) -> tuple[n
 
 # ----------------------------------------------------------------------------------------- distribution
 def resolve_rank_world() -> tuple[int, int]:
-    """(rank, world size) from torch.distributed when initialised, else env RANK / WORLD_SIZE (0 / 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    """(rank, world size) of this process (:func:`data.world.resolve_world`: torch.distributed, launcher env,
+    an srun step, mpirun; else 0 / 1)."""
+    world = resolve_world()
+    return world.rank, world.size
 
 
 def _init_process_group() -> bool:
     """Join a gloo group when launched as several processes with a rendezvous (torchrun, accelerate launch,
-    or env MASTER_ADDR / MASTER_PORT). Gloo suffices: the only collectives are a barrier and a few counters."""
-    if (int(os.environ.get("WORLD_SIZE", 1)) > 1 and "MASTER_ADDR" in os.environ
+    or env MASTER_ADDR / MASTER_PORT, also under srun / mpirun). Gloo suffices: the only collectives are a
+    barrier and a few counters."""
+    rank, world_size = resolve_rank_world()
+    if (world_size > 1 and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
             and torch.distributed.is_available() and not torch.distributed.is_initialized()):
-        torch.distributed.init_process_group("gloo")
+        torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
         return True
     return False
 
@@ -265,10 +298,8 @@ def _write_skipped(out_dir: Path, part: int, shard: str, entries: list[dict[str,
     path = skipped_path(out_dir, part)
     if not entries:
         return
-    path.parent.mkdir(exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text("".join(json.dumps({"shard": os.path.basename(shard), **e}) + "\n" for e in entries))
-    os.replace(temp, path)
+    make_folder(path.parent)
+    atomic_write(path, "".join(json.dumps({"shard": os.path.basename(shard), **e}) + "\n" for e in entries))
 
 
 def read_skipped(out_dir: str | os.PathLike, parts: Optional[Sequence[int]] = None) -> list[dict[str, str]]:
@@ -283,7 +314,7 @@ def _clear_stale(out_dir: Path, parts: Sequence[int]) -> None:
     """Remove what an interrupted earlier run left for ``parts`` (this rank owns them, nobody else
     writes them): temp part files and skipped lists of parts that were never recorded."""
     for part in parts:
-        for temp in out_dir.glob(f".{part_file_name(part)}.tmp-*"):
+        for temp in temp_files_of(out_dir / part_file_name(part)):
             temp.unlink(missing_ok=True)
         skipped_path(out_dir, part).unlink(missing_ok=True)
 
@@ -293,27 +324,26 @@ def tokenize(tokenizer_dir: str | os.PathLike, shards: str | Sequence[str], outp
              views: str = "center", batch_size: int = 64, granularity_ratio: Optional[Sequence[float]] = None,
              image_size: Optional[int] = None, workers: int = 0, precision: str = "auto",
              rank: Optional[int] = None, world_size: Optional[int] = None,
-             device: Optional[str | torch.device] = None, progress: bool = True) -> dict[str, Any]:
+             device: Optional[str | torch.device] = None, progress: bool = True,
+             watchdog: Optional[Watchdog] = None) -> dict[str, Any]:
     """Tokenize this rank's shards of ``shards`` into ``output``; returns this rank's summary dict.
 
     image_size defaults to the tokenizer's ``encoder.resolution``; precision ``auto`` = bf16 autocast on
-    CUDA, fp32 on CPU. Raises ManifestMismatchError when ``output`` holds codes of another tokenizer or
-    preprocessing, ValueError / FileNotFoundError for bad arguments.
+    CUDA, fp32 on CPU. ``watchdog`` gets a beat per batch. Raises ManifestMismatchError when ``output``
+    holds codes of another tokenizer or preprocessing, ValueError / FileNotFoundError for bad arguments.
     """
     start = time.perf_counter()
     if views not in VIEW_COUNTS:
         raise ValueError(f"--views must be one of {', '.join(VIEW_COUNTS)}, got {views!r}")
     if batch_size < 1 or workers < 0:
         raise ValueError(f"--batch-size must be >= 1 and --workers >= 0, got {batch_size} and {workers}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     default_rank, default_world = resolve_rank_world()
     rank = default_rank if rank is None else rank
     world_size = default_world if world_size is None else world_size
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     device = torch.device(device) if device is not None else _default_device()
-    autocast = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    precision = resolve_precision(precision, device)
 
     shard_list = sorted(expand_shard_spec(shards))
     tok = load_tokenizer(tokenizer_dir, granularity_ratio, device)
@@ -348,7 +378,7 @@ def tokenize(tokenizer_dir: str | os.PathLike, shards: str | Sequence[str], outp
                 skipped[part] = []
             skipped[part].extend(batch["skipped"])
             if len(batch["keys"]):
-                grains, codes = encode_rows(tok, batch["images"].to(device, non_blocking=True), autocast)
+                grains, codes = encode_rows(tok, to_device(batch["images"], device), precision)
                 writers[part].write(batch["keys"], batch["labels"].numpy(), batch["views"].numpy(), grains, codes)
             counts["images"] += batch["images_read"]
             counts["rows"] += len(batch["keys"])
@@ -357,6 +387,8 @@ def tokenize(tokenizer_dir: str | os.PathLike, shards: str | Sequence[str], outp
                 _write_skipped(out_dir, part, batch["shard"], skipped.pop(part))
                 writers.pop(part).close()
                 counts["parts_written"] += 1
+            if watchdog is not None:
+                watchdog.beat(f"part {part} ({os.path.basename(batch['shard'])})")
         counts["skipped"] = len(read_skipped(out_dir, todo))
     except BaseException:
         for writer in writers.values():
@@ -398,24 +430,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=None, help="pixels; default: the tokenizer's resolution")
     parser.add_argument("--workers", type=int, default=2, help="decoding processes per rank (0 = in process)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="encoder precision: auto = bf16 autocast on CUDA, fp32 on CPU")
+                        help="encoder precision (fp32 weights, autocast; codes looked up in fp32): "
+                             "auto = bf16 on a GPU, fp32 on the CPU")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--watchdog-seconds", type=float, default=DEFAULT_WATCHDOG_S,
+                        help="exit every rank with an error when a rank makes no progress (no batch done) for this "
+                             f"long (default {DEFAULT_WATCHDOG_S:.0f}; 0 disables)")
 
 
 def run(args: argparse.Namespace) -> int:
     created_group = _init_process_group()
+    rank, world_size = resolve_rank_world()
+    grouped = torch.distributed.is_initialized()
+    # Ranks without a process group never wait on each other: each watches itself only.
+    watchdog = Watchdog(args.output, args.watchdog_seconds, rank=rank, world_size=max(world_size, rank + 1),
+                        token=shared_token(), name="tokenize", watched=None if grouped else [rank])
     try:
+        watchdog.start()
         summary = tokenize(args.tokenizer, args.shards, args.output, views=args.views, batch_size=args.batch_size,
                            granularity_ratio=args.granularity_ratio, image_size=args.image_size,
-                           workers=args.workers, precision=args.precision, progress=not args.no_progress)
+                           workers=args.workers, precision=args.precision, progress=not args.no_progress,
+                           watchdog=watchdog)
+        watchdog.idle()  # waiting at the barrier for slower ranks is not a stall; a stalled rank still is
         is_rank_zero = summary["rank"] == 0
-        if torch.distributed.is_initialized():
+        if grouped:
             torch.distributed.barrier()
         summary = _reduce_summaries(summary)
     except (ManifestMismatchError, FileNotFoundError, ValueError) as exc:
         print(f"varitok tokenize: error: {exc}", file=sys.stderr, flush=True)
         return 2
     finally:
+        watchdog.stop()
         if created_group:
             torch.distributed.destroy_process_group()
     if is_rank_zero:

@@ -11,10 +11,9 @@ every rank); each micro batch is one packed row (block-diagonal causal attention
 
 Optimiser: AdamW; weight decay only on the weight matrices of linear layers (embedding tables, including
 output tables tied to them, slot embeddings, norms and biases get none); linear warmup + cosine; global-norm
-clipping; accumulation; EMA. A micro batch whose loss is NaN/Inf on any rank gets no backward on any rank
-(``pipeline.training.GuardedStep``, one all-reduced flag per micro batch, ZeRO-0..3 alike); a step whose
-micro batches were all dropped is skipped and counted (``bad_steps``), and ``train.max_bad_steps`` such steps
-in a row stop the run. The tokenizer is never run, except to decode the optional sample grids
+clipping; accumulation; EMA. A step with a NaN/Inf loss or gradient on any rank is skipped on every rank
+(``pipeline.training.GuardedStep``, one all-reduced count per optimizer step, ZeRO-0..3 alike) and counted
+(``bad_steps``), and ``train.max_bad_steps`` such steps in a row stop the run. The tokenizer is never run, except to decode the optional sample grids
 (``logging.tokenizer``: a Tokenizer export directory).
 
 Outputs under ``run.dir``: ``config.yaml``, ``logs/metrics.jsonl`` (one JSON line per log step; TensorBoard
@@ -39,6 +38,7 @@ from data.codes import CodeReader, TokenBudgetBatcher
 from models.config import ConfigBase, ConfigError, check_choice
 from models.generator import Generator, GeneratorConfig, PackedBatch, SequenceSpec, encode_sequences, pack
 from pipeline.config import LoggingConfig, OptimConfig, RunConfig, TrainConfig, load_config, save_resolved_config
+from pipeline.precision import autocast, resolve_precision
 from pipeline.training import (GuardedStep, MetricsLog, MetricWindow, NonFiniteGuard, add_stage_arguments,
                                finished_run_summary, peak_memory_bytes, tracker_names, write_summary)
 
@@ -209,7 +209,7 @@ def _sample_grid(accelerator, model, ema, cfg: GeneratorStageConfig, tokenizer, 
     """Decode class-conditional samples of the (EMA) weights to ``RUN/images/samples-step-N.png`` (rank 0).
 
     The consolidated weights are gathered on every rank (a collective under ZeRO-3); rank 0 samples with
-    a plain copy of the generator.
+    a plain copy of the generator on its own device, under the run's autocast.
     """
     from models.generator import sample
     from models.tokenizer import ImageCodes
@@ -218,15 +218,18 @@ def _sample_grid(accelerator, model, ema, cfg: GeneratorStageConfig, tokenizer, 
     state = ema.state_dict_for() if ema is not None else accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return
+    device = accelerator.device
     generator = Generator(cfg.model)
     generator.load_state_dict(state)
+    generator.to(device).eval()
     classes = cfg.logging.grid_classes or list(range(min(8, max(cfg.model.num_classes, 1))))
     labels = [c if cfg.model.num_classes else cfg.model.null_class for c in classes]
     guided = cfg.logging.grid_cfg != 1.0 and cfg.model.num_classes > 0
-    maps = sample(generator, labels, cfg_scale=cfg.logging.grid_cfg if guided else None,
-                  generator=torch.Generator().manual_seed(cfg.run.seed))
-    images = tokenizer.decode([ImageCodes(g, c) for g, c in maps])
-    grains = torch.stack([g for g, _ in maps])
+    with torch.inference_mode(), autocast(resolve_precision(cfg.train.precision, device), device):
+        maps = sample(generator, labels, cfg_scale=cfg.logging.grid_cfg if guided else None,
+                      generator=torch.Generator(device).manual_seed(cfg.run.seed))
+        images = tokenizer.to(device).decode([ImageCodes(g, c) for g, c in maps]).float().cpu()
+    grains = torch.stack([g for g, _ in maps]).cpu()
     grid = torch.cat([images, grain_overlay(images, grains)])
     save_png(tile(grid, ncol=len(maps)), run_dir / "images" / f"samples-step-{step}.png")
 
@@ -273,16 +276,16 @@ def train(cfg: GeneratorStageConfig, resume: Optional[str] = "auto") -> dict[str
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_main_process,
                desc="train-generator", unit="step")
     while step < cfg.train.max_steps:
-        update = GuardedStep(accelerator, model, optimizer, cfg.train.grad_accum)
+        update = GuardedStep(accelerator, model, cfg.train.grad_accum)
         for _ in range(cfg.train.grad_accum):
-            batch = next(stream).to(accelerator.device)
+            batch = next(stream)
+            window.count(tokens=batch.num_tokens, micro_batches=1)   # counted on the host, before the copy
+            batch = batch.to(accelerator.device)
             with accelerator.accumulate(model):
                 metrics = model(batch)
-                if update.backward(metrics["loss"]):
-                    window.add(metrics)
-            window.count(tokens=batch.num_tokens, micro_batches=1)
+                window.add(metrics, keep=update.backward(metrics["loss"]))
         guard.record(update.bad, step + 1)
-        if not update.stepped:  # every micro batch was non-finite: the optimizer step is skipped
+        if not update.stepped:  # NaN/Inf loss or gradient: the optimizer step was skipped on every rank
             continue
         scheduler.step()
         step += 1

@@ -13,9 +13,10 @@ TensorBoard events, ``images/step-NNNNNNN.png`` (input | reconstruction | granul
 ``summary.json``, and ``export/`` (``Tokenizer.from_pretrained``; EMA weights when ``train.ema_decay > 0``).
 
 Every bad input (config, shards, teacher / LPIPS weights, a checkpoint of another config or world size) is
-reported before the first step. Per micro-batch, the only host synchronisation is the all-reduced "loss is
-finite" flag (pipeline.training.GuardedStep: a NaN/Inf micro-batch gets no backward on any rank); metrics
-are reduced across ranks at log steps only.
+reported before the first step. Per optimizer step, the only host synchronisation is one all-reduced count of
+NaN/Inf losses (pipeline.training.GuardedStep: such a step is skipped on every rank); metrics are reduced across
+ranks at log steps only. Precision: train.precision (auto = bf16 autocast on a GPU, fp32 weights and optimizer
+state always; see pipeline.precision).
 """
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ from models.tokenizer.losses import LossConfig, TokenizerGANLoss
 from models.tokenizer.training import GroupClippedAdamW, TokenizerTrainingModule
 from pipeline.config import LoggingConfig, OptimConfig, RunConfig, TrainConfig, load_config, save_resolved_config
 from pipeline.training import (GuardedStep, MetricsLog, MetricWindow, NonFiniteGuard, add_stage_arguments,
-                               finished_run_summary, peak_memory_bytes, state_digest, tracker_names,
-                               write_summary)
+                               finished_run_summary, peak_memory_bytes, state_digest, to_device, tracker_names,
+                               write_summary, zero_stage)
 
 __all__ = ["TokenizerDataConfig", "TokenizerStageConfig", "config_identity", "prepare", "train",
            "add_arguments", "run"]
@@ -180,11 +181,10 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
                                     micro_batch_size=cfg.data.batch_size, seed=cfg.run.seed,
                                     log_with=tracker_names(cfg.logging),
                                     project_name=cfg.logging.project, tracker_config=_flat_scalars(cfg.to_dict()))
-    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-    # Explicitly off: Accelerate drops a 0 clip from the plugin and then fills "auto" with 1.0.
-    ds_config["gradient_clipping"] = 0.0
-    zero_stage = int(ds_config["zero_optimization"]["stage"])
-    if zero_stage == 3:
+    if accelerator.state.deepspeed_plugin is not None:
+        # Explicitly off (GroupClippedAdamW clips): Accelerate drops a 0 clip and then fills "auto" with 1.0.
+        accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = 0.0
+    if zero_stage(accelerator) == 3:
         raise ConfigError("ZeRO-3 is not supported for train-tokenizer (the discriminator's detached functional "
                           "call needs whole parameters): use --zero 2 (train.zero_stage=2) or --zero 1")
     stream = prepared.stream
@@ -227,17 +227,17 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
     started = time.perf_counter()
     model.train()
     while step < cfg.train.max_steps:
-        update = GuardedStep(accelerator, model, optimizer, cfg.train.grad_accum)
+        update = GuardedStep(accelerator, model, cfg.train.grad_accum)
         for _ in range(cfg.train.grad_accum):
-            # Bytes cross to the device (4x less traffic than float32) and become [-1, 1] floats there.
-            images = to_unit_range(next(batches)["image"].to(accelerator.device, non_blocking=True))
+            # Bytes cross to the device (4x less traffic than float32) and become [-1, 1] fp32 there, once;
+            # the engine's autocast runs the forward in the compute dtype (pipeline.precision).
+            images = to_unit_range(to_device(next(batches)["image"], accelerator.device))
             with accelerator.accumulate(model):
                 loss, logs, rec, grain = model(images, step)
-                if update.backward(loss):
-                    window.add(logs)
+                window.add(logs, keep=update.backward(loss))
         guard.record(update.bad, step + 1)
         window.count(images=cfg.data.batch_size * cfg.train.grad_accum)
-        if not update.stepped:  # every micro-batch was non-finite: the optimizer step is skipped
+        if not update.stepped:  # NaN/Inf loss or gradient: the optimizer step was skipped on every rank
             continue
         scheduler.step()
         step += 1
@@ -262,7 +262,7 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
                             img_s=f"{metrics['images_per_s']:.1f}")
         if main and step % cfg.train.image_every == 0:
             shown = slice(0, GRID_IMAGES)
-            grid = image_grid([images[shown], rec.detach()[shown], grain_overlay(images[shown], grain[shown])])
+            grid = image_grid([images[shown], rec.detach()[shown].float(), grain_overlay(images[shown], grain[shown])])
             save_png(grid, run_dir / "images" / f"step-{step:07d}.png")
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
             ckpt.save(step, export_state=export_state, ema=ema, extra={"stream": stream})
@@ -282,7 +282,7 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
         export_dir = export_run(run_dir, run_dir / "export", raw=ema is None)
         summary = {"steps": step, "resumed_from": start_step, "seconds": seconds,
                    "images_per_s": (step - start_step) * images_per_step / max(seconds, 1e-9),
-                   "world_size": accelerator.num_processes, "zero_stage": zero_stage,
+                   "world_size": accelerator.num_processes, "zero_stage": zero_stage(accelerator),
                    "bad_steps": guard.total, "final_metrics": metrics, "ranks": per_rank,
                    "stream": stream.stats, "export": str(export_dir), "export_weights": "raw" if ema is None else "ema"}
         write_summary(run_dir, summary)

@@ -2,14 +2,13 @@
 
 The guarded update, inside a stage loop (one optimizer step of ``train.grad_accum`` micro-batches)::
 
-    update = GuardedStep(accelerator, model, optimizer, cfg.train.grad_accum)
+    update = GuardedStep(accelerator, model, cfg.train.grad_accum)
     for _ in range(cfg.train.grad_accum):
         with accelerator.accumulate(model):
             loss, logs = model(next(batches))
-            if update.backward(loss):            # one all-reduced "finite" flag per micro-batch
-                window.add(logs)
+            window.add(logs, keep=update.backward(loss))   # DeepSpeed steps the optimizer at the last one
     guard.record(update.bad, step + 1)           # raises after train.max_bad_steps bad steps in a row
-    if not update.stepped:                       # every micro-batch was NaN/Inf: no optimizer step at all
+    if not update.stepped:                       # NaN/Inf: the optimizer step was skipped on every rank
         continue
     scheduler.step(); step += 1
 """
@@ -25,13 +24,15 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["NonFiniteGuard", "GuardedStep", "all_ranks_finite", "zero_gradient", "MetricWindow", "MetricsLog",
-           "tracker_names", "peak_memory_bytes", "state_digest", "write_summary", "add_stage_arguments"]
+from data.files import atomic_write
+
+__all__ = ["NonFiniteGuard", "GuardedStep", "zero_stage", "to_device", "MetricWindow", "MetricsLog", "tracker_names",
+           "peak_memory_bytes", "state_digest", "write_summary", "add_stage_arguments"]
 
 
 # ------------------------------------------------------------------------------------------ NaN / Inf guard
 class NonFiniteGuard:
-    """Counts optimizer steps whose loss was NaN/Inf on some rank; raises after ``limit`` in a row."""
+    """Counts bad optimizer steps (a NaN/Inf loss or gradient on some rank); raises after ``limit`` in a row."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -46,69 +47,84 @@ class NonFiniteGuard:
         self.total += 1
         if self.in_a_row >= self.limit:
             raise FloatingPointError(
-                f"loss was NaN/Inf for {self.in_a_row} steps in a row (at step {step}; train.max_bad_steps="
+                f"loss or gradient was NaN/Inf for {self.in_a_row} steps in a row (at step {step}; train.max_bad_steps="
                 f"{self.limit}): lower optim.lr, check the data, or raise train.max_bad_steps")
 
 
-def all_ranks_finite(accelerator, loss: torch.Tensor) -> bool:
-    """True when the scalar ``loss`` is finite on every rank (one all-reduce of one float: a host sync)."""
-    flag = torch.isfinite(loss.detach()).float().reshape(1)
-    return int(accelerator.reduce(flag, reduction="sum").item()) == accelerator.num_processes
-
-
-def zero_gradient(model: torch.nn.Module) -> torch.Tensor:
-    """A finite scalar whose gradient is exactly 0 for every trainable parameter (stands in for a dropped
-    micro-batch at the accumulation boundary, where DeepSpeed reduces and steps inside ``backward``)."""
-    return torch.stack([p.sum() for p in model.parameters() if p.requires_grad]).sum() * 0.0
-
-
 class GuardedStep:
-    """One optimizer step over ``grad_accum`` micro-batches; a micro-batch whose loss is NaN/Inf on ANY rank
-    gets no backward on EVERY rank, so no rank's weights, gradients or optimizer state see it.
+    """One optimizer step over ``grad_accum`` micro-batches with ONE host synchronisation, skipped on every
+    rank when a loss or the gradient is NaN/Inf on any rank.
 
-    ``stepped``: some micro-batch contributed a gradient (the optimizer stepped at the boundary);
-    ``bad``: some micro-batch was dropped. When every micro-batch is dropped nothing reaches DeepSpeed:
-    no backward, no reduction, no optimizer step (ZeRO-0..3). Under ZeRO-3 a dropped LAST micro-batch after
-    kept ones stops the run instead (see ``backward``).
+    Every micro-batch is back-propagated (DeepSpeed reduces gradients and steps at the last one). Whether each
+    loss is finite stays on the device until the last micro-batch, where one all-reduce of the window's count of
+    non-finite losses is the step's only host sync. The step is then skipped on every rank when that count is
+    not 0 or the reduced gradient norm is NaN/Inf: ZeRO-1/2/3 optimizers skip a non-finite gradient themselves,
+    ZeRO-0's plain optimizer gets the same rule from :func:`_skip_flagged_steps`. No rank's weights or
+    optimizer state see a bad step. After the last ``backward``: ``stepped`` (the optimizer changed the
+    weights) and ``bad`` (a NaN/Inf loss, or a skipped step).
     """
 
-    def __init__(self, accelerator, model, optimizer, grad_accum: int) -> None:
-        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+    def __init__(self, accelerator, model, grad_accum: int) -> None:
+        self.accelerator, self.engine = accelerator, model
         self.remaining = grad_accum
+        self.nonfinite = torch.zeros((), device=accelerator.device)
         self.stepped = False
         self.bad = False
+        self.flag_skips = zero_stage(accelerator) == 0   # ZeRO-1/2/3 optimizers skip non-finite gradients
+        if self.flag_skips:
+            _skip_flagged_steps(model.optimizer)
 
-    def backward(self, loss: torch.Tensor) -> bool:
-        """Inside ``accelerator.accumulate(model)``, once per micro-batch; returns whether ``loss`` was kept."""
+    def backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """Inside ``accelerator.accumulate(model)``, once per micro-batch; returns whether ``loss`` is finite
+        (a device bool, for :meth:`MetricWindow.add`)."""
+        finite = torch.isfinite(loss.detach())
+        self.nonfinite = self.nonfinite + (~finite).float()
         self.remaining -= 1
-        finite = all_ranks_finite(self.accelerator, loss)
-        if finite:
-            self.accelerator.backward(loss)
-            self.stepped = True
-        elif self.stepped and self.remaining == 0:
-            # Earlier micro-batches hold gradients: the boundary backward must still run to apply them.
-            if _zero_stage(self.accelerator) == 3:
-                # zero_gradient() reads parameters outside a forward, where ZeRO-3 holds empty placeholders.
-                raise FloatingPointError("the last micro-batch of an accumulation window had a NaN/Inf loss "
-                                         "under ZeRO-3, where it cannot be dropped after kept ones: lower "
-                                         "optim.lr or check the data, or train with train.grad_accum=1 or ZeRO-2")
-            self.accelerator.backward(zero_gradient(self.model))
-        self.bad |= not finite
-        self.optimizer.step()
-        self.optimizer.zero_grad()
+        if self.remaining == 0:
+            bad_losses = int(self.accelerator.reduce(self.nonfinite.reshape(1), reduction="sum").item())
+            if self.flag_skips:
+                self.engine.optimizer.varitok_skip_step = bad_losses > 0
+        self.accelerator.backward(loss)
+        if self.remaining == 0:
+            self.stepped = bool(self.engine.was_step_applied())
+            self.bad = bad_losses > 0 or not self.stepped
         return finite
 
 
-def _zero_stage(accelerator) -> int:
+def _skip_flagged_steps(optimizer: torch.optim.Optimizer) -> None:
+    """Make a plain torch optimizer skip ``step()`` while ``optimizer.varitok_skip_step`` is set, reporting it
+    through the ``overflow`` attribute DeepSpeed's engine reads (it then counts a skipped step and zeroes the
+    gradients). Installed once; ZeRO-1/2/3 optimizers have this rule built in."""
+    if getattr(optimizer, "varitok_skip_step", None) is not None:
+        return
+    step = optimizer.step
+    optimizer.varitok_skip_step = False
+
+    def guarded_step(*args, **kwargs):
+        optimizer.overflow = optimizer.varitok_skip_step
+        return None if optimizer.overflow else step(*args, **kwargs)
+
+    optimizer.step = guarded_step
+
+
+def zero_stage(accelerator) -> int:
+    """The DeepSpeed ZeRO stage the accelerator runs (0 without a DeepSpeed plugin)."""
     plugin = accelerator.state.deepspeed_plugin
     return int(plugin.deepspeed_config["zero_optimization"]["stage"]) if plugin is not None else 0
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> ``device`` copy that does not block the host (through pinned memory when ``device`` is a GPU)."""
+    if device.type == "cuda" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 # ------------------------------------------------------------------------------------------ metrics
 class MetricWindow:
     """Running sums between log steps, kept on the device (no host sync until ``reduce``).
 
-    ``add``: per-micro-batch scalars, reported as means over micro-batches and ranks;
+    ``add``: per-micro-batch scalars, reported as means over the kept micro-batches and over ranks;
     ``count``: per-rank amounts (images, tokens), reported as sums over ranks.
     """
 
@@ -117,15 +133,19 @@ class MetricWindow:
 
     def restart(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, torch.Tensor] = {}
         self.totals: dict[str, float] = {}
         self.started = time.perf_counter()
 
-    def add(self, logs: dict[str, torch.Tensor]) -> None:
+    def add(self, logs: dict[str, torch.Tensor], keep: Optional[torch.Tensor] = None) -> None:
+        """``keep``: a device bool (e.g. :meth:`GuardedStep.backward`'s); a micro-batch with ``keep`` false
+        adds nothing (its NaN/Inf values are masked on the device, not read back)."""
         for name, value in logs.items():
             value = value.detach().float()
+            weight = torch.ones_like(value) if keep is None else keep.to(value.device, torch.float32)
+            value = torch.where(weight > 0, value, torch.zeros_like(value))
             self.sums[name] = self.sums[name] + value if name in self.sums else value
-            self.counts[name] = self.counts.get(name, 0) + 1
+            self.counts[name] = self.counts[name] + weight if name in self.counts else weight
 
     def count(self, **amounts: float) -> None:
         for name, amount in amounts.items():
@@ -133,7 +153,7 @@ class MetricWindow:
 
     def reduce(self, accelerator) -> tuple[dict[str, float], dict[str, float], float]:
         """(means, totals, seconds since the window opened); one all-reduce, every rank must call it;
-        the window starts afresh."""
+        the window starts afresh. A mean with no kept micro-batch in the window is NaN."""
         names, totals = sorted(self.sums), sorted(self.totals)
         seconds = max(time.perf_counter() - self.started, 1e-9)
         device = accelerator.device
@@ -186,7 +206,7 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    atomic_write(Path(run_dir) / "summary.json", json.dumps(summary, indent=1) + "\n")
 
 
 def finished_run_summary(run_dir: Path, step: int, start_step: int) -> Optional[dict[str, Any]]:

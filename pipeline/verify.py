@@ -15,15 +15,9 @@ from pathlib import Path
 from typing import Optional
 
 from data.codes import CodeManifest, VerifyReport, verify_codes
+from data.codes.reader import listed
 from data.stream import expand_shard_spec
 from pipeline.tokenize import VIEW_COUNTS, read_skipped, shard_keys
-
-MAX_LISTED = 5
-
-
-def _listed(items: list) -> str:
-    return ", ".join(map(str, items[:MAX_LISTED])) + (f" ... ({len(items)} in all)" if len(items) > MAX_LISTED else "")
-
 
 def verify_code_dir(out_dir: str | os.PathLike, shards: Optional[str] = None,
                     views: Optional[int] = None) -> VerifyReport:
@@ -48,18 +42,18 @@ def verify_code_dir(out_dir: str | os.PathLike, shards: Optional[str] = None,
     missing_parts = [i for i in range(len(shard_list)) if i not in parts]
     if missing_parts:
         report.problems.append(f"{len(missing_parts)} of {len(shard_list)} shards have no complete part "
-                               f"(shard indices {_listed(missing_parts)}): re-run `varitok tokenize` to finish them")
+                               f"(shard indices {listed(missing_parts)}): re-run `varitok tokenize` to finish them")
     extra_parts = [i for i in parts if i >= len(shard_list)]
     if extra_parts:
-        report.problems.append(f"parts {_listed(extra_parts)} lie beyond the {len(shard_list)} shards of --shards")
+        report.problems.append(f"parts {listed(extra_parts)} lie beyond the {len(shard_list)} shards of --shards")
     wrong_source = [f"part {i} from {parts[i]['source_shard']} (shard {i} is {os.path.basename(shard_list[i])})"
                     for i in sorted(parts) if i < len(shard_list)
                     and parts[i]["source_shard"] not in ("", os.path.basename(shard_list[i]))]
     if wrong_source:
-        report.problems.append("parts made from other shards than --shards lists: " + _listed(wrong_source))
+        report.problems.append("parts made from other shards than --shards lists: " + listed(wrong_source))
     if skipped:
         report.notes.append(f"{len(skipped)} sample(s) skipped at tokenization (listed in "
-                            f"{Path(out_dir) / 'skipped'}): {_listed([e['key'] or e['shard'] for e in skipped])}")
+                            f"{Path(out_dir) / 'skipped'}): {listed([e['key'] or e['shard'] for e in skipped])}")
     return report
 
 

@@ -104,3 +104,34 @@ def test_every_flag_passes_through_torchrun_and_accelerate_untouched(stage):
             except SystemExit:
                 pytest.fail(f"{launcher.prog} rejects `{stage} {flag}` (ambiguous with one of its own options)")
             assert parsed.training_script_args == [stage, flag, "1"], f"{launcher.prog} took `{stage} {flag}`"
+
+
+@pytest.mark.parametrize("override", ["optim.lr=nan", "optim.lr=inf", "optim.lr=-inf", "optim.grad_clip=nan",
+                                      "optim.betas=[0.9,nan]", "train.ema_decay=nan"])
+def test_non_finite_floats_are_refused_naming_the_key(override):
+    key = override.split("=")[0].replace("[0.9,nan]", "")
+    with pytest.raises(ConfigError, match=r"must be a finite number"):
+        load_config(Stage, None, [override])
+    with pytest.raises(ConfigError, match=key.split(".")[-1]):
+        load_config(Stage, None, [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.grad_clip=-1", "optim.grad_clip must be >= 0"), ("optim.eps=0", "optim.eps must be > 0"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+    ("optim.min_lr_ratio=2", r"optim.min_lr_ratio must be in \[0, 1\]"),
+    ("optim.betas=[0.9,1.5]", r"optim.betas must be 2 values in \[0, 1\)")])
+def test_optim_numbers_out_of_range_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Stage, None, [override])
+
+
+@pytest.mark.parametrize("stage, override", [("train-tokenizer", "optim.lr=nan"),
+                                             ("train-tokenizer", "model.router.targets=[nan]"),
+                                             ("train-generator", "optim.grad_clip=nan")])
+def test_stages_refuse_non_finite_config_before_any_process_group(stage, override, capsys):
+    import torch.distributed
+
+    assert main([stage, "--config", "tiny", override]) == 2
+    assert "must be a finite number" in capsys.readouterr().err
+    assert not torch.distributed.is_initialized()

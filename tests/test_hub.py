@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from models.hub import file_sha256, load_tensor_file, save_state_dict
-from tests.conftest import REPO
+from conftest import REPO
 
 SAVE = """
 import sys, torch

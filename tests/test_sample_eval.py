@@ -1,5 +1,5 @@
 """varitok sample and varitok eval: valid images and npz, class-balanced labels, hand-checked PSNR, metric
-paths on random-weight Inception / LPIPS files, missing-weights errors."""
+paths on random-weight FID Inception / LPIPS files, missing-weights errors (the Inception itself: test_metrics)."""
 from __future__ import annotations
 
 import io
@@ -17,10 +17,13 @@ from PIL import Image
 from data.demo_images import procedural_image
 from models.config import ConfigError
 from models.generator import Generator, GeneratorConfig
+from models.hub import file_sha256
 from models.tokenizer import Tokenizer, TokenizerConfig
 from pipeline.cli import main as cli
 from pipeline.evaluate import Extremes, ReconstructionAccumulator
-from pipeline.metrics import InceptionFeatures, codebook_usage, frechet_distance, precision_recall, psnr
+from inception_helpers import save_random_fid_inception
+from pipeline.metrics import (GaussianStats, InceptionFeatures, codebook_usage, frechet_distance, precision_recall,
+                              psnr)
 from pipeline.sample import sample_labels
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,7 +44,8 @@ def exports(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> dict[str, Path]:
-    """Random-weight Inception-v3 and LPIPS-VGG files in the formats the commands load."""
+    """Random-weight FID Inception (torch-fidelity's architecture) and LPIPS-VGG files in the formats the commands
+    load."""
     from safetensors.torch import save_file
 
     from models.tokenizer.losses import LPIPS
@@ -52,9 +56,15 @@ def weights(tmp_path_factory) -> dict[str, Path]:
     for head in lpips.heads:
         head.weight.data.abs_()
     save_file({k: v.contiguous() for k, v in lpips.state_dict().items()}, str(root / "lpips.safetensors"))
-    inception = InceptionFeatures()
-    torch.save({k: v for k, v in inception.net.state_dict().items()}, root / "inception.pth")
-    return {"lpips": root / "lpips.safetensors", "inception": root / "inception.pth"}
+    return {"lpips": root / "lpips.safetensors", "inception": save_random_fid_inception(root / "inception.pth")}
+
+
+@pytest.fixture
+def small_inception_input(monkeypatch):
+    """The Inception at its smallest input (75 px) keeps these end-to-end tests fast; 299 px parity: test_metrics."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    monkeypatch.setattr(FeatureExtractorInceptionV3, "INPUT_IMAGE_SIZE", 75)
 
 
 def _shards(root: Path, count: int) -> tuple[Path, np.ndarray]:
@@ -161,11 +171,11 @@ def test_codebook_usage_and_precision_recall_by_hand():
     assert recall == pytest.approx(0.5)
 
 
-def test_eval_reconstruction_end_to_end_matches_independent_psnr(tmp_path, exports, weights):
+def test_eval_reconstruction_end_to_end_matches_independent_psnr(tmp_path, exports, weights, small_inception_input):
     shards, pixels = _shards(tmp_path / "shards", 4)
     out = tmp_path / "rec"
     assert cli(["eval", "reconstruction", "--tokenizer", str(exports["tokenizer"]), "--shards", str(shards),
-                "--max-images", "3", "--batch-size", "2", "--lpips-weights", str(weights["lpips"]),
+                "--num-images", "3", "--batch-size", "2", "--lpips-weights", str(weights["lpips"]),
                 "--inception-weights", str(weights["inception"]), "--extremes", "2", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     tokenizer = Tokenizer.from_pretrained(exports["tokenizer"]).eval()
@@ -179,23 +189,28 @@ def test_eval_reconstruction_end_to_end_matches_independent_psnr(tmp_path, expor
     assert metrics["codes_per_image"] == pytest.approx(np.mean([len(c.codes) for c in codes]))
     assert sum(metrics["region_share_per_level"]) == pytest.approx(1.0)
     assert metrics["lpips"] > 0 and math.isfinite(metrics["rfid"]) and metrics["rfid"] >= -1e-6
+    assert metrics["rfid_images"] == 3 and metrics["rfid_protocol"].startswith("3 reconstructions vs the same 3")
+    assert metrics["inception"]["weights_sha256"] == file_sha256(weights["inception"])
     assert len(metrics["codebooks"]) == 2 and all(1 <= c["perplexity"] <= 256 for c in metrics["codebooks"])
     assert "| psnr |" in (out / "metrics.md").read_text()
     extremes = Image.open(out / "extremes.png")
     assert extremes.size[0] > 3 * SIZE and extremes.size[1] > 3 * SIZE   # 3 columns, 2 worst + 2 best of 3
 
 
-def test_eval_generation_metrics_from_npz(tmp_path, weights):
+def test_eval_generation_metrics_from_npz(tmp_path, weights, small_inception_input):
     samples = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
     np.savez(tmp_path / "samples.npz", arr_0=samples, labels=np.zeros(4, dtype=np.int64))
     assert cli(["eval", "generation", "--samples", str(tmp_path / "samples.npz"), "--reference",
                 str(tmp_path / "samples.npz"), "--inception-weights", str(weights["inception"]), "--k", "2",
-                "--is-splits", "1", "--out", str(tmp_path / "same")]) == 0
+                "--is-splits", "1", "--num-samples", "4", "--kid-subset-size", "4",
+                "--out", str(tmp_path / "same")]) == 0
     same = json.loads((tmp_path / "same" / "metrics.json").read_text())
     assert abs(same["fid"]) < 1e-3 and same["precision"] == 1.0 and same["recall"] == 1.0
     assert same["inception_score"] >= 1.0 - 1e-6 and same["num_samples"] == 4
     features = torch.randn(6, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    assert frechet_distance(features, features + 1.0) == pytest.approx(8.0, rel=1e-6)   # |mean shift|^2
+    assert abs(same["sfid"]) < 1e-3 and math.isfinite(same["kid"])   # KID: independent random subsets
+    shifted = frechet_distance(GaussianStats.from_features(features), GaussianStats.from_features(features + 1.0))
+    assert shifted == pytest.approx(8.0, rel=1e-6)                                    # |mean shift|^2
 
 
 def test_missing_weights_are_clear_errors(tmp_path, exports, capsys):
@@ -204,7 +219,8 @@ def test_missing_weights_are_clear_errors(tmp_path, exports, capsys):
                 "--no-lpips", "--out", str(tmp_path / "rec")])
     assert code == 2 and "needs weights: --inception-weights" in capsys.readouterr().err
     np.savez(tmp_path / "s.npz", arr_0=np.zeros((3, 8, 8, 3), dtype=np.uint8))
-    code = cli(["eval", "generation", "--samples", str(tmp_path / "s.npz"), "--reference", str(tmp_path / "s.npz")])
+    code = cli(["eval", "generation", "--samples", str(tmp_path / "s.npz"), "--reference", str(tmp_path / "s.npz"),
+                "--num-samples", "3"])
     assert code == 2 and "needs weights: --inception-weights" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="needs weights"):
         InceptionFeatures.from_file(tmp_path / "absent.pth")

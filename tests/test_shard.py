@@ -26,7 +26,8 @@ from data.shards import (Rejected, ShardError, ShardOptions, discover_inputs, me
 from pipeline.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parent.parent
-NODE_VARS = ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")
+NODE_VARS = ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_RANK",
+             "OMPI_COMM_WORLD_SIZE")
 
 
 @pytest.fixture(autouse=True)
@@ -275,7 +276,7 @@ def test_kill_minus_nine_then_resume_equals_clean_run(tmp_path):
     done = list(out.glob("*.stats.json"))
     assert 1 <= len(done) < 30 and not (out / "manifest.json").exists(), "the kill did not land mid-run"
     (out / "shard-000029.tar").write_bytes(b"half a tar")     # killed between tar rename and stats write
-    (out / "shard-000028.tar.tmp").write_bytes(b"\0" * 100)   # killed while writing the tar
+    (out / ".shard-000028.tar.k1ll3d.tmp").write_bytes(b"\0" * 100)   # killed while writing the tar
 
     assert subprocess.run(command, cwd=REPO, capture_output=True).returncode == 0
     shard_images([str(src)], tmp_path / "clean", ShardOptions(shard_size=2, format="png", resize="none"),
@@ -309,7 +310,9 @@ def test_resolve_node_sources(monkeypatch):
     assert resolve_node() == (0, 1)
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "4")
-    assert resolve_node() == (3, 4)
+    assert resolve_node() == (0, 1)                # an sbatch script's own command: one process
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    assert resolve_node() == (3, 4)                # task 3 of an srun step of 4
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert resolve_node() == (1, 2) and resolve_node(0, 3) == (0, 3)

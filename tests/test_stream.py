@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 
 from data.demo_images import procedural_image
 import data.stream as stream_module
-from data.stream import ShardStream, deal_shards, expand_shard_spec, iter_tar_members
+from data.stream import ShardStream, deal_shards, expand_shard_spec
+from data.tar import iter_tar_members
 from data.transforms import (crop_resize_flip, decode_pil, decode_torchvision, load_image, sample_augmentation,
                              to_unit_range)
 

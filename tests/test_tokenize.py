@@ -6,6 +6,7 @@ that the round-trip, resume, multi-process and verify tests compare against.
 from __future__ import annotations
 
 import io
+import hashlib
 import json
 import os
 import shutil
@@ -34,7 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tokenizer" / "tiny.yaml"
 NUM_IMAGES, SHARD_SIZE = 24, 2
 NUM_SHARDS = NUM_IMAGES // SHARD_SIZE
-LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+              "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")
 
 
 @pytest.fixture(autouse=True)
@@ -155,6 +157,25 @@ def test_two_processes_equal_one_process(corpus, tmp_path):
     assert _rows(out) == _rows(ref)
 
 
+def test_srun_tasks_without_a_launcher_split_the_parts(corpus, tmp_path):
+    """``srun -n 2 varitok tokenize ...`` (no torchrun, no rendezvous): each task takes its own parts from
+    SLURM's variables, so together they write every part once (before, every task was rank 0 of 1)."""
+    shards, tok_dir, ref = corpus
+    out = tmp_path / "codes"
+    procs = [_run_cli("tokenize", "--tokenizer", str(tok_dir), "--shards", str(shards), "--output", str(out),
+                      "--batch-size", "4", "--workers", "0", "--no-progress",
+                      env_extra={"SLURM_PROCID": str(task), "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
+                                 "SLURM_LOCALID": str(task)})
+             for task in range(2)]
+    outputs = [p.communicate(timeout=100) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    summary = json.loads(outputs[0][0].strip().splitlines()[-1])   # without a group, task 0 reports its own parts
+    assert summary["world_size"] == 2 and summary["parts_written"] == NUM_SHARDS // 2
+    parts = json.loads((out / "manifest.json").read_text())["parts"]
+    assert [p["index"] for p in parts] == list(range(NUM_SHARDS))
+    assert _rows(out) == _rows(ref)
+
+
 def _rewrite_part(code_dir: Path, index: int, table: pa.Table) -> None:
     """Replace part ``index`` with ``table`` and update its manifest entry (as a buggy writer would)."""
     path = code_dir / f"part-{index:06d}.arrow"
@@ -163,6 +184,7 @@ def _rewrite_part(code_dir: Path, index: int, table: pa.Table) -> None:
     manifest = json.loads((code_dir / "manifest.json").read_text())
     entry = next(p for p in manifest["parts"] if p["index"] == index)
     entry["rows"], entry["file_bytes"] = table.num_rows, path.stat().st_size
+    entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     manifest["totals"]["rows"] = sum(p["rows"] for p in manifest["parts"])
     (code_dir / "manifest.json").write_text(json.dumps(manifest))
 

@@ -153,7 +153,7 @@ def test_non_finite_losses_in_a_row_stop_zero3_training_with_a_clear_error(tmp_p
     run_dir = tmp_path / "run"
     result = _launch(_train_args(run_dir, corpus, steps=4, extra=["train.max_bad_steps=2"]), nproc=2, zero=3,
                      poison=(0, "2,3", tmp_path / "hook"), ok=False)
-    assert "loss was NaN/Inf for 2 steps in a row (at step 2; train.max_bad_steps=2)" in result.stdout + result.stderr
+    assert "loss or gradient was NaN/Inf for 2 steps in a row (at step 2; train.max_bad_steps=2)" in result.stdout + result.stderr
     for calls in _hook_calls(tmp_path / "hook"):
         assert len(calls) == 3 and calls[2]["digest"] == calls[1]["digest"] != calls[0]["digest"]
     assert not (run_dir / "checkpoints" / "step-2").exists()

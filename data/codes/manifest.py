@@ -12,12 +12,12 @@ import contextlib
 import fcntl
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from data.files import atomic_write, open_no_follow
 from data.codes.format import code_dtype, part_file_name
 
 MANIFEST_NAME = "manifest.json"
@@ -31,26 +31,36 @@ class ManifestMismatchError(ValueError):
 
 @contextlib.contextmanager
 def _locked(out_dir: Path) -> Iterator[None]:
-    with open(out_dir / f"{MANIFEST_NAME}.lock", "a+") as lock_file:
-        fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
+    lock = out_dir / f"{MANIFEST_NAME}.lock"
+    try:
+        fd = open_no_follow(lock)  # a planted symlink is refused, never followed
+    except OSError:
+        if lock.is_symlink():
+            raise ValueError(f"{lock} is a symbolic link; refusing to follow it out of {out_dir} (delete it)") from None
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    with open(temp, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
+    atomic_write(path, json.dumps(data, indent=1, sort_keys=False))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except ValueError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}): the code manifest is damaged") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object: the code manifest is damaged")
+    return data
 
 
 def _layout(num_levels: int, num_subcodes: int, codebook_sizes: Sequence[int],
@@ -77,7 +87,7 @@ class CodeManifest:
     Attributes mirror the JSON: ``tokenizer_identity`` (dict, e.g. config hash + weights sha256),
     ``num_levels`` (G), ``num_subcodes`` (K), ``codebook_sizes`` (K ints), ``dtype`` (numpy uint16|uint32),
     ``grain_shape`` ((Hs, Ws)), ``parts`` ({part index: entry with rows, file, source_shard, num_codes,
-    file_bytes}), ``totals``.
+    file_bytes, sha256}), ``totals``.
     """
 
     def __init__(self, out_dir: str | os.PathLike, data: dict[str, Any]):
@@ -182,14 +192,17 @@ class CodeManifest:
         return part_index in self.refresh().parts
 
     def record_part(self, part_index: int, rows: int, source_shard: str = "", num_codes: int = 0,
-                    file_bytes: int = 0) -> None:
+                    file_bytes: int = 0, sha256: str = "") -> None:
         """Mark part ``part_index`` complete with ``rows`` rows (call only after its file is in place).
 
-        num_codes: sum of L over its rows; file_bytes: its size on disk (verify compares it to catch
-        truncation). Atomic and safe under concurrent calls from several processes.
+        num_codes: sum of L over its rows; file_bytes, sha256: its size on disk and digest (readers and
+        verify compare them to catch truncation and damage). Atomic and safe under concurrent calls from
+        several processes.
         """
         entry = {"index": int(part_index), "file": part_file_name(part_index), "rows": int(rows),
                  "source_shard": str(source_shard), "num_codes": int(num_codes), "file_bytes": int(file_bytes)}
+        if sha256:
+            entry["sha256"] = str(sha256)
         with _locked(self.out_dir):
             data = _read_json(self.path)
             parts = {p["index"]: p for p in data["parts"]}

@@ -9,11 +9,10 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 
-from data.codes.format import PART_NAME_RE, sequence_lengths
+from data.codes.format import PART_NAME_RE
 from data.codes.manifest import CodeManifest
-from data.codes.reader import CodeReader, RecordBlock, open_part
-
-MAX_LISTED = 5
+from data.codes.reader import (CodeReader, block_problems, listed, open_part, part_digest_problem,
+                               part_file_problem)
 
 
 @dataclass
@@ -35,54 +34,6 @@ class VerifyReport:
         return "\n".join([head, *(f"  problem: {p}" for p in self.problems), *(f"  note: {n}" for n in self.notes)])
 
 
-def _listed(items: Iterable[Any]) -> str:
-    items = list(items)
-    shown = ", ".join(str(i) for i in items[:MAX_LISTED])
-    return shown + (f" ... ({len(items)} in all)" if len(items) > MAX_LISTED else "")
-
-
-def _check_block(block: RecordBlock, manifest: CodeManifest, name: str, row0: int) -> list[str]:
-    """Value checks of one record batch; row numbers in messages count from the part's first row."""
-    problems = []
-    k, sizes = manifest.num_subcodes, np.asarray(manifest.codebook_sizes, dtype=np.int64)
-    n, grain_size = block.num_rows, int(np.prod(manifest.grain_shape))
-
-    def rows(mask: np.ndarray) -> str:
-        return _listed((np.flatnonzero(mask) + row0).tolist())
-
-    if block.null_count:
-        problems.append(f"{name}: {block.null_count} null values (every column must be non-null)")
-    if (block.labels < -1).any():
-        problems.append(f"{name}: labels below -1 at rows {rows(block.labels < -1)}")
-    code_counts = np.diff(block.code_offsets)
-    bad_count = code_counts != block.lengths.astype(np.int64) * k
-    if bad_count.any():
-        problems.append(f"{name}: codes list length != length * K ({k}) at rows {rows(bad_count)}")
-    grain_bytes = np.diff(block.grain_offsets)
-    if (grain_bytes != grain_size).any():
-        problems.append(f"{name}: grain maps of the wrong size (expected {grain_size} bytes = grain_shape "
-                        f"{list(manifest.grain_shape)}) at rows {rows(grain_bytes != grain_size)}")
-        return problems
-    grains = block.grain_data[block.grain_offsets[0]: block.grain_offsets[-1]].reshape(n, grain_size)
-    bad_level = (grains >= manifest.num_levels).any(axis=1)
-    if bad_level.any():
-        problems.append(f"{name}: grain levels >= G ({manifest.num_levels}) at rows {rows(bad_level)}")
-    bad_length = sequence_lengths(grains) != block.lengths
-    if bad_length.any():
-        problems.append(f"{name}: length != sum 4**grain at rows {rows(bad_length)}")
-    counts = code_counts.astype(np.int64)
-    values = block.code_values[block.code_offsets[0]: block.code_offsets[-1]]
-    row_of_value = np.repeat(np.arange(n), counts)
-    column = (np.arange(len(values)) - np.repeat(block.code_offsets[:-1] - block.code_offsets[0], counts)) % k
-    bad_code = values >= sizes[column]
-    if bad_code.any():
-        hit = np.zeros(n, dtype=bool)
-        hit[row_of_value[bad_code]] = True
-        problems.append(f"{name}: codes outside the codebook sizes {sizes.tolist()} (sub-codebooks "
-                        f"{np.unique(column[bad_code]).tolist()}) at rows {rows(hit)}")
-    return problems
-
-
 def _check_keys(keys: np.ndarray, views: np.ndarray, expected_keys: Iterable[str],
                 views_per_key: int | None) -> list[str]:
     problems = []
@@ -90,21 +41,21 @@ def _check_keys(keys: np.ndarray, views: np.ndarray, expected_keys: Iterable[str
     pairs, pair_counts = np.unique(key_ids.astype(np.int64) * 256 + views, return_counts=True)
     if (pair_counts > 1).any():
         dup = pairs[pair_counts > 1]
-        problems.append("duplicate (key, view) rows: " + _listed(
+        problems.append("duplicate (key, view) rows: " + listed(
             f"{unique_keys[p // 256]}/view {p % 256}" for p in dup.tolist()))
     expected = np.unique(np.asarray(list(expected_keys), dtype=object))
     missing = np.setdiff1d(expected, unique_keys)
     if missing.size:
-        problems.append(f"{missing.size} expected key(s) missing: {_listed(missing.tolist())}")
+        problems.append(f"{missing.size} expected key(s) missing: {listed(missing.tolist())}")
     unexpected = np.setdiff1d(unique_keys, expected)
     if unexpected.size:
-        problems.append(f"{unexpected.size} key(s) not among the expected keys: {_listed(unexpected.tolist())}")
+        problems.append(f"{unexpected.size} key(s) not among the expected keys: {listed(unexpected.tolist())}")
     wanted = views_per_key if views_per_key is not None else len(np.unique(views))
     views_found = np.bincount(pairs // 256, minlength=len(unique_keys))
     short = views_found != wanted
     if short.any():
         problems.append(f"{int(short.sum())} key(s) do not have exactly {wanted} distinct views: "
-                        + _listed(f"{key} ({count})" for key, count in zip(unique_keys[short], views_found[short])))
+                        + listed(f"{key} ({count})" for key, count in zip(unique_keys[short], views_found[short])))
     return problems
 
 
@@ -112,9 +63,10 @@ def verify_codes(out_dir: str | os.PathLike, expected_keys: Iterable[str] | None
                  views_per_key: int | None = None) -> VerifyReport:
     """Checks a code directory; never raises on bad data, every mismatch becomes a problem line.
 
-    Checks: manifest readable; every recorded part present, of the recorded size, readable, with the
-    expected schema and row count; no unrecorded part files; totals; non-null columns; code list length
-    == L * K; grain maps of grain_shape with levels < G and L == sum 4**grain; codes < codebook sizes.
+    Checks: manifest readable; every recorded part present, of the recorded size and sha256, readable
+    (Arrow's full validation), with the expected schema and row count; no unrecorded part files; totals;
+    non-null columns; code list length == L * K; grain maps of grain_shape with levels < G and
+    L == sum 4**grain; codes < codebook sizes.
     With expected_keys: every expected key present, no other key, no duplicate (key, view), and each key
     with exactly views_per_key distinct views (default: the number of distinct view ids in the corpus).
     """
@@ -131,23 +83,22 @@ def verify_codes(out_dir: str | os.PathLike, expected_keys: Iterable[str] | None
     for name in sorted(on_disk - recorded):
         report.problems.append(f"{name}: part file not recorded in the manifest (an interrupted write? re-run "
                                f"tokenize, or delete it)")
-    temps = sorted(p.name for p in out.glob(".part-*.tmp-*"))
+    temps = sorted(p.name for p in out.glob(".part-*.arrow.*.tmp"))
     if temps:
-        report.notes.append(f"{len(temps)} leftover temp file(s) from interrupted writers: {_listed(temps)}")
+        report.notes.append(f"{len(temps)} leftover temp file(s) from interrupted writers: {listed(temps)}")
     totals = manifest.totals
     if totals["rows"] != sum(e["rows"] for e in parts.values()) or totals["parts"] != len(parts):
         report.problems.append(f"manifest totals {totals} disagree with its part list")
     all_keys, all_views = [], []
     for index, entry in sorted(parts.items()):
         name, path = entry["file"], out / entry["file"]
-        if not path.exists():
-            report.problems.append(f"{name}: missing (recorded with {entry['rows']} rows)")
+        problem = part_file_problem(path, entry)
+        if problem:
+            report.problems.append(problem)
             continue
-        size = path.stat().st_size
-        if entry["file_bytes"] and size != entry["file_bytes"]:
-            report.problems.append(f"{name}: {size} bytes on disk but {entry['file_bytes']} recorded "
-                                   f"(truncated or rewritten)")
-            continue
+        problem = part_digest_problem(path, entry)
+        if problem:
+            report.problems.append(problem)  # and go on: the value checks below say what changed
         try:
             _file, blocks = open_part(path, manifest)
         except (OSError, ValueError, pa.ArrowException) as error:
@@ -158,7 +109,7 @@ def verify_codes(out_dir: str | os.PathLike, expected_keys: Iterable[str] | None
             report.problems.append(f"{name}: {rows} rows but {entry['rows']} recorded")
         row0 = 0
         for block in blocks:
-            report.problems.extend(_check_block(block, manifest, name, row0))
+            report.problems.extend(block_problems(block, manifest, name, row0))
             row0 += block.num_rows
             if expected_keys is not None:
                 all_keys.append(block.keys())

@@ -1,14 +1,15 @@
-"""CodeWriter: one Arrow IPC part per input shard, written to a temp file and renamed when complete."""
+"""CodeWriter: one Arrow IPC part per input shard, written atomically (data.files) when complete."""
 from __future__ import annotations
 
+import hashlib
 import os
-import uuid
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 
+from data.files import AtomicFile
 from data.codes.format import code_schema, part_file_name, sequence_lengths
 from data.codes.manifest import CodeManifest
 
@@ -37,11 +38,11 @@ class CodeWriter:
         self.source_shard = source_shard
         self.max_rows_per_batch = max_rows_per_batch
         self.final_path = manifest.out_dir / part_file_name(part_index)
-        self.temp_path = manifest.out_dir / f".{self.final_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.schema = code_schema(manifest.dtype)
         self._sizes = np.asarray(manifest.codebook_sizes, dtype=np.int64)
-        self._sink = pa.OSFile(str(self.temp_path), "wb")
-        self._ipc = pa.ipc.new_file(self._sink, self.schema)
+        self._file = AtomicFile(self.final_path)
+        self.temp_path = self._file.temp_path
+        self._ipc = pa.ipc.new_file(self._file.file, self.schema)
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
         self.rows = 0
@@ -169,21 +170,22 @@ class CodeWriter:
             return
         self._flush(final=True)
         self._ipc.close()
-        self._sink.close()
         self.closed = True
-        _fsync(self.temp_path)
-        os.replace(self.temp_path, self.final_path)
+        self._file.file.seek(0)
+        digest = hashlib.file_digest(self._file.file, "sha256").hexdigest()  # readers check it on open
+        self._file.commit()
         self.manifest.record_part(self.part_index, self.rows, self.source_shard, self.num_codes,
-                                  self.final_path.stat().st_size)
+                                  self.final_path.stat().st_size, digest)
 
     def abort(self) -> None:
         """Drop the partial part: close and delete the temp file; nothing is recorded."""
         if self.closed:
             return
         self.closed = True
-        self._ipc.close()
-        self._sink.close()
-        self.temp_path.unlink(missing_ok=True)
+        try:
+            self._ipc.close()
+        finally:
+            self._file.abort()
 
     def __enter__(self) -> "CodeWriter":
         return self
@@ -193,11 +195,3 @@ class CodeWriter:
             self.close()
         else:
             self.abort()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

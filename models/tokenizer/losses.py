@@ -61,7 +61,8 @@ class LossConfig(ConfigBase):
 
 
 def reconstruction_loss(x: torch.Tensor, y: torch.Tensor, kind: str = "l1") -> torch.Tensor:
-    """Mean absolute (``l1``) or squared (``l2``) error over all elements -> scalar."""
+    """Mean absolute (``l1``) or squared (``l2``) error over all elements -> fp32 scalar."""
+    x, y = x.float(), y.float()
     if kind == "l1":
         return F.l1_loss(y, x)
     if kind == "l2":
@@ -147,14 +148,14 @@ class LPIPS(nn.Module):
         """x, y: B x 3 x H x W in [-1, 1] -> B distances (>= 0, 0 for identical inputs)."""
         batch = x.shape[0]
         h = (torch.cat([x, y], dim=0).to(self.shift.dtype) - self.shift) / self.scale
-        distance = h.new_zeros(batch)
+        distance = h.new_zeros(batch, dtype=torch.float32)
         tap = 0
         for index, layer in enumerate(self.features):
             h = layer(h)
             if index == VGG_TAPS[tap]:
-                unit = h / (h.square().sum(dim=1, keepdim=True).sqrt() + 1e-10)
+                unit = h.float() / (h.float().square().sum(dim=1, keepdim=True).sqrt() + 1e-10)
                 diff = (unit[:batch] - unit[batch:]).square()
-                distance = distance + self.heads[tap](diff).mean(dim=(1, 2, 3))
+                distance = distance + self.heads[tap](diff).float().mean(dim=(1, 2, 3))
                 tap += 1
         return distance
 
@@ -198,13 +199,13 @@ class PatchDiscriminator(nn.Module):
 
 
 def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """0.5 * (mean relu(1 - real) + mean relu(1 + fake))."""
-    return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
+    """0.5 * (mean relu(1 - real) + mean relu(1 + fake)), in fp32 whatever the logits' dtype."""
+    return 0.5 * (F.relu(1.0 - real_logits.float()).mean() + F.relu(1.0 + fake_logits.float()).mean())
 
 
 def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    """-mean(fake logits)."""
-    return -fake_logits.mean()
+    """-mean(fake logits), in fp32."""
+    return -fake_logits.float().mean()
 
 
 def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer_weight: torch.Tensor,
@@ -281,6 +282,6 @@ class TokenizerGANLoss(nn.Module):
         d_loss = hinge_d_loss(real_logits, fake_logits)
         total = nll + weight * g_loss + d_loss
         logs.update(gan_g=g_loss.detach(), gan_d=d_loss.detach(), gan_weight=weight.detach(),
-                    logits_real=real_logits.detach().mean(), logits_fake=fake_logits.detach().mean(),
+                    logits_real=real_logits.detach().float().mean(), logits_fake=fake_logits.detach().float().mean(),
                     total=total.detach())
         return total, logs

@@ -88,19 +88,20 @@ def info_nce(pred: torch.Tensor, target: torch.Tensor, temperature: float | torc
     gradients reaching each rank (sum over ranks through all_gather's backward, then averaged by DDP/ZeRO) match it
     too.
     """
-    pred = F.normalize(pred.float(), dim=-1)
-    target = F.normalize(target.float(), dim=-1)
-    if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        all_pred, offset = _gather_batch(pred)
-        all_target, _ = _gather_batch(target)
-    else:
-        all_pred, all_target, offset = pred, target, 0
-    labels = torch.arange(pred.shape[0], device=pred.device) + offset
-    loss_pred = F.cross_entropy(pred @ all_target.T / temperature, labels)
-    if not symmetric:
-        return loss_pred
-    loss_target = F.cross_entropy(target @ all_pred.T / temperature, labels)
-    return 0.5 * (loss_pred + loss_target)
+    with torch.autocast(device_type=pred.device.type, enabled=False):   # similarities and softmax in fp32
+        pred = F.normalize(pred.float(), dim=-1)
+        target = F.normalize(target.float(), dim=-1)
+        if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            all_pred, offset = _gather_batch(pred)
+            all_target, _ = _gather_batch(target)
+        else:
+            all_pred, all_target, offset = pred, target, 0
+        labels = torch.arange(pred.shape[0], device=pred.device) + offset
+        loss_pred = F.cross_entropy(pred @ all_target.T / temperature, labels)
+        if not symmetric:
+            return loss_pred
+        loss_target = F.cross_entropy(target @ all_pred.T / temperature, labels)
+        return 0.5 * (loss_pred + loss_target)
 
 
 def _as_hw(grid: int | tuple[int, int]) -> tuple[int, int]:
@@ -118,8 +119,9 @@ def patch_alignment_loss(pred: torch.Tensor, target: torch.Tensor, grid_pred: in
     if target.shape[1] == 0 or pred.shape[1] != h * w or target.shape[1] != ht * wt:
         raise ValueError(f"patch_alignment_loss: pred has {pred.shape[1]} tokens for grid {(h, w)} and target "
                          f"{target.shape[1]} for grid {(ht, wt)}; the teacher must expose patch tokens")
-    pred_map = pred.transpose(1, 2).reshape(pred.shape[0], pred.shape[2], h, w).float()
-    if (h, w) != (ht, wt):
-        pred_map = F.interpolate(pred_map, size=(ht, wt), mode="bilinear", align_corners=False)
-    cosine = F.cosine_similarity(pred_map.flatten(2), target.float().transpose(1, 2), dim=1)
-    return 1.0 - cosine.mean()
+    with torch.autocast(device_type=pred.device.type, enabled=False):
+        pred_map = pred.transpose(1, 2).reshape(pred.shape[0], pred.shape[2], h, w).float()
+        if (h, w) != (ht, wt):
+            pred_map = F.interpolate(pred_map, size=(ht, wt), mode="bilinear", align_corners=False)
+        cosine = F.cosine_similarity(pred_map.flatten(2), target.float().transpose(1, 2), dim=1)
+        return 1.0 - cosine.mean()
