@@ -103,7 +103,8 @@ class GroupClippedAdamW(torch.optim.AdamW):
     clipping off: ZeRO-0 passes the full, already averaged gradients; ZeRO-1/2 call ``step`` once per group
     with that group's flat partition of this rank, so set :attr:`partitioned` (the trainer does, after
     ``accelerator.prepare``) and the squared norms are all-reduced over the data-parallel ranks (one scalar
-    per group) before clipping. ``step`` never reads a value on the host.
+    per group) before clipping. Unpartitioned, ``step`` reads one value on the host (whether every norm is
+    finite: a NaN/Inf gradient skips the step and sets ``overflow``, which DeepSpeed's ZeRO-0 engine reads).
 
     A parameter without a gradient (the discriminator before ``disc_start``) is stepped with a zero gradient,
     as ZeRO-1/2's flat partitions always are: otherwise ZeRO-0 would start its Adam moments and bias
@@ -120,17 +121,26 @@ class GroupClippedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
+        self.overflow = False
+        norms = []
         for index, group in enumerate(self.param_groups):
             for param in group["params"]:
                 if param.grad is None:
                     param.grad = torch.zeros_like(param)
-            grads = [p.grad for p in group["params"]]
-            squares = torch.stack([g.float().square().sum() for g in grads]).sum()
+            squares = torch.stack([p.grad.float().square().sum() for p in group["params"]]).sum()
             if self.partitioned and dist.is_available() and dist.is_initialized():
                 dist.all_reduce(squares, group=self.process_group)
-            norm = squares.sqrt()
-            self.grad_norms[group.get("name", str(index))] = norm
+            norms.append(squares.sqrt())
+            self.grad_norms[group.get("name", str(index))] = norms[-1]
+        # A NaN/Inf gradient (with a finite loss) must not reach the weights. ZeRO-1/2 skip such a step before
+        # calling this; unpartitioned (ZeRO-0) the engine reads ``overflow`` to count the step as skipped: one
+        # host read per step.
+        if not self.partitioned and not bool(torch.isfinite(torch.stack(norms)).all()):
+            self.overflow = True
+            return None
+        for group, norm in zip(self.param_groups, norms):
             max_norm = group.get("max_grad_norm", 0.0)
             if max_norm > 0:
+                grads = [p.grad for p in group["params"]]
                 torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].dtype))
         return super().step(closure)
