@@ -107,8 +107,13 @@ def _deepspeed_plugin(train: TrainConfig, grad_clip: float) -> DeepSpeedPlugin:
     """
     shared = {"gradient_accumulation_steps": train.grad_accum, "gradient_clipping": float(grad_clip)}
     if launched_with_deepspeed_config():
-        return DeepSpeedPlugin(**shared)
-    return DeepSpeedPlugin(zero_stage=train.zero_stage, hf_ds_config="none", **shared)
+        plugin = DeepSpeedPlugin(**shared)
+    else:
+        plugin = DeepSpeedPlugin(zero_stage=train.zero_stage, hf_ds_config="none", **shared)
+    if plugin.deepspeed_config.get("gradient_clipping", "auto") == "auto":
+        # Accelerate drops a 0.0 clip (falsy) and later fills "auto" with 1.0: write the number itself.
+        plugin.deepspeed_config["gradient_clipping"] = float(grad_clip)
+    return plugin
 
 
 def _set_precision(plugin: DeepSpeedPlugin, precision: str) -> None:

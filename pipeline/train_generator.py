@@ -317,7 +317,7 @@ def train(cfg: GeneratorStageConfig, resume: Optional[str] = "auto") -> dict[str
     scheduler = warmup_cosine(optimizer, cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio)
     num_parameters = model.num_parameters()
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    ema = EMA(accelerator.unwrap_model(model), cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    ema = EMA(accelerator.unwrap_model(model), cfg.train.ema_decay, warmup=True) if cfg.train.ema_decay > 0 else None
     ckpt = CheckpointManager(run_dir, accelerator, cfg.train.keep_last, config_identity(cfg, stream.reader),
                              stage="generator")
     step = start = ckpt.resume(resume, ema=ema, extra={"stream": stream})

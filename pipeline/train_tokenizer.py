@@ -34,17 +34,36 @@ from models.config import ConfigBase, ConfigError
 from models.tokenizer import Tokenizer, TokenizerConfig, build_teachers
 from models.tokenizer.losses import LossConfig, TokenizerGANLoss
 from models.tokenizer.training import GroupClippedAdamW, TokenizerTrainingModule
-from pipeline.config import LoggingConfig, OptimConfig, RunConfig, TrainConfig, load_config, save_resolved_config
-from pipeline.training import (GuardedStep, MetricsLog, MetricWindow, NonFiniteGuard, add_stage_arguments,
-                               finished_run_summary, peak_memory_bytes, state_digest, to_device, tracker_names,
-                               write_summary, zero_stage)
+from pipeline.config import (
+    LoggingConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    load_config,
+    save_resolved_config,
+)
+from pipeline.training import (
+    GuardedStep,
+    MetricsLog,
+    MetricWindow,
+    NonFiniteGuard,
+    add_stage_arguments,
+    finished_run_summary,
+    peak_memory_bytes,
+    state_digest,
+    to_device,
+    tracker_names,
+    write_summary,
+    zero_stage,
+)
+from pipeline.watchdog import Watchdog, shared_token
 
 __all__ = ["TokenizerDataConfig", "TokenizerStageConfig", "config_identity", "prepare", "train",
            "add_arguments", "run"]
 
 # Keys that may change between a checkpoint and its resume (everything else must match).
 RESUMABLE_CHANGES = ("run.dir", "train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_last",
-                     "train.image_every", "train.max_bad_steps", "train.zero_stage", "logging")
+                     "train.image_every", "train.max_bad_steps", "train.zero_stage", "train.watchdog_s", "logging")
 GRID_IMAGES = 4
 
 
@@ -181,9 +200,6 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
                                     micro_batch_size=cfg.data.batch_size, seed=cfg.run.seed,
                                     log_with=tracker_names(cfg.logging),
                                     project_name=cfg.logging.project, tracker_config=_flat_scalars(cfg.to_dict()))
-    if accelerator.state.deepspeed_plugin is not None:
-        # Explicitly off (GroupClippedAdamW clips): Accelerate drops a 0 clip and then fills "auto" with 1.0.
-        accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = 0.0
     if zero_stage(accelerator) == 3:
         raise ConfigError("ZeRO-3 is not supported for train-tokenizer (the discriminator's detached functional "
                           "call needs whole parameters): use --zero 2 (train.zero_stage=2) or --zero 1")
@@ -202,7 +218,7 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
     group_names = [group["name"] for group in base_optimizer.param_groups]
     scheduler = warmup_cosine(optimizer, cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio)
     model, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
-    # ZeRO-1/2 (and DeepSpeed's bf16 optimizer at ZeRO-0) hand step() this rank's flat partition of each group:
+    # ZeRO-1/2 hand step() this rank's flat partition of each group:
     # its norms need the other ranks' parts. Told apart by size: a partition holds a share of the parameters.
     stepped = sum(p.numel() for group in base_optimizer.param_groups for p in group["params"])
     base_optimizer.partitioned = accelerator.num_processes > 1 and stepped < sum(p.numel() for p in module.parameters())
@@ -226,46 +242,52 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not main, desc="train-tokenizer", unit="step")
     started = time.perf_counter()
     model.train()
-    while step < cfg.train.max_steps:
-        update = GuardedStep(accelerator, model, cfg.train.grad_accum)
-        for _ in range(cfg.train.grad_accum):
-            # Bytes cross to the device (4x less traffic than float32) and become [-1, 1] fp32 there, once;
-            # the engine's autocast runs the forward in the compute dtype (pipeline.precision).
-            images = to_unit_range(to_device(next(batches)["image"], accelerator.device))
-            with accelerator.accumulate(model):
-                loss, logs, rec, grain = model(images, step)
-                window.add(logs, keep=update.backward(loss))
-        guard.record(update.bad, step + 1)
-        window.count(images=cfg.data.batch_size * cfg.train.grad_accum)
-        if not update.stepped:  # NaN/Inf loss or gradient: the optimizer step was skipped on every rank
-            continue
-        scheduler.step()
-        step += 1
-        if ema is not None:
-            ema.update()
-        bar.update(1)
+    # A rank that stops making steps (a hung collective, a stuck read) makes every rank exit with an error.
+    watchdog = Watchdog(run_dir, cfg.train.watchdog_s, rank=accelerator.process_index,
+                        world_size=accelerator.num_processes, token=shared_token(), name="train-tokenizer")
+    with watchdog:
+        while step < cfg.train.max_steps:
+            update = GuardedStep(accelerator, model, cfg.train.grad_accum)
+            for _ in range(cfg.train.grad_accum):
+                # Bytes cross to the device (4x less traffic than float32) and become [-1, 1] fp32 there, once;
+                # the engine's autocast runs the forward in the compute dtype (pipeline.precision).
+                images = to_unit_range(to_device(next(batches)["image"], accelerator.device))
+                with accelerator.accumulate(model):
+                    loss, logs, rec, grain = model(images, step)
+                    window.add(logs, keep=update.backward(loss))
+            guard.record(update.bad, step + 1)
+            watchdog.beat(f"optimizer step {step + 1}")
+            window.count(images=cfg.data.batch_size * cfg.train.grad_accum)
+            if not update.stepped:  # NaN/Inf loss or gradient: the optimizer step was skipped on every rank
+                continue
+            scheduler.step()
+            step += 1
+            if ema is not None:
+                ema.update()
+            bar.update(1)
 
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            metrics, totals, seconds = window.reduce(accelerator)
-            quantizer = unwrapped.tokenizer.quantizer
-            metrics.update({k: float(v) for k, v in quantizer.reduced_usage().items()})
-            quantizer.reset_usage()
-            # pre-clip gradient norm of each param group at this (last) step, and of all of them together
-            norms = {name: float(norm) for name, norm in base_optimizer.grad_norms.items()}
-            metrics.update({f"grad_norm/{name}": value for name, value in norms.items()})
-            if norms:
-                metrics["grad_norm"] = sum(value ** 2 for value in norms.values()) ** 0.5
-            metrics.update({f"lr/{name}": value for name, value in zip(group_names, scheduler.get_last_lr())})
-            metrics.update({"images_per_s": totals["images"] / seconds, "bad_steps": guard.total})
-            log.write(step, metrics)
-            bar.set_postfix(loss=f"{metrics.get('loss/total', float('nan')):.4f}",
-                            img_s=f"{metrics['images_per_s']:.1f}")
-        if main and step % cfg.train.image_every == 0:
-            shown = slice(0, GRID_IMAGES)
-            grid = image_grid([images[shown], rec.detach()[shown].float(), grain_overlay(images[shown], grain[shown])])
-            save_png(grid, run_dir / "images" / f"step-{step:07d}.png")
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
-            ckpt.save(step, export_state=export_state, ema=ema, extra={"stream": stream})
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                metrics, totals, seconds = window.reduce(accelerator)
+                quantizer = unwrapped.tokenizer.quantizer
+                metrics.update({k: float(v) for k, v in quantizer.reduced_usage().items()})
+                quantizer.reset_usage()
+                # pre-clip gradient norm of each param group at this (last) step, and of all of them together
+                norms = {name: float(norm) for name, norm in base_optimizer.grad_norms.items()}
+                metrics.update({f"grad_norm/{name}": value for name, value in norms.items()})
+                if norms:
+                    metrics["grad_norm"] = sum(value ** 2 for value in norms.values()) ** 0.5
+                metrics.update({f"lr/{name}": value for name, value in zip(group_names, scheduler.get_last_lr())})
+                metrics.update({"images_per_s": totals["images"] / seconds, "bad_steps": guard.total})
+                log.write(step, metrics)
+                bar.set_postfix(loss=f"{metrics.get('loss/total', float('nan')):.4f}",
+                                img_s=f"{metrics['images_per_s']:.1f}")
+            if main and step % cfg.train.image_every == 0:
+                shown = slice(0, GRID_IMAGES)
+                grid = image_grid([images[shown], rec.detach()[shown].float(),
+                                   grain_overlay(images[shown], grain[shown])])
+                save_png(grid, run_dir / "images" / f"step-{step:07d}.png")
+            if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
+                ckpt.save(step, export_state=export_state, ema=ema, extra={"stream": stream})
     bar.close()
     seconds = time.perf_counter() - started
 
@@ -301,6 +323,6 @@ def run(args: argparse.Namespace) -> int:
     prepared = prepare(cfg, args.resume)
     summary = train(cfg, prepared, args.resume)
     if summary:
-        print(f"trained {summary['steps']} steps in {summary['seconds']:.1f} s ({summary['images_per_s']:.1f} images/s); "
-              f"export: {summary['export']}")
+        print(f"trained {summary['steps']} steps in {summary['seconds']:.1f} s "
+              f"({summary['images_per_s']:.1f} images/s); export: {summary['export']}")
     return 0

@@ -56,12 +56,12 @@ class GuardedStep:
     rank when a loss or the gradient is NaN/Inf on any rank.
 
     Every micro-batch is back-propagated (DeepSpeed reduces gradients and steps at the last one). Whether each
-    loss is finite stays on the device until the last micro-batch, where one all-reduce of the window's count of
-    non-finite losses is the step's only host sync. The step is then skipped on every rank when that count is
-    not 0 or the reduced gradient norm is NaN/Inf: ZeRO-1/2/3 optimizers skip a non-finite gradient themselves,
-    ZeRO-0's plain optimizer gets the same rule from :func:`_skip_flagged_steps`. No rank's weights or
-    optimizer state see a bad step. After the last ``backward``: ``stepped`` (the optimizer changed the
-    weights) and ``bad`` (a NaN/Inf loss, or a skipped step).
+    loss is finite stays on the device; at the last micro-batch one all-reduce gives the step's count of NaN/Inf
+    losses, read on the host once. ZeRO-1/2/3 optimizers skip a non-finite gradient themselves and the count is
+    read after the backward; under ZeRO-0 the plain optimizer reads it inside its ``step`` (with its own gradient
+    check where it has one, :func:`_skip_flagged_steps`) and skips. No rank's weights or optimizer state see a bad
+    step. After the last ``backward``: ``stepped`` (the optimizer changed the weights) and ``bad`` (a NaN/Inf
+    loss, or a skipped step).
     """
 
     def __init__(self, accelerator, model, grad_accum: int) -> None:
@@ -81,27 +81,33 @@ class GuardedStep:
         self.nonfinite = self.nonfinite + (~finite).float()
         self.remaining -= 1
         if self.remaining == 0:
-            bad_losses = int(self.accelerator.reduce(self.nonfinite.reshape(1), reduction="sum").item())
+            count = self.accelerator.reduce(self.nonfinite.reshape(1), reduction="sum")   # a collective, no read
             if self.flag_skips:
-                self.engine.optimizer.varitok_skip_step = bad_losses > 0
+                self.engine.optimizer.nonfinite_losses = count
         self.accelerator.backward(loss)
         if self.remaining == 0:
             self.stepped = bool(self.engine.was_step_applied())
-            self.bad = bad_losses > 0 or not self.stepped
+            # ZeRO-0: the optimizer skipped exactly when a loss or gradient was bad (it read the count).
+            self.bad = not self.stepped if self.flag_skips else int(count.item()) > 0 or not self.stepped
         return finite
 
 
 def _skip_flagged_steps(optimizer: torch.optim.Optimizer) -> None:
-    """Make a plain torch optimizer skip ``step()`` while ``optimizer.varitok_skip_step`` is set, reporting it
-    through the ``overflow`` attribute DeepSpeed's engine reads (it then counts a skipped step and zeroes the
-    gradients). Installed once; ZeRO-1/2/3 optimizers have this rule built in."""
-    if getattr(optimizer, "varitok_skip_step", None) is not None:
+    """Make a plain torch optimizer skip ``step()`` when ``optimizer.nonfinite_losses`` (a device count set by
+    :class:`GuardedStep`) is not 0, reporting it through the ``overflow`` attribute DeepSpeed's engine reads (it then
+    counts a skipped step and zeroes the gradients). An optimizer with ``folds_nonfinite_losses`` reads the count
+    itself, together with its own gradient check (one host read). Installed once."""
+    if getattr(optimizer, "varitok_guarded", False):
         return
     step = optimizer.step
-    optimizer.varitok_skip_step = False
+    optimizer.varitok_guarded = True
+    optimizer.nonfinite_losses = None
 
     def guarded_step(*args, **kwargs):
-        optimizer.overflow = optimizer.varitok_skip_step
+        if getattr(optimizer, "folds_nonfinite_losses", False):
+            return step(*args, **kwargs)
+        count = optimizer.nonfinite_losses
+        optimizer.overflow = count is not None and bool(count.reshape(()) > 0)
         return None if optimizer.overflow else step(*args, **kwargs)
 
     optimizer.step = guarded_step

@@ -115,9 +115,14 @@ class GroupClippedAdamW(torch.optim.AdamW):
     partitioned: bool = False
     process_group = None
 
+    # The training loop may hand over its (device) count of NaN/Inf losses of the step; unpartitioned, the one
+    # host read below then covers losses and gradients (pipeline.training.GuardedStep).
+    folds_nonfinite_losses = True
+
     def __init__(self, params: Iterable, **kwargs) -> None:
         super().__init__(params, **kwargs)
         self.grad_norms: dict[str, torch.Tensor] = {}
+        self.nonfinite_losses: torch.Tensor | None = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -132,12 +137,16 @@ class GroupClippedAdamW(torch.optim.AdamW):
                 dist.all_reduce(squares, group=self.process_group)
             norms.append(squares.sqrt())
             self.grad_norms[group.get("name", str(index))] = norms[-1]
-        # A NaN/Inf gradient (with a finite loss) must not reach the weights. ZeRO-1/2 skip such a step before
+        # A NaN/Inf gradient or loss must not reach the weights. ZeRO-1/2 skip a non-finite gradient before
         # calling this; unpartitioned (ZeRO-0) the engine reads ``overflow`` to count the step as skipped: one
-        # host read per step.
-        if not self.partitioned and not bool(torch.isfinite(torch.stack(norms)).all()):
-            self.overflow = True
-            return None
+        # host read per step, for the gradients and the losses together.
+        if not self.partitioned:
+            bad = ~torch.isfinite(torch.stack(norms)).all()
+            if self.nonfinite_losses is not None:
+                bad = bad | (self.nonfinite_losses.reshape(()) > 0)
+            if bool(bad):
+                self.overflow = True
+                return None
         for group, norm in zip(self.param_groups, norms):
             max_norm = group.get("max_grad_norm", 0.0)
             if max_norm > 0:
