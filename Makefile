@@ -24,7 +24,7 @@ test: $(STAMP)
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
-	DS_ACCELERATOR=cpu $(BIN)/python benchmarks/run_all.py
+	DS_ACCELERATOR=cpu $(BIN)/python -m benchmarks.run_all
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache

@@ -20,17 +20,16 @@ Sampling: the first ``--steps`` steps of the same seeded sampling run, with the 
 reference decoder that re-runs both stacks over the whole prefix at every step, at the tiny widths and at a
 mid config of about 50M parameters (both on the 16 x 16 dual grid, sequences of 256 - 1024 codes).
 
-    flock /tmp/varitok-bench.lock .venv/bin/python benchmarks/generator.py [--device cpu] [--sections ...]
+    flock /tmp/varitok-bench.lock .venv/bin/python -m benchmarks.generator [--device cpu] [--sections ...]
 """
 from __future__ import annotations
 
 import argparse
 import time
 
-from common import emit, median_time, target  # noqa: E402  (first: common puts the repo on sys.path, sets the env)
+from benchmarks.common import emit, median_time, target  # noqa: E402  (first: it sets the process env before torch loads)
 import torch  # noqa: E402
 from models.generator import Generator, GeneratorConfig, PackedBatch, encode_sequences, generate_tokens, pack
-from models.generator.layers import Attention
 
 GRID = [16, 16]
 TINY_WIDTHS = dict(dim=128, heads=4, position_depth=2, content_depth=4, head_dim=64, head_depth=1, head_heads=2)

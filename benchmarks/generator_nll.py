@@ -13,7 +13,7 @@ Variants: ``today`` (level-wide position softmax, no conditioning changes), ``va
 the sampler's legal ids), ``valid_set_conditioning`` (plus next-position norm, FAR slot tokens, zero-init),
 ``valid_set_conditioning_rope2d`` (plus 2-D RoPE).
 
-    nice -n 10 .venv/bin/python benchmarks/generator_nll.py [--steps 300] [--seeds 3]
+    nice -n 10 .venv/bin/python -m benchmarks.generator_nll [--steps 300] [--seeds 3]
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import argparse
 import math
 import statistics
 
-from common import emit, target  # noqa: E402  (first: common puts the repo on sys.path, sets the env)
+from benchmarks.common import emit, target  # noqa: E402  (first: it sets the process env before torch loads)
 import torch  # noqa: E402
 from models.generator import Generator, GeneratorConfig, encode_sequences, pack  # noqa: E402
 from models.layout import num_codes  # noqa: E402

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Callable
 
 # Import the repo's packages from the repo root.
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
 from benchmarks.common import REPO, emit, target  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}

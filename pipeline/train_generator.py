@@ -15,8 +15,9 @@ Optimiser: AdamW; weight decay only on the weight matrices of linear layers (emb
 output tables tied to them, slot embeddings, norms and biases get none); linear warmup + cosine; global-norm
 clipping; accumulation; EMA. A step with a NaN/Inf loss or gradient on any rank is skipped on every rank
 (``pipeline.training.GuardedStep``, one all-reduced count per optimizer step, ZeRO-0..3 alike) and counted
-(``bad_steps``), and ``train.max_bad_steps`` such steps in a row stop the run. The tokenizer is never run, except to decode the optional sample grids
-(``logging.tokenizer``: a Tokenizer export directory).
+(``bad_steps``), and ``train.max_bad_steps`` such steps in a row stop the run; a rank that makes no step for
+``train.watchdog_s`` makes every rank exit with an error (pipeline.watchdog). The tokenizer is never run, except
+to decode the optional sample grids (``logging.tokenizer``: a Tokenizer export directory).
 
 Outputs under ``run.dir``: ``config.yaml``, ``logs/metrics.jsonl`` (one JSON line per log step; TensorBoard
 next to it), ``images/samples-step-N.png``, ``checkpoints/step-N/``, ``export/`` (EMA weights when EMA is
@@ -38,11 +39,35 @@ from tqdm.auto import tqdm
 
 from data.codes import CodeReader, TokenBudgetBatcher
 from models.config import ConfigBase, ConfigError, check_choice
-from models.generator import Generator, GeneratorConfig, PackedBatch, SequenceSpec, encode_sequences, pack
-from pipeline.config import LoggingConfig, OptimConfig, RunConfig, TrainConfig, load_config, save_resolved_config
+from models.generator import (
+    Generator,
+    GeneratorConfig,
+    PackedBatch,
+    SequenceSpec,
+    encode_sequences,
+    pack,
+)
+from pipeline.config import (
+    LoggingConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    load_config,
+    save_resolved_config,
+)
 from pipeline.precision import autocast, resolve_precision
-from pipeline.training import (GuardedStep, MetricsLog, MetricWindow, NonFiniteGuard, add_stage_arguments,
-                               finished_run_summary, peak_memory_bytes, tracker_names, write_summary)
+from pipeline.training import (
+    GuardedStep,
+    MetricsLog,
+    MetricWindow,
+    NonFiniteGuard,
+    add_stage_arguments,
+    finished_run_summary,
+    peak_memory_bytes,
+    tracker_names,
+    write_summary,
+)
+from pipeline.watchdog import Watchdog, shared_token
 
 __all__ = ["GeneratorStageConfig", "GeneratorDataConfig", "GeneratorLoggingConfig", "PackedCodeStream",
            "check_vocabulary", "check_labels_and_lengths", "optimizer_groups", "train", "add_arguments", "run"]
@@ -130,7 +155,7 @@ class _PackedBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> PackedBatch:
         if self._reader is None:
-            self._reader = CodeReader(self.codes_dir)
+            self._reader = CodeReader(self.codes_dir, validate=False)   # validated by the stream at start-up
         rows = self._reader.gather(self.plan[i])
         labels = torch.from_numpy(rows.labels.astype(np.int64))   # checked at start-up (check_labels_and_lengths)
         labels = torch.where((labels < 0) | (self.num_classes == 0), self.num_classes, labels)
@@ -301,33 +326,38 @@ def train(cfg: GeneratorStageConfig, resume: Optional[str] = "auto") -> dict[str
     model.train()
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_main_process,
                desc="train-generator", unit="step")
-    while step < cfg.train.max_steps:
-        update = GuardedStep(accelerator, model, cfg.train.grad_accum)
-        for _ in range(cfg.train.grad_accum):
-            batch = next(stream)
-            window.count(tokens=batch.num_tokens, micro_batches=1)   # counted on the host, before the copy
-            batch = batch.to(accelerator.device)
-            with accelerator.accumulate(model):
-                metrics = model(batch)
-                window.add(metrics, keep=update.backward(metrics["loss"]))
-        guard.record(update.bad, step + 1)
-        if not update.stepped:  # NaN/Inf loss or gradient: the optimizer step was skipped on every rank
-            continue
-        scheduler.step()
-        step += 1
-        bar.update(1)
-        if ema is not None:
-            ema.update()
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            last = {**_log_values(window, accelerator, cfg.data.max_tokens), "lr": scheduler.get_last_lr()[0],
-                    "epoch": float(stream.batcher.epoch), "bad_steps": guard.total}
-            log.write(step, last)
-            bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}",
-                            tok_s=f"{last.get('tokens_per_s', float('nan')):.0f}")
-        if cfg.logging.tokenizer and (step % cfg.train.image_every == 0 or step == cfg.train.max_steps):
-            _sample_grid(accelerator, model, ema, cfg, tokenizer, step, run_dir)
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
-            ckpt.save(step, ema=ema, extra={"stream": stream})
+    # A rank that stops making steps (a hung collective, a stuck read) makes every rank exit with an error.
+    watchdog = Watchdog(run_dir, cfg.train.watchdog_s, rank=accelerator.process_index,
+                        world_size=accelerator.num_processes, token=shared_token(), name="train-generator")
+    with watchdog:
+        while step < cfg.train.max_steps:
+            update = GuardedStep(accelerator, model, cfg.train.grad_accum)
+            for _ in range(cfg.train.grad_accum):
+                batch = next(stream)
+                window.count(tokens=batch.num_tokens, micro_batches=1)   # counted on the host, before the copy
+                batch = batch.to(accelerator.device)
+                with accelerator.accumulate(model):
+                    metrics = model(batch)
+                    window.add(metrics, keep=update.backward(metrics["loss"]))
+            guard.record(update.bad, step + 1)
+            watchdog.beat(f"optimizer step {step + 1}")
+            if not update.stepped:  # NaN/Inf loss or gradient: the optimizer step was skipped on every rank
+                continue
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            if ema is not None:
+                ema.update()
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                last = {**_log_values(window, accelerator, cfg.data.max_tokens), "lr": scheduler.get_last_lr()[0],
+                        "epoch": float(stream.batcher.epoch), "bad_steps": guard.total}
+                log.write(step, last)
+                bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}",
+                                tok_s=f"{last.get('tokens_per_s', float('nan')):.0f}")
+            if cfg.logging.tokenizer and (step % cfg.train.image_every == 0 or step == cfg.train.max_steps):
+                _sample_grid(accelerator, model, ema, cfg, tokenizer, step, run_dir)
+            if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
+                ckpt.save(step, ema=ema, extra={"stream": stream})
     bar.close()
     summary = {"steps": step, "resumed_from": start, "world_size": accelerator.num_processes,
                "zero_stage": ckpt.zero_stage, "parameters": num_parameters,
