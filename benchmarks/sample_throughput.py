@@ -10,7 +10,7 @@ The static KV cache (this tree) is compared with the sampler before it (the grow
 per token): run this script once in a checkout of that commit with ``--out base.json`` and pass the file
 here with ``--baseline base.json``; the same seeds and widths give the same workload.
 
-    flock /tmp/varitok-bench.lock .venv/bin/python benchmarks/sample_throughput.py [--baseline base.json]
+    flock /tmp/varitok-bench.lock .venv/bin/python -m benchmarks.sample_throughput [--baseline base.json]
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-from common import emit, target  # noqa: E402  (first: common puts the repo on sys.path, sets the env)
+from benchmarks.common import emit, target  # noqa: E402  (first: it sets the process env before torch loads)
 import torch  # noqa: E402
 from models.generator import Generator, GeneratorConfig, generate_tokens  # noqa: E402
 
