@@ -165,9 +165,11 @@ def test_bf16_autocast_sampling_uses_a_bf16_cache_and_gives_valid_maps():
     model = make_model(num_levels=2, grain_shape=(2, 3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model.new_cache(2, 4).position[0].keys.dtype == torch.bfloat16
-        tokens = generate_tokens(model, torch.tensor([0, 1, 2]), cfg_scale=2.0, generator=torch.Generator().manual_seed(1))
+        tokens = generate_tokens(model, torch.tensor([0, 1, 2]), cfg_scale=2.0,
+                                 generator=torch.Generator().manual_seed(1))
         maps = sample(model, [0, 1, 2], cfg_scale=2.0, generator=torch.Generator().manual_seed(1))
-    assert model.new_cache(2, 4).position[0].keys.dtype == torch.float32 and model.position_embed.weight.dtype == torch.float32
+    assert model.new_cache(2, 4).position[0].keys.dtype == torch.float32   # fp32 outside autocast, weights untouched
+    assert model.position_embed.weight.dtype == torch.float32
     assert tokens.done.all() and torch.isfinite(tokens.log_prob).all()
     assert_valid(model, maps, 3)
 
