@@ -1,8 +1,10 @@
-"""Constrained sampling: validity rule, filters, every sample a valid code map, CFG, reproducibility, cache == recompute."""
+"""Constrained sampling: validity rule, filters, every sample a valid code map, CFG, reproducibility, static KV cache
+== recompute, bf16 autocast, host reads only every N steps."""
 import pytest
 import torch
 
 from models.generator import Generator, GeneratorConfig, SequenceSpec, TokenFilter, ValidityRule, generate_tokens, sample
+from models.generator.layers import KVCache
 from models.generator.sampling import filter_logits
 from models.layout import codes_to_level_maps, level_maps_to_codes, num_codes
 
@@ -134,12 +136,67 @@ def test_cfg_scale_one_is_conditional_sampling_and_guidance_changes_samples():
     assert any(not torch.equal(a[0], b[0]) or not torch.equal(a[1], b[1]) for a, b in zip(plain, strong))
 
 
-def test_cached_and_recompute_samplers_agree():
-    model = make_model(num_levels=3, num_subcodes=2, grain_shape=(1, 2))
-    cached = sample(model, [0, 1], generator=torch.Generator().manual_seed(5), cfg_scale=2.0)
-    recomputed = sample(model, [0, 1], generator=torch.Generator().manual_seed(5), cfg_scale=2.0, use_cache=False)
-    for (g1, c1), (g2, c2) in zip(cached, recomputed):
-        assert torch.equal(g1, g2) and torch.equal(c1, c2)
+@pytest.mark.parametrize("seed, labels, cfg_scale", [(5, [0, 1], 2.0), (6, [2], None), (7, [0, 1, 2, 3, 1], 3.0),
+                                                     (8, [1, 1, 0, 2], None)])
+def test_static_cache_gives_the_tokens_of_the_recompute_path(seed, labels, cfg_scale):
+    model = make_model(num_levels=3, num_subcodes=2, grain_shape=(1, 2), seed=seed)
+    runs = [generate_tokens(model, torch.tensor(labels), generator=torch.Generator().manual_seed(seed),
+                            cfg_scale=cfg_scale, use_cache=use_cache) for use_cache in (True, False)]
+    assert runs[0].done.all()
+    assert torch.equal(runs[0].position, runs[1].position) and torch.equal(runs[0].content, runs[1].content)
+    torch.testing.assert_close(runs[0].log_prob, runs[1].log_prob)
+
+
+def test_kv_cache_writes_at_the_device_index_and_masks_the_rest():
+    cache = KVCache(2, 1, 5, 3)
+    keys = torch.arange(2 * 2 * 3, dtype=torch.float32).view(2, 1, 2, 3)
+    _, _, valid = cache.update(keys, -keys)
+    assert cache.length.tolist() == [2] and valid.tolist() == [[[[True, False, False, False, False],
+                                                                  [True, True, False, False, False]]]]
+    all_keys, all_values, valid = cache.update(keys[:, :, :1] + 100, keys[:, :, :1])
+    assert valid.tolist() == [[[[True, True, True, False, False]]]]
+    assert torch.equal(all_keys[:, :, :2], keys) and torch.equal(all_keys[:, :, 2], keys[:, :, 0] + 100)
+    assert torch.equal(all_values[:, :, :2], -keys) and all_keys[:, :, 3:].eq(0).all()
+    cache.reset()
+    assert cache.length.tolist() == [0]
+
+
+def test_bf16_autocast_sampling_uses_a_bf16_cache_and_gives_valid_maps():
+    model = make_model(num_levels=2, grain_shape=(2, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.new_cache(2, 4).position[0].keys.dtype == torch.bfloat16
+        tokens = generate_tokens(model, torch.tensor([0, 1, 2]), cfg_scale=2.0,
+                                 generator=torch.Generator().manual_seed(1))
+        maps = sample(model, [0, 1, 2], cfg_scale=2.0, generator=torch.Generator().manual_seed(1))
+    assert model.new_cache(2, 4).position[0].keys.dtype == torch.float32   # fp32 outside autocast, weights untouched
+    assert model.position_embed.weight.dtype == torch.float32
+    assert tokens.done.all() and torch.isfinite(tokens.log_prob).all()
+    assert_valid(model, maps, 3)
+
+
+@pytest.mark.parametrize("every", [1, 3, 64])
+def test_checking_done_every_n_steps_gives_the_same_samples(every):
+    model = make_model(num_levels=3, grain_shape=(2, 2))
+    reference = generate_tokens(model, torch.tensor([0, 1, 2, 3]), cfg_scale=1.5, check_done_every=1,
+                                generator=torch.Generator().manual_seed(4))
+    tokens = generate_tokens(model, torch.tensor([0, 1, 2, 3]), cfg_scale=1.5, check_done_every=every,
+                             generator=torch.Generator().manual_seed(4))
+    assert torch.equal(tokens.position, reference.position) and torch.equal(tokens.content, reference.content)
+    torch.testing.assert_close(tokens.log_prob, reference.log_prob)
+
+
+def test_the_decode_loop_reads_the_device_only_every_n_steps(monkeypatch):
+    model = make_model(num_levels=2, grain_shape=(2, 3))
+    reads = []
+    real_bool = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda self: reads.append(1) or real_bool(self))
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("item() in the decode loop"))
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("tolist() in the decode loop"))
+    tokens = generate_tokens(model, torch.tensor([0, 1]), cfg_scale=2.0, check_done_every=4,
+                             generator=torch.Generator().manual_seed(0))
+    steps = tokens.position.shape[1] - 1
+    # one read per 4 steps, plus the label range check (2) and the final cut (1); per token it was 2 a step
+    assert steps > 8 and len(reads) <= -(-steps // 4) + 3
 
 
 def test_generate_tokens_partial_and_errors():

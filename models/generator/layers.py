@@ -5,7 +5,6 @@ Shapes: ``B`` batch (or packed rows), ``T`` new tokens, ``S`` keys attended to, 
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
@@ -68,37 +67,59 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return rotated.flatten(-2).to(x.dtype)
 
 
-@dataclasses.dataclass
-class KVCache:
-    """Preallocated keys/values ``[B, H, max_len, Dh]`` of one attention layer; ``length`` slots are filled."""
+class KVCache(nn.Module):
+    """Static KV cache of one attention layer: keys/values preallocated ``[B, H, max_len, Dh]`` and the number
+    of filled slots ``length`` (int64 ``[1]``, on the cache's device).
 
-    keys: Tensor
-    values: Tensor
-    length: int = 0
+    Every write goes to slots ``length .. length + T - 1`` (``index_copy_`` at a device-side index) and
+    attention always runs over all ``max_len`` slots with a validity mask built on the device, so a decode
+    step has the same shapes and no host-side integer at every token (it can be captured as a CUDA graph).
+    The caller keeps the number of tokens within ``max_len`` (past it ``index_copy_`` fails). The tensors are
+    buffers so that ``torch.compile`` treats them as static state, not as inputs mutated by the graph.
+    """
 
-    @classmethod
-    def empty(cls, batch: int, heads: int, max_len: int, head_dim: int,
-              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "KVCache":
+    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        super().__init__()
         shape = (batch, heads, max_len, head_dim)
-        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+        # zeros, not empty: masked slots still meet the softmax weights (0), and 0 * NaN garbage would be NaN
+        self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("length", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("slots", torch.arange(max_len, device=device), persistent=False)
 
-    def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        """Store ``[B, H, T, Dh]`` new keys/values; return all keys/values so far ``[B, H, length, Dh]``."""
-        end = self.length + keys.shape[2]
-        if end > self.keys.shape[2]:
-            raise RuntimeError(f"KV cache overflow: {end} tokens > max_len {self.keys.shape[2]}")
-        self.keys[:, :, self.length:end] = keys
-        self.values[:, :, self.length:end] = values
-        self.length = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
+    def reset(self) -> None:
+        """Empty the cache (the stored values stay, masked out)."""
+        self.length.zero_()
+
+    def update(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Store ``[B, H, T, Dh]`` new keys/values and advance ``length`` by ``T``.
+
+        Returns all keys and values ``[B, H, max_len, Dh]`` and the bool mask ``[1, 1, T, max_len]`` (True =
+        attend): new token ``t`` sees the slots filled before it and the new tokens up to itself.
+        """
+        written = self.length + self.slots[: keys.shape[2]]
+        self.keys.index_copy_(2, written, keys.to(self.keys.dtype))
+        self.values.index_copy_(2, written, values.to(self.values.dtype))
+        self.length += keys.shape[2]
+        return self.keys, self.values, (self.slots[None, :] <= written[:, None])[None, None]
+
+
+def cache_dtype(like: Tensor) -> torch.dtype:
+    """The dtype a KV cache stores: the autocast dtype while autocast is on for ``like``'s device, else ``like``'s."""
+    device_type = like.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return like.dtype
 
 
 class Attention(nn.Module):
     """Multi-head self-attention with optional RoPE and KV cache (no attention dropout).
 
     ``mask``: a :class:`~models.generator.attention.DocumentMask` (packed training rows), a dense bool
-    ``[B, 1, T, S]`` tensor (True = attend; the reference path), or None (causal). The KV cache is handled
-    here only: incremental decoding appends to it and attends over everything cached.
+    ``[B, 1, T, S]`` tensor (True = attend; the reference path), or None (causal). The KV cache is read and
+    written here only: incremental decoding stores the new keys/values and attends over the whole static cache
+    under its validity mask.
     """
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0):
@@ -112,24 +133,22 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: Optional[Rotary] = None, mask=None, cache: Optional[KVCache] = None) -> Tensor:
         """x ``[B, T, D]``; rope: tables of the ``T`` tokens (None = no RoPE); mask as the class docstring.
 
-        Without ``mask`` the attention is causal: over the whole input, or over the cache plus the new
-        tokens when ``T == 1`` or the cache is empty.
+        Without ``mask`` the attention is causal: over the whole input, or with ``cache`` over the cached
+        tokens plus the new ones (causal among them).
         """
         batch, length, _ = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if isinstance(mask, DocumentMask):
-            if cache is not None:
-                raise ValueError("a DocumentMask is for packed training rows, not for KV-cached decoding")
+        if cache is not None:
+            if mask is not None:
+                raise ValueError("KV-cached decoding is causal: pass no mask with a cache")
+            k, v, valid = cache.update(k, v)
+            out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=valid)
+        elif isinstance(mask, DocumentMask):
             out = mask.attend(q, k, v)
         else:
-            is_causal = mask is None and length > 1
-            if cache is not None:
-                if mask is None and length > 1 and cache.length > 0:
-                    raise ValueError("several new tokens after a non-empty cache need an explicit mask")
-                k, v = cache.append(k, v)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and length > 1)
         return self.proj_dropout(self.proj(out.transpose(1, 2).reshape(batch, length, -1)))
 
 
@@ -178,6 +197,6 @@ class Transformer(nn.Module):
             nn.init.zeros_(block.mlp.down.weight)
 
     def new_caches(self, batch: int, max_len: int, like: Tensor) -> list[KVCache]:
-        """One empty :class:`KVCache` per block, with the dtype/device of the tensor ``like``."""
-        return [KVCache.empty(batch, self.heads, max_len, self.dim // self.heads, like.dtype, like.device)
+        """One empty :class:`KVCache` per block on ``like``'s device, in the compute dtype (:func:`cache_dtype`)."""
+        return [KVCache(batch, self.heads, max_len, self.dim // self.heads, cache_dtype(like), like.device)
                 for _ in self.blocks]

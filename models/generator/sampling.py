@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from models.generator.sequence import FlatSequences, SequenceSpec, decode_sequences
+from models.generator.layers import Rotary
 from models.generator.stacked import Generator, GeneratorCache
 
 
@@ -114,8 +115,8 @@ class ValidityRule:
         forced = torch.where(in_region, next_cell,
                              torch.where(has_region, first_opening, spec.num_cells + self.level))
         forced = torch.where(self.done, torch.full_like(forced, spec.end), forced)
-        allowed[self.rows[~free], forced[~free]] = True
-        return allowed
+        forced_slot = forced[:, None]   # a scatter, not boolean indexing: no host sync
+        return allowed.scatter(1, forced_slot, allowed.gather(1, forced_slot) | ~free[:, None])
 
     def advance(self, position: Tensor) -> None:
         """Update the state with the drawn positions ``[B]``."""
@@ -124,7 +125,8 @@ class ValidityRule:
         is_cell = active & (position < spec.num_cells)
         opening = is_cell & (self.remaining == 0)
         region = spec.position_region(position.clamp(max=spec.num_cells - 1))
-        self.taken[self.rows[opening], region[opening]] = True
+        region_slot = region[:, None]
+        self.taken.scatter_(1, region_slot, self.taken.gather(1, region_slot) | opening[:, None])
         self.region = torch.where(opening, region, self.region)
         self.last_region = torch.where(opening, region, self.last_region)
         owed = (1 << (2 * self.level)) - 1
@@ -136,23 +138,42 @@ class ValidityRule:
 
 
 class CachedDecoder:
-    """Runs both stacks one token at a time with KV caches (the RoPE tables of a step serve both stacks)."""
+    """Runs both stacks one token at a time over static KV caches (the RoPE tables of a step serve both stacks).
 
-    def __init__(self, model: Generator, batch: int, max_len: int):
+    Every call has fixed shapes and reads the decoded length from the device, so on a GPU the two steps and
+    the content-head step are captured (``torch.compile(mode="reduce-overhead")``: CUDA graphs) with
+    ``compile=True`` (the default there); elsewhere ``compile=True`` compiles them without capture.
+    """
+
+    def __init__(self, model: Generator, batch: int, max_len: int, compile: Optional[bool] = None):
         self.model = model
         self.cache: GeneratorCache = model.new_cache(batch, max_len)
         self.rope = None
+        self.head_step = model.content_head.step
+        device = model.position_embed.weight.device
+        if compile if compile is not None else device.type == "cuda":
+            mode = "reduce-overhead" if device.type == "cuda" else "default"
+            self._position = torch.compile(self._position, mode=mode, dynamic=False)
+            self._content = torch.compile(self._content, mode=mode, dynamic=False)
+            self.head_step = torch.compile(self.head_step, mode=mode, dynamic=False)
+
+    def _position(self, inputs: Tensor, position: Tensor) -> tuple[Tensor, Optional[Rotary]]:
+        index = self.cache.length.expand_as(position)[:, None]
+        rope = self.model.rotary(position[:, None], index)
+        return self.model.position_hidden(inputs, rope, caches=self.cache.position)[:, 0], rope
+
+    def _content(self, hidden: Tensor, next_position: Tensor, rope: Optional[Rotary]) -> Tensor:
+        return self.model.content_hidden(hidden[:, None], next_position[:, None], rope,
+                                         caches=self.cache.content)[:, 0]
 
     def position(self, inputs: Tensor, position: Tensor) -> Tensor:
         """inputs ``[B, 1, D]`` of token t with position id ``P_t [B]`` -> ``h_t [B, D]``."""
-        index = torch.full_like(position[:, None], self.cache.length)
-        self.rope = self.model.rotary(position[:, None], index)
-        return self.model.position_hidden(inputs, self.rope, caches=self.cache.position)[:, 0]
+        hidden, self.rope = self._position(inputs, position)
+        return hidden
 
     def content(self, hidden: Tensor, next_position: Tensor) -> Tensor:
         """``h_t [B, D]``, ``P_{t+1} [B]`` -> ``c_t [B, D]``."""
-        return self.model.content_hidden(hidden[:, None], next_position[:, None], self.rope,
-                                         caches=self.cache.content)[:, 0]
+        return self._content(hidden, next_position, self.rope)
 
 
 class RecomputeDecoder:
@@ -165,6 +186,7 @@ class RecomputeDecoder:
         self.next_positions: list[Tensor] = []
         self.hidden: Optional[Tensor] = None
         self.rope = None
+        self.head_step = model.content_head.step
 
     def position(self, inputs: Tensor, position: Tensor) -> Tensor:
         self.inputs.append(inputs)
@@ -209,14 +231,22 @@ def generate_tokens(model: Generator, labels: Tensor, *, position: TokenFilter =
                     cfg_interval: Optional[tuple[int, int]] = None, cfg_positions: bool = True,
                     cfg_schedule: str = "constant", generator: Optional[torch.Generator] = None,
                     use_cache: bool = True, max_steps: Optional[int] = None,
-                    teacher: Optional[tuple[Tensor, Tensor]] = None) -> SampledTokens:
+                    teacher: Optional[tuple[Tensor, Tensor]] = None, check_done_every: int = 8,
+                    compile: Optional[bool] = None) -> SampledTokens:
     """Sample token streams for class ``labels [B]`` (the null class id ``num_classes`` for unconditional).
 
     ``position`` / ``content``: the filters of position and sub-code draws. Guidance options as the module
     docstring. ``use_cache=False`` selects the reference decoder that recomputes the prefix every step (for
     benchmarks); ``max_steps`` stops early (the result then holds unfinished sequences). ``teacher``:
     ``(position [B, T], content [B, T, K])`` streams (BOS first, END-padded) to score instead of drawing.
+
+    The loop reads nothing back from the device except whether all rows are done, every ``check_done_every``
+    steps (finished rows repeat END meanwhile; the result is cut to the longest row, so the streams do not
+    depend on it). ``compile``: capture / compile the cached decode steps (default: on a GPU), see
+    :class:`CachedDecoder`.
     """
+    if check_done_every < 1:
+        raise ValueError(f"check_done_every must be >= 1, got {check_done_every}")
     spec, config = model.spec, model.config
     device = model.position_embed.weight.device
     labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
@@ -248,7 +278,8 @@ def generate_tokens(model: Generator, labels: Tensor, *, position: TokenFilter =
     if teacher is not None:
         teacher_position, teacher_content = (t.to(device) for t in teacher)
         steps = min(steps, teacher_position.shape[1] - 1)
-    decoder = CachedDecoder(model, rows, spec.max_length) if use_cache else RecomputeDecoder(model)
+    decoder = CachedDecoder(model, rows, spec.max_length, compile) if use_cache else RecomputeDecoder(model)
+    head_caches = model.content_head.new_caches(rows, model.position_embed.weight)
     none = spec.none_content.to(device).expand(batch, -1)
     token_position = torch.full((batch,), spec.bos, dtype=torch.long, device=device)
     token_content = none
@@ -273,28 +304,31 @@ def generate_tokens(model: Generator, labels: Tensor, *, position: TokenFilter =
             log_prob += torch.where(active, chosen_log_prob(filtered, token_position), torch.zeros_like(log_prob))
         context = decoder.content(hidden, both(token_position))
         needs_content = token_position < spec.num_cells
-        token_content = none
-        if bool(needs_content.any()):
-            head_caches = model.content_head.new_caches(rows, context)
-            subcodes, previous = [], None
-            for slot in range(spec.num_subcodes):
-                logits = filter_logits(guide(model.content_head.step(context, previous, slot, head_caches), scale),
-                                       None, content)
-                if teacher is None:
-                    subcodes.append(draw(logits, content, generator))
-                else:
-                    subcodes.append(teacher_content[:, step + 1, slot].clamp(0, logits.shape[1] - 1))
-                    log_prob += torch.where(active & needs_content, chosen_log_prob(logits, subcodes[-1]),
-                                            torch.zeros_like(log_prob))
-                previous = both(subcodes[-1])
-            token_content = torch.where(needs_content[:, None], torch.stack(subcodes, 1), none)
+        # the sub-codes of every row at every step (fixed work, no host sync); rows without a cell keep "none"
+        for cache in head_caches:
+            cache.reset()
+        subcodes, previous = [], None
+        for slot in range(spec.num_subcodes):
+            logits = filter_logits(guide(decoder.head_step(context, previous, slot, head_caches), scale), None, content)
+            if teacher is None:
+                subcodes.append(draw(logits, content, generator))
+            else:
+                subcodes.append(teacher_content[:, step + 1, slot].clamp(0, logits.shape[1] - 1))
+                log_prob += torch.where(active & needs_content, chosen_log_prob(logits, subcodes[-1]),
+                                        torch.zeros_like(log_prob))
+            previous = both(subcodes[-1])
+        token_content = torch.where(needs_content[:, None], torch.stack(subcodes, 1), none)
         rule.advance(token_position)
         positions.append(token_position)
         contents.append(token_content)
-        if bool(rule.done.all()):
+        if (step + 1) % check_done_every == 0 and bool(rule.done.all()):
             break
     model.train(was_training)
-    return SampledTokens(torch.stack(positions, 1), torch.stack(contents, 1), rule.done, log_prob)
+    position_streams, content_streams = torch.stack(positions, 1), torch.stack(contents, 1)
+    if bool(rule.done.all()):   # cut the END columns decoded after the last row finished
+        length = int((position_streams == spec.end).int().argmax(1).max()) + 1
+        position_streams, content_streams = position_streams[:, :length], content_streams[:, :length]
+    return SampledTokens(position_streams, content_streams, rule.done, log_prob)
 
 
 def sample(model: Generator, labels: Sequence[int] | Tensor, **options) -> list[tuple[Tensor, Tensor]]:

@@ -185,7 +185,8 @@ class GeneratorCache:
     content: list[KVCache]
 
     @property
-    def length(self) -> int:
+    def length(self) -> Tensor:
+        """int64 ``[1]`` (on the device): tokens decoded so far."""
         return self.position[0].length
 
 
