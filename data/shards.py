@@ -480,8 +480,8 @@ def _decoding():
             yield
     except Rejected:
         raise
-    except UnidentifiedImageError as exc:
-        raise Rejected("not_an_image", str(exc)) from None
+    except UnidentifiedImageError:  # PIL's message names the BytesIO's address: not reproducible
+        raise Rejected("not_an_image", "cannot identify the image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise Rejected("decompression_bomb", str(exc)) from None
     except OSError as exc:
