@@ -186,7 +186,8 @@ def _table_batches(path: str, names: Sequence[str], start: int = 0) -> Iterator[
             first += batch.num_rows
         return
     handle, _ = open_regular_file(path)
-    with handle, pq.ParquetFile(handle) as parquet:
+    # buffered page-by-page reading: a huge row group is not loaded whole (pre_buffer reads column chunks at once)
+    with handle, pq.ParquetFile(handle, buffer_size=1 << 20, pre_buffer=False) as parquet:
         first, groups = 0, []
         for group in range(parquet.num_row_groups):
             rows = parquet.metadata.row_group(group).num_rows
