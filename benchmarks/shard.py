@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -137,8 +137,6 @@ def main() -> None:
             def run() -> int:
                 out = root / f"out-{kind}"
                 if out.exists():
-                    import shutil
-
                     shutil.rmtree(out)
                 summary = shard_images([str(layouts[kind])], out, options, workers=1, progress=False)
                 assert summary["written"] == len(paths), summary

@@ -171,7 +171,8 @@ class InputSet:
 # ----------------------------------------------------------------------------------------------
 
 def _walk_images(root: Path, skipped: list[dict], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
-    """Image files (or other ``extensions``) under ``root``, each real file once, in a deterministic order (sorted, depth first).
+    """Image files (or other ``extensions``) under ``root``, each real file once, in a deterministic order
+    (sorted, depth first).
 
     Links are followed, but every folder (device, inode) is entered once, so a symlink loop or a second
     link to a folder adds nothing, and a file reached by several paths (links, hard links) counts once,
@@ -327,7 +328,7 @@ def _source_entries(files: Sequence[Path], options: ShardOptions) -> list[tuple]
     for file in files:
         path = os.path.abspath(file)
         try:
-            count = sources.count_rows(path, _columns(options), options.max_input_bytes)
+            count = sources.count_rows(path, _columns(options))
             labels = sources.read_labels(path, _columns(options)) or [None] * count
         except (sources.SourceError, OSError) as exc:
             raise ShardError(f"--input {file}: {exc}") from None
@@ -377,8 +378,8 @@ def discover_inputs(paths: Sequence[str | os.PathLike], options: Optional[ShardO
             elif path.is_file() and suffix in IMAGE_EXTENSIONS:
                 entries.append((os.path.abspath(path), None, None, None))
             elif path.exists():
-                raise ShardError(f"--input {given}: not a folder, an image, a file list "
-                                 f"({', '.join(LIST_EXTENSIONS)}) or a source file ({', '.join(sources.SOURCE_EXTENSIONS)})")
+                raise ShardError(f"--input {given}: not a folder, an image, a file list ({', '.join(LIST_EXTENSIONS)}) "
+                                 f"or a source file ({', '.join(sources.SOURCE_EXTENSIONS)})")
             else:
                 raise ShardError(f"--input {given}: no such file or folder")
         except sources.SourceError as exc:
@@ -554,7 +555,7 @@ def _source_id(item: InputItem) -> str:
 def _row_payload(row: sources.Row, item: InputItem, limit: int) -> tuple[bytes, Optional[int], Optional[str]]:
     """(image bytes, label, caption) of a source row, or Rejected."""
     if row.data is None:
-        raise Rejected("no_image", row.problem or "no image bytes")
+        raise Rejected(row.reason or "no_image", row.problem or "no image bytes")
     if row.problem is not None:
         raise Rejected("corrupt", row.problem)
     if len(row.data) > limit:
@@ -585,22 +586,25 @@ def _payloads(items: Sequence[InputItem], options: ShardOptions) -> Iterator[tup
         end = position
         while end < len(items) and items[end].path == item.path and items[end].row is not None:
             end += 1
-        rows = sources.iter_rows(item.path, _columns(options), item.row, items[end - 1].row + 1,
-                                 options.max_input_bytes)
+        rows = sources.iter_rows(item.path, _columns(options), item.row, items[end - 1].row + 1)
         current: Optional[sources.Row] = None
+        failure: Optional[str] = None  # the source broke mid-read (changed after discovery): the rest is unreadable
         for wanted in items[position:end]:
-            while current is None or current.index < wanted.row:
-                current = next(rows, None)
-                if current is None:
-                    break
             try:
+                if failure is not None:
+                    raise Rejected("unreadable", failure)
+                while current is None or current.index < wanted.row:
+                    current = next(rows, None)
+                    if current is None:
+                        break
                 if current is None or current.index != wanted.row:
                     raise Rejected("missing", f"row {wanted.row} is no longer in {wanted.path} (file changed?)")
                 yield _row_payload(current, wanted, options.max_input_bytes)
             except Rejected as rej:
                 yield rej, wanted.label, None
-            except Exception as exc:  # a source file damaged after discovery: the rest of its run is rejected
-                yield Rejected("unreadable", f"{type(exc).__name__}: {exc}"), wanted.label, None
+            except Exception as exc:  # pyarrow / OS errors on a damaged file
+                failure = f"{type(exc).__name__}: {exc}"
+                yield Rejected("unreadable", failure), wanted.label, None
         position = end
 
 

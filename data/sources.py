@@ -49,13 +49,15 @@ class Columns:
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One source row: ``data`` is the encoded image (None when the row has none; ``problem`` says why)."""
+    """One source row: ``data`` is the encoded image; ``problem`` says why the row cannot be used (``data`` None:
+    it has no image, or ``reason`` when given; else its bytes failed a check), None when it can."""
 
     index: int
     data: Optional[bytes]
     label: Any = None
     caption: Optional[str] = None
     problem: Optional[str] = None
+    reason: Optional[str] = None
 
 
 def is_source_file(path: Path) -> bool:
@@ -96,9 +98,13 @@ def _image_column(schema, wanted: Optional[str], where: str) -> Optional[str]:
 
 def is_image_table(path: Path, columns: Columns) -> bool:
     """Whether a ``.parquet`` file holds image bytes (else it is a file list of paths)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pq.read_schema(path)
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise SourceError(f"{path}: not a readable Parquet file ({exc})") from None
     if columns.image is not None and columns.image in schema.names:
         return _image_column(schema, columns.image, str(path)) is not None
     return _image_column(schema, None, str(path)) is not None
@@ -229,12 +235,12 @@ def _table_rows(path: str, columns: Columns, start: int, stop: int) -> Iterator[
 
 # ---- tar shards ---------------------------------------------------------------------------------
 
-def _tar_samples(path: str, max_member_bytes: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """``(key, {extension: bytes})`` of each sample (adjacent members sharing a key), in file order."""
     import webdataset as wds
 
     key, members = None, {}
-    for name, data in iter_tar_members(path, max_member_bytes=max_member_bytes):
+    for name, data in iter_tar_members(path):  # the same member limit as the count (--max-input-bytes: per row)
         base, ext = wds.tariterators.base_plus_ext(name)
         if base is None:
             continue
@@ -247,7 +253,7 @@ def _tar_samples(path: str, max_member_bytes: int) -> Iterator[tuple[str, dict[s
         yield key, members
 
 
-def _tar_rows(path: str, columns: Columns, start: int, stop: int, max_member_bytes: int) -> Iterator[Row]:
+def _tar_rows(path: str, columns: Columns, start: int, stop: int) -> Iterator[Row]:
     def member(members: dict[str, bytes], wanted: Optional[str], candidates: Sequence[str]) -> Optional[bytes]:
         if wanted is not None:
             return members.get(wanted)
@@ -255,7 +261,7 @@ def _tar_rows(path: str, columns: Columns, start: int, stop: int, max_member_byt
 
     index = -1
     try:
-        for index, (key, members) in enumerate(_tar_samples(path, max_member_bytes)):
+        for index, (key, members) in enumerate(_tar_samples(path)):
             if index >= stop:
                 return
             if index < start:
@@ -271,12 +277,12 @@ def _tar_rows(path: str, columns: Columns, start: int, stop: int, max_member_byt
                       None if problem is None else f"sample {key!r} {problem}")
     except (ShardReadError, OSError) as exc:
         for missing in range(max(index + 1, start), stop):  # counted at discovery, unreadable now
-            yield Row(missing, None, problem=f"source tar unreadable here: {exc}")
+            yield Row(missing, None, problem=f"source tar unreadable here: {exc}", reason="unreadable")
 
 
 # ---- the interface the sharder uses ---------------------------------------------------------------
 
-def count_rows(path: str, columns: Columns, max_member_bytes: int) -> int:
+def count_rows(path: str, columns: Columns) -> int:
     """Rows of a source file (Parquet metadata, Arrow batch lengths, tar sample headers)."""
     import pyarrow.parquet as pq
 
@@ -320,9 +326,9 @@ def read_labels(path: str, columns: Columns) -> Optional[list[Any]]:
     return labels
 
 
-def iter_rows(path: str, columns: Columns, start: int, stop: int, max_member_bytes: int) -> Iterator[Row]:
+def iter_rows(path: str, columns: Columns, start: int, stop: int) -> Iterator[Row]:
     """Rows ``start <= index < stop`` of a source file, in order, read incrementally."""
     if path.lower().endswith(".tar"):
-        return _tar_rows(path, columns, start, stop, max_member_bytes)
+        return _tar_rows(path, columns, start, stop)
     return _table_rows(path, columns, start, stop)
 

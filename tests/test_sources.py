@@ -56,7 +56,8 @@ def mixed_images(count: int, size: int = 40) -> list[bytes | None]:
     return cells
 
 
-BAD_ROWS = {3: {"not_an_image", "corrupt", "truncated"}, 5: {"truncated", "corrupt"}, 8: {"no_image"}, 11: {"not_an_image"}}
+BAD_ROWS = {3: {"not_an_image", "corrupt", "truncated"}, 5: {"truncated", "corrupt"}, 8: {"no_image"},
+            11: {"not_an_image"}}
 
 
 def write_parquet(path: Path, cells: list, labels: list, captions: list, row_group_size: int = 4) -> Path:
@@ -69,7 +70,8 @@ def write_parquet(path: Path, cells: list, labels: list, captions: list, row_gro
 
 
 def rejected_rows(out: Path) -> dict[tuple[str, int], str]:
-    return {(Path(e["path"]).name, e["row"]): e["reason"] for e in map(json.loads, (out / "rejected.jsonl").read_text().splitlines())}
+    entries = map(json.loads, (out / "rejected.jsonl").read_text().splitlines())
+    return {(Path(e["path"]).name, e["row"]): e["reason"] for e in entries}
 
 
 def check_rows(out: Path, cells: list, options: ShardOptions, file_name: str) -> dict[int, dict]:
@@ -123,10 +125,10 @@ def test_iter_rows_reads_exactly_the_range_across_row_groups(tmp_path):
                          row_group_size=5)
     columns = sources.Columns()
     for start, stop in ((0, 23), (4, 6), (5, 10), (7, 22), (22, 23), (10, 10)):
-        rows = list(sources.iter_rows(str(path), columns, start, stop, 1 << 20))
+        rows = list(sources.iter_rows(str(path), columns, start, stop))
         assert [r.index for r in rows] == list(range(start, stop))
         assert [r.data for r in rows] == cells[start:stop] and [r.label for r in rows] == list(range(start, stop))
-    assert sources.count_rows(str(path), columns, 1 << 20) == 23
+    assert sources.count_rows(str(path), columns) == 23
 
 
 def write_save_to_disk(folder: Path, cells: list, labels: list, parts: int = 2) -> Path:
