@@ -163,6 +163,9 @@ class InputSet:
             digest.update(json.dumps(fields).encode())
             digest.update(b"\n")
         digest.update(json.dumps(self.classes).encode())
+        source_files = sorted({item.path for item in self.items if item.row is not None})
+        if source_files:  # a table or tar replaced by another with as many rows is a different input
+            digest.update(json.dumps([[path, os.stat(path).st_size] for path in source_files]).encode())
         return digest.hexdigest()
 
 

@@ -240,15 +240,20 @@ def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     import webdataset as wds
 
     key, members = None, {}
-    for name, data in iter_tar_members(path):  # the same member limit as the count (--max-input-bytes: per row)
-        base, ext = wds.tariterators.base_plus_ext(name)
-        if base is None:
-            continue
-        if base != key:
-            if key is not None:
-                yield key, members
-            key, members = base, {}
-        members.setdefault(ext, data)
+    try:
+        for name, data in iter_tar_members(path):  # the same member limit as the count (--max-input-bytes: per row)
+            base, ext = wds.tariterators.base_plus_ext(name)
+            if base is None:
+                continue
+            if base != key:
+                if key is not None:
+                    yield key, members
+                key, members = base, {}
+            members.setdefault(ext, data)
+    except ShardReadError:
+        if key is not None:  # the members read before the damage (the count saw this sample's headers too)
+            yield key, members
+        raise
     if key is not None:
         yield key, members
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from data import sources
 from data.demo_images import procedural_image
-from data.shards import ShardError, ShardOptions, discover_inputs, process_image, shard_images
+from data.shards import ShardError, ShardOptions, discover_inputs, process_image, shard_images, write_shard
 from test_shard import output_files, read_all, single_node  # noqa: F401  (the fixture runs as one node)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -241,6 +241,22 @@ def test_reshard_img2dataset_tars_and_varitok_shards(tmp_path):
     [entry] = map(json.loads, (tmp_path / "big" / "rejected.jsonl").read_text().splitlines())
     assert entry["reason"] == "corrupt" and entry["path"] == str(tampered) and entry["row"] == 0
     assert "sha256" in entry["detail"]
+
+
+def test_tar_damaged_after_discovery_rejects_the_rest_as_unreadable(tmp_path):
+    write_wds_tars(tmp_path / "wds", count=4)
+    tar = tmp_path / "wds" / "part-00000.tar"
+    found = discover_inputs([tar])
+    assert [item.row for item in found.items] == [0, 1, 2, 3]
+    offsets = [m.offset for m in tarfile.open(tar).getmembers()]
+    with open(tar, "r+b") as handle:  # cut inside sample 2: samples 0 and 1 stay readable
+        handle.truncate(offsets[len(offsets) // 2 + 1] + 100)
+    (tmp_path / "out").mkdir()
+    stats = write_shard(tmp_path / "out", 0, found.items, 0, ShardOptions(image_size=16))
+    assert stats["count"] == 2  # rows 0 and 1 (whose members all precede the cut); 2 and 3 are cut off
+    reasons = {entry["row"]: entry["reason"] for entry in stats["rejected"]}
+    assert reasons == {2: "unreadable", 3: "unreadable"}
+    assert "truncated" in stats["rejected"][-1]["detail"]
 
 
 def test_dedupe_and_column_flags(tmp_path):
