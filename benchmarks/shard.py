@@ -3,15 +3,16 @@
 The images of ``--images`` (their original bytes) are laid out three ways in a temporary folder: an image folder,
 a Parquet file with a Hugging Face style ``image`` struct column {bytes, path} and an integer ``label`` column
 (row groups of 100 rows), and WebDataset tars from ``webdataset.ShardWriter`` (img2dataset-like: jpg, cls, txt).
-Measured side by side in one run, interleaved round-robin (medians of ``--repeats`` rounds), at ``--image-size``
+Measured side by side in one run, interleaved round-robin over ``--repeats`` rounds, at ``--image-size``
 (center-crop, JPEG q95):
 
 * ``raw``: a plain single-threaded loop over the same in-memory bytes calling ``data.shards.process_image``
   (decode + EXIF + RGB + resize + encode), the per-image work every input kind shares;
 * ``folder``, ``parquet``, ``reshard``: ``data.shards.shard_images`` with one worker on each layout: discovery,
   reading, hashing, tar writing, stats and manifests included.
-Rates are images per CPU-second of this process (one core), so a machine shared with other jobs does not move
-them much; wall-clock rates are reported too. Target: each input kind >= 0.85 of the raw rate.
+Rates are images per CPU-second of this process (one core), so a machine shared with other jobs moves them less;
+the best round of each is the figure (other jobs only slow a round down), medians and wall-clock rates are reported
+too. Target: each input kind >= 0.85 of the raw rate.
 
 Memory: a ~``--parquet-gb`` GB Parquet of small rows (the images downscaled to 64 px JPEGs, repeated; no
 compression, 2,000-row row groups) is sharded in a fresh process as node 0 of ``--memory-nodes`` (discovery of
@@ -152,10 +153,14 @@ def main() -> None:
                 count = fn()
                 cpu[name].append(count / (time.process_time() - c0))
                 wall[name].append(count / (time.perf_counter() - w0))
-        rates = {name: statistics.median(values) for name, values in cpu.items()}
+        # best of the rounds: other jobs on the machine only ever slow a round down (as timeit reports the minimum)
+        rates = {name: max(values) for name, values in cpu.items()}
+        medians = {name: statistics.median(values) for name, values in cpu.items()}
         figures["images_per_cpu_s"] = {name: round(rate, 1) for name, rate in rates.items()}
-        figures["images_per_wall_s"] = {name: round(statistics.median(v), 1) for name, v in wall.items()}
+        figures["images_per_cpu_s_median"] = {name: round(rate, 1) for name, rate in medians.items()}
+        figures["images_per_wall_s_median"] = {name: round(statistics.median(v), 1) for name, v in wall.items()}
         figures["ratio_to_raw"] = {kind: round(rates[kind] / rates["raw"], 3) for kind in layouts}
+        figures["ratio_to_raw_median"] = {kind: round(medians[kind] / medians["raw"], 3) for kind in layouts}
 
         big = root / "big.parquet"
         figures["memory_parquet"] = write_big_parquet(paths, int(args.parquet_gb * 1e9), big)

@@ -77,8 +77,6 @@ log = logging.getLogger("varitok.shard")
 REDUCING_GAP = 3.0  # resampling keeps >= 3x the target resolution before the final Lanczos step
 MAX_SHARD_SIZE = 1_000_000  # the in-shard part of a key has 6 digits
 PATH_COLUMNS = ("path", "filepath", "file", "filename", "image", "image_path")
-LABEL_COLUMNS = ("label", "cls", "class", "class_name")
-CAPTION_COLUMNS = ("caption", "text", "txt")
 
 
 class ShardError(Exception):
@@ -254,19 +252,14 @@ def _folder_entries(root: Path, skipped: list[dict]) -> list[tuple[str, Optional
     return [(os.path.abspath(f), r.parts[0] if class_layout else None, None, None) for f, r in zip(files, rel)]
 
 
-def _pick_column(names: Sequence[str], candidates: Sequence[str]) -> Optional[str]:
-    lowered = {n.strip().lower(): n for n in names}
-    return next((lowered[c] for c in candidates if c in lowered), None)
-
-
 def _table_entries(list_file: Path, columns: list[str], rows: Iterable[Sequence[Any]],
                    chosen: sources.Columns) -> list[tuple]:
-    path_col = _pick_column(columns, PATH_COLUMNS)
+    path_col = sources.pick_column(columns, PATH_COLUMNS)
     if path_col is None:
         raise ShardError(f"file list {list_file} has no path column: found {columns}, "
                          f"expected one of {', '.join(PATH_COLUMNS)}")
-    label_col = _pick_column(columns, [chosen.label.lower()] if chosen.label else LABEL_COLUMNS)
-    caption_col = _pick_column(columns, [chosen.caption.lower()] if chosen.caption else CAPTION_COLUMNS)
+    label_col = sources.pick_column(columns, sources.LABEL_COLUMNS, chosen.label)
+    caption_col = sources.pick_column(columns, sources.CAPTION_COLUMNS, chosen.caption)
     for flag, wanted, found in (("--label-column", chosen.label, label_col),
                                 ("--caption-column", chosen.caption, caption_col)):
         if wanted is not None and found is None:

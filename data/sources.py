@@ -20,14 +20,16 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from data.files import open_regular_file
-from data.tar import ShardReadError, iter_tar_members, sample_problem
+from data.tar import ShardReadError, count_tar_samples, iter_tar_members, sample_problem
 
-__all__ = ["SOURCE_EXTENSIONS", "Columns", "Row", "is_source_file", "is_image_table", "arrow_files_of",
-           "count_rows", "read_labels", "iter_rows", "SourceError"]
+__all__ = ["SOURCE_EXTENSIONS", "Columns", "Row", "pick_column", "is_image_table", "arrow_files_of",
+           "count_rows", "read_labels", "iter_rows", "SourceError", "LABEL_COLUMNS", "CAPTION_COLUMNS"]
 
 
 SOURCE_EXTENSIONS = (".parquet", ".arrow", ".tar")
 IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp", "image_bytes")
+LABEL_COLUMNS = ("label", "cls", "class", "class_name")
+CAPTION_COLUMNS = ("caption", "text", "txt")
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "jfif")
 TAR_LABEL_EXTENSIONS = ("cls", "label", "class")
 TAR_CAPTION_EXTENSIONS = ("txt", "caption", "text")
@@ -60,15 +62,12 @@ class Row:
     reason: Optional[str] = None
 
 
-def is_source_file(path: Path) -> bool:
-    return path.suffix.lower() in SOURCE_EXTENSIONS
-
-
-def _pick(names: Sequence[str], wanted: Optional[str], candidates: Sequence[str]) -> Optional[str]:
-    if wanted is not None:
-        return wanted if wanted in names else None
+def pick_column(names: Sequence[str], candidates: Sequence[str], wanted: Optional[str] = None) -> Optional[str]:
+    """The column of ``names`` matching ``wanted`` (the user's choice), else the first of ``candidates``;
+    case-insensitive, surrounding spaces ignored. None when there is none."""
     lowered = {n.strip().lower(): n for n in names}
-    return next((lowered[c] for c in candidates if c in lowered), None)
+    return next((lowered[c.lower()] for c in ([wanted] if wanted is not None else candidates)
+                 if c.lower() in lowered), None)
 
 
 def _image_column(schema, wanted: Optional[str], where: str) -> Optional[str]:
@@ -86,14 +85,15 @@ def _image_column(schema, wanted: Optional[str], where: str) -> Optional[str]:
 
     fields = {field.name: field for field in schema}
     if wanted is not None:
-        if wanted not in fields:
+        name = pick_column(list(fields), (), wanted)
+        if name is None:
             raise SourceError(f"{where}: --image-column {wanted!r} is not a column (columns: {list(fields)})")
-        if not holds_bytes(fields[wanted]):
-            raise SourceError(f"{where}: --image-column {wanted!r} is {fields[wanted].type}, not binary image bytes "
+        if not holds_bytes(fields[name]):
+            raise SourceError(f"{where}: --image-column {wanted!r} is {fields[name].type}, not binary image bytes "
                               "or a struct with a binary 'bytes' field")
-        return wanted
+        return name
     binary = [name for name, field in fields.items() if holds_bytes(field)]
-    return _pick(binary, None, IMAGE_COLUMNS) or (binary[0] if binary else None)
+    return pick_column(binary, IMAGE_COLUMNS) or (binary[0] if binary else None)
 
 
 def is_image_table(path: Path, columns: Columns) -> bool:
@@ -105,7 +105,7 @@ def is_image_table(path: Path, columns: Columns) -> bool:
         schema = pq.read_schema(path)
     except (pa.ArrowException, OSError) as exc:
         raise SourceError(f"{path}: not a readable Parquet file ({exc})") from None
-    if columns.image is not None and columns.image in schema.names:
+    if pick_column(schema.names, (), columns.image) is not None:
         return _image_column(schema, columns.image, str(path)) is not None
     return _image_column(schema, None, str(path)) is not None
 
@@ -171,8 +171,8 @@ def _table_columns(path: str, columns: Columns) -> tuple[str, Optional[str], Opt
     if image is None:
         raise SourceError(f"{path}: no image column (a binary column or a struct with 'bytes'); columns: "
                           f"{schema.names}. Name it with --image-column")
-    label = _pick(schema.names, columns.label, ("label", "cls", "class", "class_name"))
-    caption = _pick(schema.names, columns.caption, ("caption", "text", "txt"))
+    label = pick_column(schema.names, LABEL_COLUMNS, columns.label)
+    caption = pick_column(schema.names, CAPTION_COLUMNS, columns.caption)
     for flag, wanted, found in (("--label-column", columns.label, label), ("--caption-column", columns.caption,
                                                                          caption)):
         if wanted is not None and found is None:
@@ -292,29 +292,11 @@ def count_rows(path: str, columns: Columns) -> int:
     import pyarrow.parquet as pq
 
     if path.lower().endswith(".tar"):
-        count = 0
-        try:
-            for count, _ in enumerate(_tar_samples_headers(path), 1):
-                pass
-        except (ShardReadError, OSError):
-            pass  # a damaged tar: the samples before the damage are its rows
-        return count
+        return count_tar_samples(path)  # a damaged tar: the samples before the damage are its rows
     _table_columns(path, columns)  # refuse a table without an image column before any work
     if path.lower().endswith(".parquet"):
         return pq.read_metadata(path).num_rows
     return sum(batch.num_rows for batch in _arrow_batches(path, []))
-
-
-def _tar_samples_headers(path: str) -> Iterator[str]:
-    """Keys of a tar's samples from its headers only (data seeked over): the same grouping as _tar_samples."""
-    import webdataset as wds
-
-    key = None
-    for name, _ in iter_tar_members(path, read_data=False):
-        base, _ = wds.tariterators.base_plus_ext(name)
-        if base is not None and base != key:
-            key = base
-            yield key
 
 
 def read_labels(path: str, columns: Columns) -> Optional[list[Any]]:
