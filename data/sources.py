@@ -113,6 +113,10 @@ def is_image_table(path: Path, columns: Columns) -> bool:
 def arrow_files_of(folder: Path) -> Optional[list[Path]]:
     """The Arrow files of a ``datasets.save_to_disk`` folder in order (from ``state.json``), else None."""
     state = folder / "state.json"
+    if (folder / "dataset_dict.json").is_file():
+        splits = sorted(p.parent.name for p in folder.glob("*/state.json"))
+        raise SourceError(f"{folder} is a datasets DatasetDict: give one split folder ({', '.join(splits)}), "
+                          f"e.g. --input {folder / (splits[0] if splits else 'train')}")
     if not state.is_file():
         return None
     try:
@@ -180,13 +184,17 @@ def _table_columns(path: str, columns: Columns) -> tuple[str, Optional[str], Opt
     return image, label, caption
 
 
-def _table_batches(path: str, names: Sequence[str], start: int = 0) -> Iterator[tuple[int, Any]]:
-    """``(index of the batch's first row, batch)`` from the row group / batch holding row ``start`` on."""
+def _table_batches(path: str, names: Sequence[str], start: int = 0,
+                   stop: Optional[int] = None) -> Iterator[tuple[int, Any]]:
+    """``(index of the batch's first row, batch)`` of the row groups / record batches holding rows
+    ``start <= row < stop`` (``stop`` None: to the end); a batch may also hold rows outside the range."""
     import pyarrow.parquet as pq
 
     if not path.lower().endswith(".parquet"):
         first = 0
         for batch in _arrow_batches(path, names):
+            if stop is not None and first >= stop:
+                return
             if first + batch.num_rows > start:
                 yield first, batch
             first += batch.num_rows
@@ -194,17 +202,19 @@ def _table_batches(path: str, names: Sequence[str], start: int = 0) -> Iterator[
     handle, _ = open_regular_file(path)
     # buffered page-by-page reading: a huge row group is not loaded whole (pre_buffer reads column chunks at once)
     with handle, pq.ParquetFile(handle, buffer_size=1 << 20, pre_buffer=False) as parquet:
-        first, groups = 0, []
+        first, groups, skipped = 0, [], 0
         for group in range(parquet.num_row_groups):
             rows = parquet.metadata.row_group(group).num_rows
-            if groups or first + rows > start:
+            if first + rows > start and (stop is None or first < stop):
                 groups.append(group)
-            else:
-                first += rows
-        if groups:
-            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=groups, columns=list(names)):
-                yield first, batch
-                first += batch.num_rows
+            elif not groups:
+                skipped += rows
+            first += rows
+        if groups:  # one thread, no read-ahead: only the groups of this range are read
+            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=groups, columns=list(names),
+                                              use_threads=False):
+                yield skipped, batch
+                skipped += batch.num_rows
 
 
 def _image_bytes(array) -> list[Optional[bytes]]:
@@ -218,11 +228,9 @@ def _image_bytes(array) -> list[Optional[bytes]]:
 def _table_rows(path: str, columns: Columns, start: int, stop: int) -> Iterator[Row]:
     image, label, caption = _table_columns(path, columns)
     names = [n for n in (image, label, caption) if n is not None]
-    for first, batch in _table_batches(path, names, start):
+    for first, batch in _table_batches(path, names, start, stop):
         lo, hi = max(start - first, 0), min(stop - first, batch.num_rows)
         if lo >= hi:
-            if first >= stop:
-                return
             continue
         part = batch.slice(lo, hi - lo)
         images = _image_bytes(part.column(names.index(image)))

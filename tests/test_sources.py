@@ -163,6 +163,8 @@ def test_save_to_disk_folder_with_class_names(tmp_path):
     options = ShardOptions(image_size=24, format="png", shard_size=4)
     summary = shard_images([str(folder)], tmp_path / "out", options, workers=2, progress=False)
     assert summary["inputs"] == 12
+    shard_images([str(folder)], tmp_path / "one", options, workers=1, progress=False)
+    assert output_files(tmp_path / "out") == output_files(tmp_path / "one")
     assert json.loads((tmp_path / "out" / "classes.json").read_text()) == {"cat": 0, "dog": 1, "zebra": 2}
     samples = read_all(tmp_path / "out")
     rows = {}
@@ -177,6 +179,13 @@ def test_save_to_disk_folder_with_class_names(tmp_path):
     for row, sample in rows.items():
         assert sample["cls"] == str({"cat": 0, "dog": 1, "zebra": 2}[names[row % 3]]).encode()
         assert sample["png"] == process_image(cells[row], options)[0]
+
+    (tmp_path / "dict").mkdir()
+    folder.rename(tmp_path / "dict" / "train")
+    (tmp_path / "dict" / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+    with pytest.raises(ShardError, match="DatasetDict: give one split folder \\(train\\)"):
+        discover_inputs([tmp_path / "dict"])
+    assert len(discover_inputs([tmp_path / "dict" / "train"]).items) == 12
 
 
 def write_wds_tars(folder: Path, count: int = 10) -> list[dict]:
@@ -214,6 +223,8 @@ def test_reshard_img2dataset_tars_and_varitok_shards(tmp_path):
     options = ShardOptions(image_size=24, format="jpg", shard_size=3, captions=True, dedupe=True)
     summary = shard_images([str(tmp_path / "wds")], tmp_path / "out", options, workers=2, progress=False)
     assert summary["inputs"] == 10
+    shard_images([str(tmp_path / "wds")], tmp_path / "one", options, workers=1, progress=False)
+    assert output_files(tmp_path / "out") == output_files(tmp_path / "one")
     reasons = {(name, row): reason for (name, row), reason in rejected_rows(tmp_path / "out").items()}
     assert reasons == {("part-00000.tar", 2): "no_image", ("part-00001.tar", 0): "not_an_image",
                        ("part-00001.tar", 2): "corrupt"}
