@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# torch/torchvision come first, pinned to the builds that lie on this machine's disk (see README).
+# torch/torchvision come first, pinned to the versions the project is tested with.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test bench install clean
@@ -24,7 +24,7 @@ test: $(STAMP)
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
-	DS_ACCELERATOR=cpu $(BIN)/python benchmarks/run_all.py
+	DS_ACCELERATOR=cpu $(BIN)/python -m benchmarks.run_all
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache

@@ -10,7 +10,7 @@ as a training loader needs) of CodeReader over the whole corpus vs np.load of pe
 (a subset of --npy-rows images, so the .npy side holds fewer files than the corpus). Both sides read
 from a warm page cache (files just written), one Python thread.
 
-    .venv/bin/python benchmarks/codes.py [--rows 100000] [--npy-rows 5000] [--num-subcodes 2]
+    .venv/bin/python -m benchmarks.codes [--rows 100000] [--npy-rows 5000] [--num-subcodes 2]
 
 Each figure group is one ``*_figures(args, workdir) -> (figures, targets)`` function listed in
 SECTIONS; tokenization throughput (issue 5) belongs in a further function added there by the
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +27,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import emit, median_time, target  # noqa: E402
 from data.codes import CodeManifest, CodeReader, CodeWriter  # noqa: E402

@@ -1,6 +1,6 @@
 """Shared pieces of the benchmark scripts: machine description, timing, the JSON record.
 
-Every script prints ONE JSON object (DESIGN.md "Benchmarks"):
+Every script prints ONE JSON object (docs/formats.md, "Benchmark records"):
 ``{"benchmark", "machine": {cpu, threads, gpu}, "figures": {...}, "targets": {name: {value, target, met}}}``.
 """
 from __future__ import annotations
@@ -9,15 +9,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-from pipeline.process_env import apply_process_env_defaults  # noqa: E402
+from pipeline.process_env import apply_process_env_defaults  # noqa: E402  (run as `python -m benchmarks.NAME`)
 
 PROCESS_ENV = apply_process_env_defaults()  # the scripts run torch as `varitok` does (set before torch loads)
 

@@ -1,4 +1,15 @@
-"""Generator throughput: packed vs padded-in-the-middle training, KV-cached vs recompute sampling.
+"""Generator throughput: packed attention vs a dense mask, packed vs padded training, KV-cached vs recompute sampling.
+
+Attention (``attention`` section): one packed row of ``--row-length`` slots (8192) filled with sequences of the
+base length distribution (16 x 16 dual grid, fine share ~ Beta(4, 4): about 12 sequences per row), a model
+of mid widths (dim 512, 8 heads; ``--attn-depth`` position + content layers), one training step (forward +
+backward) with the document mask (no dense mask: per-sequence SDPA on the CPU, FlexAttention on a GPU) vs
+the dense ``[R, 1, S, S]`` boolean mask through SDPA, on the same batch; the losses must agree to 1e-4.
+Attention memory: bytes kept for backward by the attention cores of both stacks (every tensor saved by their
+``scaled_dot_product_attention`` calls, each once, measured with ``torch.autograd.graph.saved_tensors_hooks``:
+the dense path's float mask bias, q/k/v/output, log-sum-exp) plus the mask tensor itself; also the whole first
+layer's saved bytes (projections and RoPE included, the same in both paths). Also the no-gradient forward
+(compiled FlexAttention on the CPU) vs the dense mask.
 
 Training: the same variable-length batch (dual granularity, 16 x 16 coarse grid, fine share of the
 regions ~ Beta(a, a) around 0.5, so about 640 codes per image) trained forward + backward either
@@ -9,13 +20,14 @@ Sampling: the first ``--steps`` steps of the same seeded sampling run, with the 
 reference decoder that re-runs both stacks over the whole prefix at every step, at the tiny widths and at a
 mid config of about 50M parameters (both on the 16 x 16 dual grid, sequences of 256 - 1024 codes).
 
-    .venv/bin/python benchmarks/generator.py [--device cpu] [--batch 8] [--steps 256] [--threads N]
+    flock /tmp/varitok-bench.lock .venv/bin/python -m benchmarks.generator [--device cpu] [--sections ...]
 """
 from __future__ import annotations
 
 import argparse
+import time
 
-from common import emit, median_time, target  # noqa: E402  (first: common puts the repo on sys.path, sets the env)
+from benchmarks.common import emit, median_time, target  # noqa: E402  (first: it sets the process env before torch loads)
 import torch  # noqa: E402
 from models.generator import Generator, GeneratorConfig, PackedBatch, encode_sequences, generate_tokens, pack
 
@@ -123,6 +135,108 @@ def bench_sampling(args, name: str, widths: dict, repeats_recompute: int) -> dic
             f"{name}_same_tokens": same}
 
 
+def saved_bytes(model: Generator, batch: PackedBatch, mask, layer_only: bool) -> int:
+    """Bytes kept for backward during one training step (each saved tensor once, by data pointer and shape).
+
+    ``layer_only``: everything the first position-stack attention layer saves (its projections included);
+    else what the attention cores of both stacks save (their ``scaled_dot_product_attention`` calls; the
+    factorized head's own small attention is the same in both paths and left out).
+    """
+    seen: dict[tuple, int] = {}
+    inside = [False]
+
+    def pack_hook(tensor):
+        seen[(tensor.data_ptr(), tuple(tensor.shape))] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    def recorded(function, flag_only: bool = False):
+        def call(*args, **kwargs):
+            if flag_only:
+                inside[0] = True
+                try:
+                    return function(*args, **kwargs)
+                finally:
+                    inside[0] = False
+            if not inside[0] and not layer_only:
+                return function(*args, **kwargs)
+            with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda tensor: tensor):
+                return function(*args, **kwargs)
+        return call
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    patched = [model.position_stack.blocks[0].attn] if layer_only else [model.position_stack, model.content_stack]
+    for module in patched:
+        module.forward = recorded(module.forward, flag_only=not layer_only)
+    if not layer_only:
+        torch.nn.functional.scaled_dot_product_attention = recorded(sdpa)
+    try:
+        model(batch, mask)["loss"].backward()
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+        for module in patched:
+            module.__dict__.pop("forward", None)
+    weights = {(p.data_ptr(), tuple(p.shape)) for p in model.parameters()}
+    return sum(size for key, size in seen.items() if key not in weights)
+
+
+def bench_attention(args) -> tuple[dict, dict]:
+    torch.manual_seed(0)
+    widths = dict(MID_WIDTHS, position_depth=args.attn_depth[0], content_depth=args.attn_depth[1])
+    model = Generator(config(widths, args.codebook)).to(args.device).train()
+    model.config.class_dropout = 0.0   # the same labels in both paths
+    spec = model.spec
+    grains, codes = realistic_maps(64, args.beta, args.codebook, seed=2)
+    lengths = [c.shape[0] + spec.num_levels + 1 for c in codes]
+    count = next(i for i in range(1, len(lengths) + 1) if sum(lengths[:i + 1]) > args.row_length)
+    labels = torch.randint(0, 1000, (count,))
+    seqs = encode_sequences(spec, grains[:count], codes[:count])
+    batch = pack(spec, seqs, labels, args.row_length, model.config.null_class, row_length=args.row_length)
+    batch = batch.to(args.device)
+    dense = batch.attention_mask()
+    layers = args.attn_depth[0] + args.attn_depth[1]
+    figures = {"attn_row_length": args.row_length, "attn_sequences_per_row": count,
+               "attn_real_tokens": batch.num_tokens, "attn_layers": layers,
+               "attn_model_params_M": round(model.num_parameters() / 1e6, 2)}
+    losses = {}
+    for name, mask in (("document", None), ("dense", dense)):
+        def step():
+            model.zero_grad(set_to_none=True)
+            loss = model(batch, mask)["loss"]
+            loss.backward()
+            losses[name] = loss.item()
+        repeats = args.repeats if name == "document" else args.dense_repeats
+        figures[f"attn_{name}_step_s"] = round(median_time(step, repeats=repeats, warmup=1 if name == "document"
+                                                           else 0, sync=args.device != "cpu"), 3)
+        core = saved_bytes(model, batch, mask, layer_only=False)
+        figures[f"attn_{name}_layer_saved_MiB"] = round(saved_bytes(model, batch, mask, layer_only=True) / 2 ** 20, 2)
+        mask_bytes = (dense.numel() * dense.element_size() if name == "dense" else
+                      batch.sequence_spans.numel() * batch.sequence_spans.element_size())
+        figures[f"attn_{name}_core_saved_MiB_per_layer"] = round(core / layers / 2 ** 20, 2)
+        figures[f"attn_{name}_mask_MiB"] = round(mask_bytes / 2 ** 20, 2)
+        figures[f"attn_{name}_memory_MiB"] = round((core + mask_bytes) / 2 ** 20, 1)
+        model.eval()
+        with torch.no_grad():
+            started = time.perf_counter()
+            model(batch, mask)                       # first call: compiles FlexAttention for the document mask
+            first = time.perf_counter() - started
+            figures[f"attn_{name}_eval_forward_s"] = round(median_time(lambda: model(batch, mask), repeats=1,
+                                                                       warmup=0, sync=args.device != "cpu"), 3)
+            if name == "document":
+                figures["attn_document_eval_first_call_s"] = round(first, 1)
+        model.train()
+    figures["attn_loss_document"], figures["attn_loss_dense"] = round(losses["document"], 6), round(losses["dense"], 6)
+    loss_diff = abs(losses["document"] - losses["dense"])
+    speedup = figures["attn_dense_step_s"] / figures["attn_document_step_s"]
+    memory = figures["attn_document_memory_MiB"] / figures["attn_dense_memory_MiB"]
+    figures.update(attn_loss_abs_diff=loss_diff, attn_step_speedup=round(speedup, 3),
+                   attn_memory_ratio=round(memory, 4),
+                   attn_eval_forward_speedup=round(figures["attn_dense_eval_forward_s"]
+                                                   / figures["attn_document_eval_forward_s"], 3))
+    return figures, {"attention_step_speedup_vs_dense_mask": target(speedup, ">= 2.5"),
+                     "attention_memory_vs_dense_mask": target(memory, "<= 0.25"),
+                     "attention_same_loss_as_dense_mask": target(loss_diff, "<= 1e-4")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -134,15 +248,30 @@ def main() -> None:
     parser.add_argument("--sample-batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--sections", nargs="+", default=["attention", "train", "sampling"],
+                        choices=["attention", "train", "sampling"])
+    parser.add_argument("--row-length", type=int, default=8192, help="attention section: slots of the packed row")
+    parser.add_argument("--attn-depth", type=int, nargs=2, default=[2, 4], metavar=("POSITION", "CONTENT"),
+                        help="attention section: layers of the two stacks")
+    parser.add_argument("--dense-repeats", type=int, default=1, help="attention section: timed dense-mask steps")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    figures, targets = bench_training(args)
-    figures.update(bench_sampling(args, "tiny", TINY_WIDTHS, repeats_recompute=args.repeats))
-    mid = bench_sampling(args, "mid", MID_WIDTHS, repeats_recompute=1)
-    figures.update(mid)
-    figures.update({"device": args.device, "sampling_steps": args.steps, "sample_batch": args.sample_batch})
-    targets["sampling_kv_cache_vs_recompute_mid"] = target(mid["mid_sampling_speedup"], ">= 5.0")
+    figures, targets = {"device": args.device}, {}
+    if "attention" in args.sections:
+        attention_figures, attention_targets = bench_attention(args)
+        figures.update(attention_figures)
+        targets.update(attention_targets)
+    if "train" in args.sections:
+        train_figures, train_targets = bench_training(args)
+        figures.update(train_figures)
+        targets.update(train_targets)
+    if "sampling" in args.sections:
+        figures.update(bench_sampling(args, "tiny", TINY_WIDTHS, repeats_recompute=args.repeats))
+        mid = bench_sampling(args, "mid", MID_WIDTHS, repeats_recompute=1)
+        figures.update(mid)
+        figures.update({"sampling_steps": args.steps, "sample_batch": args.sample_batch})
+        targets["sampling_kv_cache_vs_recompute_mid"] = target(mid["mid_sampling_speedup"], ">= 5.0")
     emit("generator", figures, targets)
 
 

@@ -32,9 +32,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-# Import the repo's packages from the repo root.
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
-from benchmarks.common import REPO, emit, target  # noqa: E402
+from benchmarks.common import emit, target  # noqa: E402  (first: it sets the process env before torch loads)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
@@ -70,8 +68,8 @@ def write_benchmark_shards(images: list[Path], out: Path, shard_size: int) -> No
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=Path, default=REPO.parent / "shared" / "data" / "imagenet-samples",
-                        help="folder of images to shard (default: ../shared/data/imagenet-samples)")
+    parser.add_argument("--images", type=Path, required=True,
+                        help="folder of real photos to shard (e.g. a few hundred ImageNet images)")
     parser.add_argument("--limit", type=int, default=0, help="use at most this many images (0 = all)")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)

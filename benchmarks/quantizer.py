@@ -10,7 +10,7 @@ minus its RSS before the first run, i.e. what the computation itself adds. Time:
 median process CPU time (all threads) per step; the speedup target uses CPU time, because on a shared,
 oversubscribed machine wall-clock mostly measures the scheduler (both ratios are reported).
 
-    python benchmarks/quantizer.py [--tokens 8192 --codes 16384 --dim 8 --k 3 --repeats 3]
+    python -m benchmarks.quantizer [--tokens 8192 --codes 16384 --dim 8 --k 3 --repeats 3]
 """
 from __future__ import annotations
 
@@ -23,8 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, emit, median_time, target  # noqa: E402
+from benchmarks.common import REPO, emit, median_time, target  # noqa: E402  (first: it sets the process env before torch loads)
 
 
 def _rss_kib(field: str) -> int:
@@ -125,7 +124,7 @@ def main() -> None:
         return
     results = {}
     for variant in ("plain", "chunked"):
-        cmd = [sys.executable, __file__, "--variant", variant] + [
+        cmd = [sys.executable, "-m", "benchmarks.quantizer", "--variant", variant] + [
             f"--{k}={getattr(args, k)}" for k in ("tokens", "codes", "dim", "k", "chunk", "repeats", "threads")]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SKIP = {"common.py", "run_all.py", "quality.py"}  # quality.py is a long study run on its own (see README)
+# Long studies and the GPU check run on their own.
+SKIP = {"common.py", "run_all.py", "quality.py", "generator_nll.py", "gpu_check.py"}
 
 
 def scripts(selected: list[str]) -> list[Path]:
@@ -22,7 +23,7 @@ def scripts(selected: list[str]) -> list[Path]:
 
 
 def table(records: dict[str, dict]) -> str:
-    lines = ["# Benchmark results", "", "Produced by `make bench` (`python benchmarks/run_all.py`).", ""]
+    lines = ["# Benchmark results", "", "Produced by `make bench` (`python -m benchmarks.run_all`).", ""]
     for name, record in records.items():
         machine = record.get("machine", {})
         lines += [f"## {name}", "", f"Machine: {machine.get('cpu')} ({machine.get('threads')} threads), "
@@ -64,7 +65,8 @@ def main() -> int:
     for script in [] if args.table_only else scripts(args.names):
         start = time.time()
         print(f"[bench] {script.name} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", f"benchmarks.{script.stem}"], capture_output=True, text=True,
+                              cwd=HERE.parent)
         try:
             record = json.loads(proc.stdout[proc.stdout.index("{"):])
         except ValueError:

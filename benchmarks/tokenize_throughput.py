@@ -9,18 +9,16 @@ are not needed to encode), on the CPU and, when one is present, the GPU (bf16 au
   encode, Arrow writing, manifest) over procedural 64 px shards, against the encode-only rate at the
   same batch size: the share of the encoder's speed the stage keeps.
 
-    .venv/bin/python benchmarks/tokenize_throughput.py [--repeats 2] [--paper-batch 2] [--images 128] [--no-paper]
+    .venv/bin/python -m benchmarks.tokenize_throughput [--repeats 2] [--paper-batch 2] [--images 128] [--no-paper]
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import emit, median_time, target  # noqa: E402  (first: it sets the env before torch loads)
 import torch  # noqa: E402
 from data.demo_images import write_image_folder

@@ -8,7 +8,7 @@ Reconstruction / LPIPS / GAN losses are not part of ``Tokenizer.forward`` and no
 Reported per configuration: median wall seconds per step, images/s, and median process CPU seconds per
 step (all threads; meaningful when the machine is shared).
 
-    python benchmarks/tokenizer_step.py [--repeats 3] [--paper-batch 2] [--teachers random|none]
+    python -m benchmarks.tokenizer_step [--repeats 3] [--paper-batch 2] [--teachers random|none]
 """
 from __future__ import annotations
 
@@ -16,12 +16,10 @@ import argparse
 import contextlib
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, emit, median_time  # noqa: E402
+from benchmarks.common import REPO, emit, median_time  # noqa: E402  (first: it sets the process env before torch loads)
 
 
 def measure(config_path: Path, batch: int, size: int, repeats: int, teachers: str, device: str) -> dict:
@@ -56,7 +54,8 @@ def measure(config_path: Path, batch: int, size: int, repeats: int, teachers: st
         cpu_times.append(time.process_time() - start)
 
     seconds = median_time(timed_step, repeats=repeats, warmup=1, sync=device == "cuda")
-    return {"cpu_s": round(statistics.median(cpu_times[1:]), 4),"batch": batch, "image_size": size, "params_m": round(sum(p.numel() for p in tok.parameters()) / 1e6, 2),
+    return {"cpu_s": round(statistics.median(cpu_times[1:]), 4), "batch": batch, "image_size": size,
+            "params_m": round(sum(p.numel() for p in tok.parameters()) / 1e6, 2),
             "teachers": [t.name for t in config.teachers], "step_s": round(seconds, 4),
             "images_per_s": round(batch / seconds, 3)}
 

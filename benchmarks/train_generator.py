@@ -15,7 +15,7 @@ Default (about 3-5 min on 2 CPU cores): the ``tiny`` preset, ``--steps 12``. ``-
 preset with a reduced token budget (``--base-max-tokens 2048``, 3 steps: one step takes minutes on a CPU
 and the 1-process run needs ~6 GiB for weights + AdamW state).
 
-    .venv/bin/python benchmarks/train_generator.py [--steps 12] [--base] [--peak-tflops 989]
+    .venv/bin/python -m benchmarks.train_generator [--steps 12] [--base] [--peak-tflops 989]
 """
 from __future__ import annotations
 
@@ -29,7 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import REPO, emit, target  # noqa: E402
 from data.codes.synthetic import write_corpus  # noqa: E402

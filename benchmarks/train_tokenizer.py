@@ -10,7 +10,7 @@ generated shards, discriminator active from step 0 (so every parameter has optim
 
 Target: under ZeRO-2 the optimizer state per rank halves from 1 to 2 ranks (ratio <= 0.55).
 
-    .venv/bin/python benchmarks/train_tokenizer.py [--configs tiny mid] [--steps 8]
+    .venv/bin/python -m benchmarks.train_tokenizer [--configs tiny mid] [--steps 8]
 """
 from __future__ import annotations
 
@@ -23,10 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
-from benchmarks.common import emit, target  # noqa: E402
+from benchmarks.common import REPO, emit, target  # noqa: E402
 
 # Presets as overrides of configs/tokenizer/tiny.yaml.
 PRESETS = {

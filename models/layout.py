@@ -1,4 +1,4 @@
-"""The canonical layout of variable-granularity codes (DESIGN.md "Tokenizer codes").
+"""The canonical layout of variable-granularity codes (docs/design.md, "Tokenizer codes").
 
 An image coded at G granularities has a *grain map* over the coarsest grid (``Hs x Ws``) whose value
 ``g`` in ``0 .. G-1`` is the level chosen for that region (0 = coarsest). Level ``g`` lives on a grid of

@@ -1,7 +1,7 @@
 """Stage configs: the sections every stage shares, loading with overrides, saving the resolved config.
 
 A stage config is a dataclass with the top-level sections ``run``, ``data``, ``model``, ``loss``,
-``optim``, ``train``, ``logging`` (see DESIGN.md). The shared sections live here; ``model`` and
+``optim``, ``train``, ``logging`` (docs/formats.md, "Configs"). The shared sections live here; ``model`` and
 ``loss`` schemas come from the model packages. Load with::
 
     cfg = load_config(TokenizerStageConfig, "configs/tokenizer/tiny.yaml", ["optim.lr=1e-4"])

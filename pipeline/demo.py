@@ -11,6 +11,8 @@ a subprocess; re-running resumes or reuses what is finished (each stage's own re
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +31,9 @@ TINY_CLIP = {"embed_dim": 64,
              "vision_cfg": {"image_size": 56, "layers": 2, "width": 64, "patch_size": 14, "head_width": 32},
              "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
 TINY_DINO = {"depth": 2, "embed_dim": 64, "num_heads": 2}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+HELD_OUT = 0.2                # share of --images held out (by a hash of the file name)
+DEMO_SEMANTIC = {"width": 64, "depth": 1, "heads": 2, "weight": 0.5, "temperature": 0.1, "symmetric": False}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +80,17 @@ class Pipeline:
         return seconds
 
 
+    def timed(self, stage: str, description: str, fn) -> float:
+        """Run an in-process stage ``fn()`` with the same progress lines and record as :meth:`run`."""
+        print(f"[demo] {stage}: {description}", flush=True)
+        start = time.time()
+        fn()
+        seconds = time.time() - start
+        print(f"[demo] {stage}: done in {seconds:.1f} s", flush=True)
+        self.ran.append((stage, description, seconds))
+        return seconds
+
+
 def _cuda() -> bool:
     import torch
 
@@ -91,17 +107,18 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _teachers(args: argparse.Namespace, weights_dir: Path) -> tuple[list[dict[str, Any]], str]:
-    """Teacher config entries; small random-weight teachers saved to files when no weights are given."""
+def demo_teachers(weights_dir: Path, dino_weights: str = "",
+                  clip_weights: str = "") -> tuple[list[dict[str, Any]], str]:
+    """Teacher config entries and a note; small random-weight teachers saved to files when no weights are given."""
     import torch
     from safetensors.torch import save_file
 
     weights_dir.mkdir(parents=True, exist_ok=True)
     entries, notes = [], []
-    if args.dino_weights:
+    if dino_weights:
         entries.append({"name": "dinov2", "backend": "timm", "arch": "vit_small_patch14_dinov2",
-                        "weights": str(Path(args.dino_weights).resolve()), "image_size": 224})
-        notes.append(f"DINOv2 from {args.dino_weights}")
+                        "weights": str(Path(dino_weights).resolve()), "image_size": 224})
+        notes.append(f"DINOv2 from {dino_weights}")
     else:
         path = weights_dir / "dino-small-random.safetensors"
         if not path.is_file():
@@ -113,10 +130,10 @@ def _teachers(args: argparse.Namespace, weights_dir: Path) -> tuple[list[dict[st
         entries.append({"name": "dinov2", "backend": "timm", "arch": "vit_small_patch14_dinov2",
                         "weights": str(path.resolve()), "image_size": 56, "model_kwargs": TINY_DINO})
         notes.append("DINOv2: small random-weight timm vit_small_patch14_dinov2 (2 blocks), no --dino-weights given")
-    if args.clip_weights:
+    if clip_weights:
         entries.append({"name": "clip", "backend": "open_clip", "arch": "ViT-B-16",
-                        "weights": str(Path(args.clip_weights).resolve()), "image_size": 224})
-        notes.append(f"CLIP from {args.clip_weights}")
+                        "weights": str(Path(clip_weights).resolve()), "image_size": 224})
+        notes.append(f"CLIP from {clip_weights}")
     else:
         config = weights_dir / "varitok-demo-clip.json"
         path = weights_dir / "clip-small-random.safetensors"
@@ -138,30 +155,155 @@ def _teachers(args: argparse.Namespace, weights_dir: Path) -> tuple[list[dict[st
     return entries, "; ".join(notes)
 
 
+def is_held_out(name: str, held_out: float) -> bool:
+    """Deterministic split: the first 8 bytes of sha256(file name) as a fraction of 2**64 below ``held_out``."""
+    value = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
+    return value / 2 ** 64 < held_out
+
+
+def list_images(root: Path) -> list[Path]:
+    """Image files under ``root`` (recursive), sorted by path."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _image_folders(args: argparse.Namespace, work: Path) -> tuple[Path, Path, str]:
+    """(training folder, held-out folder, note). Procedural: ``--num-images`` images to train on and a quarter
+    as many others (another seed) held out. ``--images``: a fifth held out by a hash of the file name, both
+    parts linked (symlinks, class subfolders kept) under WORKDIR."""
+    from data.demo_images import write_image_folder
+
+    train, held = work / "images", work / "held-out"
+    if (train / ".complete").is_file():
+        pass
+    elif args.images:
+        source = Path(args.images).resolve()
+        for path in list_images(source):
+            link = (held if is_held_out(path.name, HELD_OUT) else train) / path.relative_to(source)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                link.symlink_to(path)
+    else:
+        size = max(args.image_size, 96)
+        write_image_folder(train, args.num_images, size=size, num_classes=4)
+        write_image_folder(held, max(args.num_images // 4, 4), size=size, num_classes=4, seed=1)
+    (train / ".complete").write_text("ok")
+    count = lambda folder: len(list_images(folder))  # noqa: E731
+    if args.images:
+        return train, held, (f"your images from {Path(args.images).resolve()} ({count(train)} to train on, "
+                             f"{count(held)} held out by a hash of the file name)")
+    return train, held, (f"{count(train)} procedural images (4 classes) generated by data.demo_images, and "
+                         f"{count(held)} others held out")
+
+
+def _load_folder(folder: Path, size: int):
+    """uint8 N x 3 x size x size (centre crop) of every image under ``folder``."""
+    import torch
+
+    from data.transforms import load_image
+
+    return torch.stack([load_image(p.read_bytes(), size) for p in list_images(folder)])
+
+
+def compare_with_reference(args: argparse.Namespace, work: Path, train_folder: Path, held_folder: Path,
+                           tok_config: Path) -> dict[str, Any]:
+    """Train the plain VQ baseline (:class:`ReferenceVQ`: the tokenizer's widths, its finest factor, one codebook
+    of the first sub-codebook's size) on the training images for the tokenizer's steps and global batch, then
+    code the held-out images with both: PSNR, identity retrieval, codes per image (and the tokenizer's fine
+    share). Writes WORKDIR/compare.json and figures/compare.png (held-out | tokenizer | reference)."""
+    import torch
+
+    from data.transforms import to_unit_range
+    from models.tokenizer import Tokenizer
+    from models.tokenizer.reference import ReferenceVQ, identity_retrieval, psnr_per_image
+    from pipeline.config import load_config
+    from pipeline.schedule import warmup_cosine_factor
+    from pipeline.train_tokenizer import TokenizerStageConfig
+    from pipeline.visual import image_grid, save_png
+
+    cfg = load_config(TokenizerStageConfig, str(tok_config), [], kind="tokenizer")
+    model, optim = cfg.model, cfg.optim
+    train_images, held = _load_folder(train_folder, args.image_size), _load_folder(held_folder, args.image_size)
+    held_float = to_unit_range(held)
+
+    tokenizer = Tokenizer.from_pretrained(work / "tokenizer" / "export").eval()
+    with torch.no_grad():
+        codes = [c for start in range(0, len(held), 16) for c in tokenizer.encode(held_float[start:start + 16])]
+        tok_rec = torch.cat([tokenizer.decode(codes[start:start + 16]) for start in range(0, len(codes), 16)])
+    grain = torch.stack([c.grain.long() for c in codes])
+
+    torch.manual_seed(cfg.run.seed)
+    finest = min(model.factors)
+    encoder = dataclasses.replace(model.encoder, ch_mult=model.encoder.ch_mult[:finest.bit_length()])
+    first = model.quantizer.codebooks[0]
+    reference = ReferenceVQ(encoder, model.decoder, model.z_channels, finest, first.size, first.dim,
+                            model.quantizer.beta)
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=optim.lr, betas=tuple(optim.betas), weight_decay=0.0)
+    steps, batch = args.tokenizer_steps, cfg.data.batch_size * args.nproc
+    generator = torch.Generator().manual_seed(cfg.run.seed)
+    reference.train()
+    for step in range(steps):
+        rows = torch.randint(0, len(train_images), (batch,), generator=generator)
+        images = to_unit_range(train_images[rows])
+        flips = torch.rand(batch, generator=generator) < 0.5
+        images = torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images)
+        rec, losses, _ = reference(images)
+        loss = (rec - images).abs().mean() + sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), optim.grad_clip)
+        for group in optimizer.param_groups:
+            group["lr"] = optim.lr * warmup_cosine_factor(step, optim.warmup_steps, steps, optim.min_lr_ratio)
+        optimizer.step()
+    reference.eval()
+    ref_rec = torch.cat([reference.reconstruct(held_float[start:start + 16])[0] for start in range(0, len(held), 16)])
+
+    def scores(rec: torch.Tensor) -> dict[str, float]:
+        return {"psnr": round(float(psnr_per_image(rec, held_float).mean()), 3),
+                "identity_retrieval": round(identity_retrieval(rec.clamp(-1, 1), held_float), 4)}
+
+    result = {"held_out_images": len(held), "steps": steps, "batch": batch, "chance": round(1 / len(held), 4),
+              "tokenizer": {**scores(tok_rec),
+                            "codes_per_image": round(sum(c.codes.shape[0] for c in codes) / len(codes), 2),
+                            "fine_share": round(float((grain > 0).float().mean()), 4)},
+              "reference": {**scores(ref_rec), "codes_per_image": float(ref_rec.shape[-1] // finest) ** 2}}
+    (work / "compare.json").write_text(json.dumps(result, indent=2))
+    shown = slice(0, 8)
+    save_png(image_grid([held_float[shown], tok_rec[shown].clamp(-1, 1), ref_rec[shown].clamp(-1, 1)]),
+             work / "figures" / "compare.png")
+    return result
+
+
+def add_demo_teachers(model: dict[str, Any], teachers: list[dict[str, Any]], real_dino: bool = False,
+                      real_clip: bool = False) -> dict[str, Any]:
+    """Make a model config section (a dict, changed in place and returned) the demo's K = 3 tokenizer: sub-codebook
+    0 pixel detail, 1 aligned to DINOv2, 2 to CLIP (FQGAN-Triple), with ``teachers`` (:func:`demo_teachers`)."""
+    model["teachers"] = teachers
+    subcodebooks = model["quantizer"]["codebooks"]
+    while len(subcodebooks) < 3:
+        subcodebooks.append(dict(subcodebooks[-1]))
+    # teacher feature widths: DINOv2-S 384, CLIP ViT-B/16 512, or the small random demo teachers'
+    widths = {"dinov2": 384 if real_dino else TINY_DINO["embed_dim"],
+              "clip": 512 if real_clip else TINY_CLIP["embed_dim"]}
+    for entry, align in zip(subcodebooks, ["", "dinov2", "clip"]):
+        entry["align"], entry["align_dim"] = align, widths.get(align, 0)
+    model["semantic"] = dict(DEMO_SEMANTIC)
+    return model
+
+
 def _tokenizer_config(args: argparse.Namespace, work: Path, teachers: list[dict[str, Any]], steps: int) -> Path:
     """The tiny preset with the demo's data, teachers and schedule, written as a full config file."""
     from pipeline.config import resolve_config_path
 
     config = yaml.safe_load(resolve_config_path("tiny", kind="tokenizer").read_text())
-    model = config["model"]
-    model["teachers"] = teachers
-    subcodebooks = model["quantizer"]["codebooks"]
-    # detail / DINOv2 / CLIP, as in the paper-scale K = 3 preset (FQGAN-Triple)
-    while len(subcodebooks) < 3:
-        subcodebooks.append(dict(subcodebooks[-1]))
-    # teacher feature widths: DINOv2-S 384, CLIP ViT-B/16 512, or the small random demo teachers'
-    widths = {"dinov2": 384 if args.dino_weights else TINY_DINO["embed_dim"],
-              "clip": 512 if args.clip_weights else TINY_CLIP["embed_dim"]}
-    for entry, align in zip(subcodebooks, ["", "dinov2", "clip"]):
-        entry["align"], entry["align_dim"] = align, widths.get(align, 0)
-    model["semantic"] = {"width": 64, "depth": 1, "heads": 2, "weight": 0.5, "temperature": 0.1}
+    add_demo_teachers(config["model"], teachers, real_dino=bool(args.dino_weights), real_clip=bool(args.clip_weights))
     config["run"]["dir"] = str(work / "tokenizer")
     config["data"].update(shards=str(work / "shards"), image_size=args.image_size)
     config["train"].update(max_steps=steps, ckpt_every=max(steps // 2, 1), log_every=max(steps // 30, 1),
                            image_every=max(steps // 3, 1), zero_stage=args.zero)
-    # The GAN only in the last quarter: started at half way it undid the reconstruction learnt so far
-    # (measured: 11.1 dB vs 13.0 dB without it at 200 steps; 13.3 vs 13.8 dB when started at 3/4)
-    config["loss"]["disc_start"] = (3 * steps) // 4
+    # No GAN in a few hundred CPU steps: even in the last quarter it undoes the reconstruction learnt so far
+    # (this config, 150 steps x 8 images, 48 held-out images: 12.1 dB / 50% identity retrieval with the GAN from
+    # step 112, 14.9 dB / 42% without; the reference VQ 15.6 dB / 83%)
+    config["loss"]["gan_weight"] = 0.0
     if args.lpips_weights:
         config["loss"].update(lpips_weight=1.0, lpips_weights=str(Path(args.lpips_weights).resolve()))
     path = work / "configs" / "tokenizer.yaml"
@@ -187,25 +329,15 @@ def run(args: argparse.Namespace) -> int:
     pipe = Pipeline(work)
     started = time.time()
 
-    # Stage 0: images and shards
-    if args.images:
-        images = Path(args.images).resolve()
-        image_note = f"your images from {images}"
-    else:
-        from data.demo_images import write_image_folder
-
-        images = work / "images"
-        if not (images / ".complete").is_file():
-            write_image_folder(images, args.num_images, size=max(args.image_size, 96), num_classes=4)
-            (images / ".complete").write_text("ok")
-        image_note = f"{args.num_images} procedural images (4 classes) generated by data.demo_images"
+    # Stage 0: images (a training folder and a held-out one) and shards
+    images, held_out, image_note = _image_folders(args, work)
     shard_seconds = pipe.run("shard", ["shard", "--input", str(images), "--output", str(work / "shards"),
                                        "--image-size", str(args.image_size), "--format", "png",
                                        "--shard-size", str(max(args.num_images // 4, 4))])
     shard_manifest = _read_json(work / "shards" / "manifest.json")
 
     # Stage 1: tokenizer, 2 ranks under DeepSpeed
-    teachers, teacher_note = _teachers(args, work / "weights")
+    teachers, teacher_note = demo_teachers(work / "weights", args.dino_weights, args.clip_weights)
     tok_config = _tokenizer_config(args, work, teachers, steps_tok)
     tok_seconds = pipe.run("train-tokenizer", _launch("tokenizer", args, [
         "--config", str(tok_config), "--resume", "auto"]))
@@ -235,10 +367,12 @@ def run(args: argparse.Namespace) -> int:
     eval_args += ["--lpips-weights", args.lpips_weights] if args.lpips_weights else ["--no-lpips"]
     eval_args += ["--inception-weights", args.inception_weights] if args.inception_weights else ["--no-fid"]
     pipe.run("eval", eval_args)
+    compare_seconds = pipe.timed("compare", "reference VQ trained in-process; both coded on the held-out images",
+                                 lambda: compare_with_reference(args, work, images, held_out, tok_config))
 
     report = build_report(args, work, pipe, image_note, teacher_note, shard_manifest,
                           {"shard": shard_seconds, "tokenizer": tok_seconds, "tokenize": tokenize_seconds,
-                           "generator": gen_seconds, "sample": sample_seconds})
+                           "generator": gen_seconds, "sample": sample_seconds, "compare": compare_seconds})
     print(f"[demo] finished in {time.time() - started:.0f} s; report: {report}", flush=True)
     return 0
 
@@ -300,6 +434,24 @@ def build_report(args, work: Path, pipe: Pipeline, image_note: str, teacher_note
         gen.image(plot_curves(curves, work / "figures" / "generator-loss.png", "generator losses"), "generator losses")
     for grid in sorted((work / "samples").glob("grid*.png"))[:1]:
         gen.image(grid, "class-conditional samples (CFG 2.0)")
+
+    compare = _read_json(work / "compare.json")
+    if compare:
+        held = report.section("Held-out images: tokenizer vs a reference VQ")
+        tok_row, ref_row = compare["tokenizer"], compare["reference"]
+        held.text(f"{compare['held_out_images']} images the tokenizer never saw. The reference is a plain "
+                  f"LlamaGen-style VQ (same widths, finest factor, one codebook, no router) trained in-process on "
+                  f"the same images for the same {compare['steps']} steps x {compare['batch']} images. Identity "
+                  f"retrieval: share of images whose reconstruction is nearest (MSE) to its own input among all "
+                  f"held-out inputs (chance {compare['chance']:.1%}); near chance means the reconstructions "
+                  f"collapsed towards the dataset mean.")
+        held.table(["model", "codes / image", "PSNR (dB)", "identity retrieval", "fine share"],
+                   [["varitok tokenizer", tok_row["codes_per_image"], tok_row["psnr"],
+                     f"{tok_row['identity_retrieval']:.1%}", tok_row["fine_share"]],
+                    ["reference VQ", ref_row["codes_per_image"], ref_row["psnr"],
+                     f"{ref_row['identity_retrieval']:.1%}", "-"]])
+        if (work / "figures" / "compare.png").is_file():
+            held.image(work / "figures" / "compare.png", "held-out input | tokenizer | reference VQ")
 
     ev = report.section("Evaluation: reconstruction")
     metrics_eval = _read_json(work / "eval" / "metrics.json")

@@ -1,7 +1,9 @@
 """Exponential moving average of model weights, kept in fp32, correct under ZeRO-3 partitioning.
 
-``shadow <- decay * shadow + (1 - decay) * weight`` after every optimizer step, done with one
-``torch._foreach_lerp_`` over all tensors on the weights' device: no host synchronisation per step.
+``shadow <- d_n * shadow + (1 - d_n) * weight`` after the n-th optimizer step (n = 1, 2, ...): ``d_n = decay``,
+or with ``warmup=True`` ``d_n = min(decay, (1 + n) / (10 + n))`` (timm / LDM): without the warmup, at decay
+0.999 a third (0.999^1000) of a 1000-step run's export is still its random initial weights. One ``torch._foreach_lerp_`` over all
+tensors on the weights' device: no host synchronisation per step.
 
 Under ZeRO-3 each rank owns a flat slice (``param.ds_tensor``) of every parameter; the EMA shadows exactly
 that slice, so the per-step cost is 4 bytes per parameter / world size of memory and no communication.
@@ -33,7 +35,7 @@ class EMA:
     parameter list it can update and ``copy_to`` only.
     """
 
-    def __init__(self, source: nn.Module | Iterable[nn.Parameter], decay: float):
+    def __init__(self, source: nn.Module | Iterable[nn.Parameter], decay: float, warmup: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.module: Optional[nn.Module] = source if isinstance(source, nn.Module) else None
@@ -41,6 +43,7 @@ class EMA:
         if not self.params:
             raise ValueError("EMA got no parameters")
         self.decay = decay
+        self.warmup = warmup
         self.num_updates = 0
         self.partitioned = any(hasattr(p, "ds_tensor") for p in self.params)
         self.group = getattr(self.params[0], "ds_process_group", None) if self.partitioned else None
@@ -51,8 +54,15 @@ class EMA:
         """Fold the current weights in (call once after each optimizer step, on every rank)."""
         current = [_local(p) for p in self.params]
         current = [t if t.dtype == torch.float32 else t.float() for t in current]
-        torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
         self.num_updates += 1
+        torch._foreach_lerp_(self.shadow, current, 1.0 - self.current_decay())
+
+    def current_decay(self) -> float:
+        """The decay of the latest update: ``decay``, or with warmup ``min(decay, (1 + n) / (10 + n))`` after
+        ``n`` updates."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1.0 + self.num_updates) / (10.0 + self.num_updates))
 
     @torch.no_grad()
     def copy_to(self, module: Optional[nn.Module] = None) -> None:

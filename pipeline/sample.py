@@ -2,6 +2,7 @@
 
     varitok sample --generator runs/gen/export --tokenizer runs/tok/export --num-samples 1000 --class-balanced \\
         --cfg 2.0 --top-k 0 --top-p 1.0 --temperature 1.0 --batch-size 50 --out samples/
+    ... --position-temperature 0.8 --position-top-k 8 --cfg-on content --cfg-schedule linear
     torchrun --nproc_per_node 8 -m pipeline.cli sample ...      # each rank a disjoint slice, rank 0 merges
 
 Outputs: ``OUT/images/{i:06d}.png`` (sample i, class ``labels[i]``), ``OUT/grid.png`` (first 64 samples,
@@ -13,6 +14,7 @@ batch size (each rank seeds its generator with ``seed * 1000003 + rank``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -52,12 +54,15 @@ def sample_labels(num: int, num_classes: int, classes: Optional[Sequence[int]] =
 
 def generate_images(generator, tokenizer, labels: Sequence[int], *, batch_size: int = 16,
                     seed_generator: Optional[torch.Generator] = None, cfg_scale: Optional[float] = None,
-                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, position_filter=None,
+                    cfg_positions: bool = True, cfg_schedule: str = "constant",
                     progress: bool = False) -> tuple[np.ndarray, list[Tensor]]:
     """Sample code maps for ``labels`` in batches and decode them.
 
     Returns uint8 images ``[N, H, W, 3]`` and the ``N`` grain maps (uint8 ``[Hs, Ws]``). The temperature,
-    top-k and top-p filter applies to both positions (within the allowed set) and sub-codes.
+    top-k and top-p filter applies to the sub-codes, and to the positions (within the allowed set) unless
+    ``position_filter`` (a ``TokenFilter``) is given. Guidance applies to the sub-codes, and to the
+    positions with ``cfg_positions``; ``cfg_schedule``: "constant" or "linear" (ramp from 1 to ``cfg_scale``).
     """
     from models.generator import TokenFilter, sample
     from models.tokenizer import ImageCodes
@@ -66,12 +71,13 @@ def generate_images(generator, tokenizer, labels: Sequence[int], *, batch_size: 
     from tqdm.auto import tqdm
 
     token_filter = TokenFilter(temperature, top_k, top_p)
+    position_filter = position_filter if position_filter is not None else token_filter
     images, grains = [], []
     with tqdm(total=len(labels), desc="sample", unit="img", disable=not progress) as bar:
         for start in range(0, len(labels), batch_size):
             batch = list(labels[start:start + batch_size])
-            maps = sample(generator, batch, position=token_filter, content=token_filter, cfg_scale=cfg_scale,
-                          generator=seed_generator)
+            maps = sample(generator, batch, position=position_filter, content=token_filter, cfg_scale=cfg_scale,
+                          cfg_positions=cfg_positions, cfg_schedule=cfg_schedule, generator=seed_generator)
             decoded = tokenizer.decode([ImageCodes(g, c) for g, c in maps])
             images.append(to_uint8(decoded.float()))
             grains += [g.cpu() for g, _ in maps]
@@ -99,9 +105,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--classes", type=int, nargs="+", help="class ids to cycle through")
     group.add_argument("--class-balanced", action="store_true", help="sample i gets class i %% num_classes (default)")
     parser.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (omit for none)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--cfg-on", choices=("both", "content"), default="both",
+                        help="guide positions and sub-codes, or the sub-codes only")
+    parser.add_argument("--cfg-schedule", choices=("constant", "linear"), default="constant",
+                        help="linear: the scale ramps from 1 to --cfg with the share of the map already covered")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sub-codes (and positions): 0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="sub-codes (and positions): 0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="sub-codes (and positions): 1 = off")
+    parser.add_argument("--position-temperature", type=float, default=None, help="positions (default: --temperature)")
+    parser.add_argument("--position-top-k", type=int, default=None, help="positions (default: --top-k)")
+    parser.add_argument("--position-top-p", type=float, default=None, help="positions (default: --top-p)")
     parser.add_argument("--batch-size", type=int, default=16, help="samples decoded together per rank")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
@@ -126,6 +139,17 @@ def run(args: argparse.Namespace) -> int:
                           f"{spec.num_levels}, codebooks {list(spec.codebook_sizes)})")
     if args.cfg is not None and spec.num_classes == 0:
         raise ConfigError("--cfg needs a class-conditional generator (num_classes > 0)")
+    from models.generator import TokenFilter
+
+    def pick(value, fallback):
+        return fallback if value is None else value
+
+    try:
+        position_filter = TokenFilter(pick(args.position_temperature, args.temperature),
+                                      pick(args.position_top_k, args.top_k), pick(args.position_top_p, args.top_p))
+        TokenFilter(args.temperature, args.top_k, args.top_p)
+    except ValueError as exc:
+        raise ConfigError(f"sampling flags: {exc}") from None
     labels = sample_labels(args.num, spec.num_classes, args.classes, args.class_balanced)
     out = Path(args.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -136,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
         images, grains = generate_images(generator, tokenizer, labels[mine].tolist(), batch_size=args.batch_size,
                                          seed_generator=seed_generator, cfg_scale=args.cfg,
                                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                         position_filter=position_filter, cfg_positions=args.cfg_on == "both",
+                                         cfg_schedule=args.cfg_schedule,
                                          progress=rank == 0) if mine.size else (None, [])
     for index, image in zip(mine.tolist(), images if images is not None else []):
         save_png(image, out / "images" / f"{index:06d}.png")
@@ -157,8 +183,10 @@ def run(args: argparse.Namespace) -> int:
         for r in range(min(world, args.num)):
             (out / f".part-rank{r:05d}.npz").unlink()
         (out / "samples.json").write_text(json.dumps({
-            "num": args.num, "world_size": world, "cfg": args.cfg, "temperature": args.temperature,
-            "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "batch_size": args.batch_size,
+            "num": args.num, "world_size": world, "cfg": args.cfg, "cfg_on": args.cfg_on,
+            "cfg_schedule": args.cfg_schedule, "temperature": args.temperature, "top_k": args.top_k,
+            "top_p": args.top_p,
+            "position_filter": dataclasses.asdict(position_filter), "seed": args.seed, "batch_size": args.batch_size,
             "generator": str(args.generator), "tokenizer": str(args.tokenizer),
             "seconds_rank0": time.perf_counter() - started,
             "class_counts": np.bincount(labels).tolist()}, indent=1) + "\n")

@@ -6,15 +6,18 @@
 
 Data: the memory-mapped code files are read by a token-budget batcher (one view per image drawn per epoch,
 shuffled, greedily packed to ``data.max_tokens`` tokens per micro batch, the same number of micro batches on
-every rank); each micro batch is one packed row (block-diagonal causal attention). The data position
-(epoch, micro batches consumed) is saved with every checkpoint and restored exactly.
+every rank); each micro batch is packed into rows of exactly ``data.row_length`` slots (static shapes;
+block-diagonal causal attention without a dense mask). The data position (epoch, micro batches consumed) is
+saved with every checkpoint and restored exactly. The code files' labels and lengths are checked against the
+model before the first step.
 
 Optimiser: AdamW; weight decay only on the weight matrices of linear layers (embedding tables, including
 output tables tied to them, slot embeddings, norms and biases get none); linear warmup + cosine; global-norm
 clipping; accumulation; EMA. A step with a NaN/Inf loss or gradient on any rank is skipped on every rank
 (``pipeline.training.GuardedStep``, one all-reduced count per optimizer step, ZeRO-0..3 alike) and counted
-(``bad_steps``), and ``train.max_bad_steps`` such steps in a row stop the run. The tokenizer is never run, except to decode the optional sample grids
-(``logging.tokenizer``: a Tokenizer export directory).
+(``bad_steps``), and ``train.max_bad_steps`` such steps in a row stop the run; a rank that makes no step for
+``train.watchdog_s`` makes every rank exit with an error (pipeline.watchdog). The tokenizer is never run, except
+to decode the optional sample grids (``logging.tokenizer``: a Tokenizer export directory).
 
 Outputs under ``run.dir``: ``config.yaml``, ``logs/metrics.jsonl`` (one JSON line per log step; TensorBoard
 next to it), ``images/samples-step-N.png``, ``checkpoints/step-N/``, ``export/`` (EMA weights when EMA is
@@ -36,14 +39,38 @@ from tqdm.auto import tqdm
 
 from data.codes import CodeReader, TokenBudgetBatcher
 from models.config import ConfigBase, ConfigError, check_choice
-from models.generator import Generator, GeneratorConfig, PackedBatch, SequenceSpec, encode_sequences, pack
-from pipeline.config import LoggingConfig, OptimConfig, RunConfig, TrainConfig, load_config, save_resolved_config
+from models.generator import (
+    Generator,
+    GeneratorConfig,
+    PackedBatch,
+    SequenceSpec,
+    encode_sequences,
+    pack,
+)
+from pipeline.config import (
+    LoggingConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    load_config,
+    save_resolved_config,
+)
 from pipeline.precision import autocast, resolve_precision
-from pipeline.training import (GuardedStep, MetricsLog, MetricWindow, NonFiniteGuard, add_stage_arguments,
-                               finished_run_summary, peak_memory_bytes, tracker_names, write_summary)
+from pipeline.training import (
+    GuardedStep,
+    MetricsLog,
+    MetricWindow,
+    NonFiniteGuard,
+    add_stage_arguments,
+    finished_run_summary,
+    peak_memory_bytes,
+    tracker_names,
+    write_summary,
+)
+from pipeline.watchdog import Watchdog, shared_token
 
 __all__ = ["GeneratorStageConfig", "GeneratorDataConfig", "GeneratorLoggingConfig", "PackedCodeStream",
-           "check_vocabulary", "optimizer_groups", "train", "add_arguments", "run"]
+           "check_vocabulary", "check_labels_and_lengths", "optimizer_groups", "train", "add_arguments", "run"]
 
 VIEW_MODES = ("random", "all")
 
@@ -52,14 +79,19 @@ VIEW_MODES = ("random", "all")
 class GeneratorDataConfig(ConfigBase):
     codes: str = ""              # directory written by `varitok tokenize` (manifest.json + part-*.arrow)
     max_tokens: int = 512        # token budget (incl. BOS / level markers) of one packed micro batch per rank
+    row_length: int = 0          # slots per packed row (0 = max_tokens); ceil(max_tokens / row_length) rows or more
     num_workers: int = 2         # DataLoader worker processes packing micro batches ahead of the step
     views: str = "random"        # random: one view per image per epoch; all: every stored view
 
     def __post_init__(self) -> None:
         check_choice("data", "views", self.views, VIEW_MODES)
-        if self.max_tokens < 1 or self.num_workers < 0:
-            raise ConfigError(f"data.max_tokens must be >= 1 and data.num_workers >= 0, got {self.max_tokens}, "
-                              f"{self.num_workers}")
+        if self.max_tokens < 1 or self.num_workers < 0 or self.row_length < 0:
+            raise ConfigError(f"data.max_tokens must be >= 1, data.row_length >= 0 and data.num_workers >= 0, got "
+                              f"{self.max_tokens}, {self.row_length}, {self.num_workers}")
+
+    @property
+    def slots_per_row(self) -> int:
+        return self.row_length or self.max_tokens
 
 
 @dataclasses.dataclass
@@ -94,13 +126,28 @@ def check_vocabulary(reader: CodeReader, model: GeneratorConfig, codes_dir: str)
                           f"files' layout (see {codes_dir}/manifest.json)")
 
 
-class _PackedBatches(torch.utils.data.Dataset):
-    """Micro batch ``i`` of one epoch's plan as a PackedBatch (one row); opens the reader lazily per worker."""
+def check_labels_and_lengths(reader: CodeReader, model: GeneratorConfig, row_length: int, codes_dir: str) -> None:
+    """Raise ConfigError before training when a stored label is not a class of the model or a sequence
+    does not fit in one packed row (both would otherwise stop the run mid-way)."""
+    labels = np.concatenate([block.labels for block in reader.blocks]) if reader.blocks else np.zeros(0, np.int32)
+    if model.num_classes and labels.size and int(labels.max()) >= model.num_classes:
+        bad = labels >= model.num_classes
+        raise ConfigError(f"the code files in {codes_dir} hold {int(bad.sum())} rows with labels >= "
+                          f"model.num_classes={model.num_classes} (largest {int(labels.max())}); set "
+                          f"model.num_classes to at least {int(labels.max()) + 1} or re-tokenize with matching labels")
+    longest = int(reader.lengths.max()) + model.num_levels + 1 if len(reader) else 0
+    if longest > row_length:
+        raise ConfigError(f"the longest sequence in {codes_dir} has {longest} tokens (codes + BOS + level markers) "
+                          f"but data.row_length (or data.max_tokens) is {row_length}; raise it to at least {longest}")
 
-    def __init__(self, codes_dir: str, spec: SequenceSpec, plan: list[list[int]], max_tokens: int,
+
+class _PackedBatches(torch.utils.data.Dataset):
+    """Micro batch ``i`` of one epoch's plan as a PackedBatch; opens the reader lazily per worker."""
+
+    def __init__(self, codes_dir: str, spec: SequenceSpec, plan: list[list[int]], max_tokens: int, row_length: int,
                  num_classes: int):
         self.codes_dir, self.spec, self.plan = codes_dir, spec, plan
-        self.max_tokens, self.num_classes = max_tokens, num_classes
+        self.max_tokens, self.row_length, self.num_classes = max_tokens, row_length, num_classes
         self._reader: Optional[CodeReader] = None
 
     def __len__(self) -> int:
@@ -108,16 +155,13 @@ class _PackedBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> PackedBatch:
         if self._reader is None:
-            self._reader = CodeReader(self.codes_dir)
+            self._reader = CodeReader(self.codes_dir, validate=False)   # validated by the stream at start-up
         rows = self._reader.gather(self.plan[i])
-        labels = torch.from_numpy(rows.labels.astype(np.int64))
-        if self.num_classes and int(labels.max()) >= self.num_classes:
-            raise ConfigError(f"code files hold label {int(labels.max())} but model.num_classes={self.num_classes}; "
-                              f"raise model.num_classes")
+        labels = torch.from_numpy(rows.labels.astype(np.int64))   # checked at start-up (check_labels_and_lengths)
         labels = torch.where((labels < 0) | (self.num_classes == 0), self.num_classes, labels)
         codes = torch.from_numpy(rows.codes.astype(np.int64)).split(rows.lengths.tolist())
         seqs = encode_sequences(self.spec, list(torch.from_numpy(rows.grains)), list(codes))
-        return pack(self.spec, seqs, labels, self.max_tokens, null_label=self.num_classes)
+        return pack(self.spec, seqs, labels, self.max_tokens, null_label=self.num_classes, row_length=self.row_length)
 
 
 class PackedCodeStream:
@@ -128,10 +172,12 @@ class PackedCodeStream:
     """
 
     def __init__(self, codes_dir: str, model: GeneratorConfig, max_tokens: int, rank: int, world_size: int,
-                 seed: int, views: str = "random", num_workers: int = 0):
+                 seed: int, views: str = "random", num_workers: int = 0, row_length: int = 0):
         self.codes_dir, self.model, self.num_workers = codes_dir, model, num_workers
+        self.row_length = row_length or max_tokens
         self.reader = CodeReader(codes_dir)
         check_vocabulary(self.reader, model, codes_dir)
+        check_labels_and_lengths(self.reader, model, self.row_length, codes_dir)
         self.spec = model.spec
         self.batcher = TokenBudgetBatcher(self.reader, max_tokens, rank=rank, world_size=world_size, seed=seed,
                                           views=views, extra_tokens=model.num_levels + 1)
@@ -147,7 +193,8 @@ class PackedCodeStream:
         if self.batcher.position >= len(self.batcher.plan()):
             self.batcher.set_epoch(self.batcher.epoch + 1)
         plan = self.batcher.plan()
-        dataset = _PackedBatches(self.codes_dir, self.spec, plan, self.batcher.max_tokens, self.model.num_classes)
+        dataset = _PackedBatches(self.codes_dir, self.spec, plan, self.batcher.max_tokens, self.row_length,
+                                 self.model.num_classes)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(self.batcher.position, len(plan)),
                                              num_workers=self.num_workers, collate_fn=lambda batch: batch,
                                              # its own generator: drawing worker seeds must not touch the
@@ -190,7 +237,8 @@ def config_identity(cfg: GeneratorStageConfig, reader: CodeReader) -> dict[str, 
     """What a checkpoint must share with the run resuming it (logging / checkpoint cadence may change)."""
     train = cfg.train
     return {"model": cfg.model.to_dict(), "optim": cfg.optim.to_dict(), "seed": cfg.run.seed,
-            "data": {"max_tokens": cfg.data.max_tokens, "views": cfg.data.views, "rows": len(reader),
+            "data": {"max_tokens": cfg.data.max_tokens, "row_length": cfg.data.slots_per_row, "views": cfg.data.views,
+                     "rows": len(reader),
                      "tokenizer": reader.manifest.tokenizer_identity},
             "train": {"max_steps": train.max_steps, "grad_accum": train.grad_accum, "ema_decay": train.ema_decay}}
 
@@ -244,14 +292,17 @@ def train(cfg: GeneratorStageConfig, resume: Optional[str] = "auto") -> dict[str
 
     if not cfg.data.codes:
         raise ConfigError("data.codes is empty: pass data.codes=DIR (a directory written by `varitok tokenize`)")
-    # Fail on a vocabulary mismatch before any process group or DeepSpeed engine exists.
-    check_vocabulary(CodeReader(cfg.data.codes), cfg.model, cfg.data.codes)
+    # Fail on a vocabulary, label or length mismatch before any process group or DeepSpeed engine exists.
+    reader = CodeReader(cfg.data.codes)
+    check_vocabulary(reader, cfg.model, cfg.data.codes)
+    check_labels_and_lengths(reader, cfg.model, cfg.data.slots_per_row, cfg.data.codes)
     run_dir = Path(cfg.run.dir)
     accelerator = build_accelerator(cfg.train, run_dir, grad_clip=cfg.optim.grad_clip, micro_batch_size=1,
                                     seed=cfg.run.seed, log_with=tracker_names(cfg.logging),
                                     project_name=cfg.logging.project)
     stream = PackedCodeStream(cfg.data.codes, cfg.model, cfg.data.max_tokens, accelerator.process_index,
-                              accelerator.num_processes, cfg.run.seed, cfg.data.views, cfg.data.num_workers)
+                              accelerator.num_processes, cfg.run.seed, cfg.data.views, cfg.data.num_workers,
+                              cfg.data.row_length)
     if accelerator.is_main_process:
         save_resolved_config(cfg, run_dir)
     tokenizer = None
@@ -275,33 +326,38 @@ def train(cfg: GeneratorStageConfig, resume: Optional[str] = "auto") -> dict[str
     model.train()
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_main_process,
                desc="train-generator", unit="step")
-    while step < cfg.train.max_steps:
-        update = GuardedStep(accelerator, model, cfg.train.grad_accum)
-        for _ in range(cfg.train.grad_accum):
-            batch = next(stream)
-            window.count(tokens=batch.num_tokens, micro_batches=1)   # counted on the host, before the copy
-            batch = batch.to(accelerator.device)
-            with accelerator.accumulate(model):
-                metrics = model(batch)
-                window.add(metrics, keep=update.backward(metrics["loss"]))
-        guard.record(update.bad, step + 1)
-        if not update.stepped:  # NaN/Inf loss or gradient: the optimizer step was skipped on every rank
-            continue
-        scheduler.step()
-        step += 1
-        bar.update(1)
-        if ema is not None:
-            ema.update()
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            last = {**_log_values(window, accelerator, cfg.data.max_tokens), "lr": scheduler.get_last_lr()[0],
-                    "epoch": float(stream.batcher.epoch), "bad_steps": guard.total}
-            log.write(step, last)
-            bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}",
-                            tok_s=f"{last.get('tokens_per_s', float('nan')):.0f}")
-        if cfg.logging.tokenizer and (step % cfg.train.image_every == 0 or step == cfg.train.max_steps):
-            _sample_grid(accelerator, model, ema, cfg, tokenizer, step, run_dir)
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
-            ckpt.save(step, ema=ema, extra={"stream": stream})
+    # A rank that stops making steps (a hung collective, a stuck read) makes every rank exit with an error.
+    watchdog = Watchdog(run_dir, cfg.train.watchdog_s, rank=accelerator.process_index,
+                        world_size=accelerator.num_processes, token=shared_token(), name="train-generator")
+    with watchdog:
+        while step < cfg.train.max_steps:
+            update = GuardedStep(accelerator, model, cfg.train.grad_accum)
+            for _ in range(cfg.train.grad_accum):
+                batch = next(stream)
+                window.count(tokens=batch.num_tokens, micro_batches=1)   # counted on the host, before the copy
+                batch = batch.to(accelerator.device)
+                with accelerator.accumulate(model):
+                    metrics = model(batch)
+                    window.add(metrics, keep=update.backward(metrics["loss"]))
+            guard.record(update.bad, step + 1)
+            watchdog.beat(f"optimizer step {step + 1}")
+            if not update.stepped:  # NaN/Inf loss or gradient: the optimizer step was skipped on every rank
+                continue
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            if ema is not None:
+                ema.update()
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                last = {**_log_values(window, accelerator, cfg.data.max_tokens), "lr": scheduler.get_last_lr()[0],
+                        "epoch": float(stream.batcher.epoch), "bad_steps": guard.total}
+                log.write(step, last)
+                bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}",
+                                tok_s=f"{last.get('tokens_per_s', float('nan')):.0f}")
+            if cfg.logging.tokenizer and (step % cfg.train.image_every == 0 or step == cfg.train.max_steps):
+                _sample_grid(accelerator, model, ema, cfg, tokenizer, step, run_dir)
+            if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
+                ckpt.save(step, ema=ema, extra={"stream": stream})
     bar.close()
     summary = {"steps": step, "resumed_from": start, "world_size": accelerator.num_processes,
                "zero_stage": ckpt.zero_stage, "parameters": num_parameters,

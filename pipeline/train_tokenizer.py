@@ -33,7 +33,7 @@ from data.transforms import to_unit_range
 from models.config import ConfigBase, ConfigError
 from models.tokenizer import Tokenizer, TokenizerConfig, build_teachers
 from models.tokenizer.losses import LossConfig, TokenizerGANLoss
-from models.tokenizer.training import TokenizerTrainingModule
+from models.tokenizer.training import GroupClippedAdamW, TokenizerTrainingModule
 from pipeline.config import LoggingConfig, OptimConfig, RunConfig, TrainConfig, load_config, save_resolved_config
 from pipeline.training import (GuardedStep, MetricsLog, MetricWindow, NonFiniteGuard, add_stage_arguments,
                                finished_run_summary, peak_memory_bytes, state_digest, to_device, tracker_names,
@@ -176,10 +176,14 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
     from pipeline.visual import grain_overlay, image_grid, save_png
 
     run_dir = Path(cfg.run.dir)
-    accelerator = build_accelerator(cfg.train, run_dir, grad_clip=cfg.optim.grad_clip,
+    # DeepSpeed's own clip is global over tokenizer + discriminator: GroupClippedAdamW clips each model instead.
+    accelerator = build_accelerator(cfg.train, run_dir, grad_clip=0.0,
                                     micro_batch_size=cfg.data.batch_size, seed=cfg.run.seed,
                                     log_with=tracker_names(cfg.logging),
                                     project_name=cfg.logging.project, tracker_config=_flat_scalars(cfg.to_dict()))
+    if accelerator.state.deepspeed_plugin is not None:
+        # Explicitly off (GroupClippedAdamW clips): Accelerate drops a 0 clip and then fills "auto" with 1.0.
+        accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = 0.0
     if zero_stage(accelerator) == 3:
         raise ConfigError("ZeRO-3 is not supported for train-tokenizer (the discriminator's detached functional "
                           "call needs whole parameters): use --zero 2 (train.zero_stage=2) or --zero 1")
@@ -192,14 +196,20 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
         save_resolved_config(cfg, run_dir)
 
     module = prepared.module
-    optimizer = torch.optim.AdamW(module.param_groups(cfg.optim.lr, cfg.loss.disc_lr_ratio),
-                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    base_optimizer = optimizer = GroupClippedAdamW(
+        module.param_groups(cfg.optim.lr, cfg.loss.disc_lr_ratio, cfg.optim.weight_decay, cfg.optim.grad_clip),
+        betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    group_names = [group["name"] for group in base_optimizer.param_groups]
     scheduler = warmup_cosine(optimizer, cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio)
     model, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    # ZeRO-1/2 (and DeepSpeed's bf16 optimizer at ZeRO-0) hand step() this rank's flat partition of each group:
+    # its norms need the other ranks' parts. Told apart by size: a partition holds a share of the parameters.
+    stepped = sum(p.numel() for group in base_optimizer.param_groups for p in group["params"])
+    base_optimizer.partitioned = accelerator.num_processes > 1 and stepped < sum(p.numel() for p in module.parameters())
     unwrapped: TokenizerTrainingModule = accelerator.unwrap_model(model)
     for teacher in prepared.teachers.values():
         teacher.to(accelerator.device)
-    ema = EMA(unwrapped.tokenizer, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    ema = EMA(unwrapped.tokenizer, cfg.train.ema_decay, warmup=True) if cfg.train.ema_decay > 0 else None
     ckpt = CheckpointManager(run_dir, accelerator, cfg.train.keep_last, prepared.identity, stage="tokenizer")
     step = start_step = ckpt.resume(resume, ema=ema, extra={"stream": stream})
 
@@ -240,12 +250,13 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
             quantizer = unwrapped.tokenizer.quantizer
             metrics.update({k: float(v) for k, v in quantizer.reduced_usage().items()})
             quantizer.reset_usage()
-            grad_norm = model.get_global_grad_norm() if hasattr(model, "get_global_grad_norm") else None
-            if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
-            tokenizer_lr, disc_lr = scheduler.get_last_lr()
-            metrics.update({"lr/tokenizer": tokenizer_lr, "lr/discriminator": disc_lr,
-                            "images_per_s": totals["images"] / seconds, "bad_steps": guard.total})
+            # pre-clip gradient norm of each param group at this (last) step, and of all of them together
+            norms = {name: float(norm) for name, norm in base_optimizer.grad_norms.items()}
+            metrics.update({f"grad_norm/{name}": value for name, value in norms.items()})
+            if norms:
+                metrics["grad_norm"] = sum(value ** 2 for value in norms.values()) ** 0.5
+            metrics.update({f"lr/{name}": value for name, value in zip(group_names, scheduler.get_last_lr())})
+            metrics.update({"images_per_s": totals["images"] / seconds, "bad_steps": guard.total})
             log.write(step, metrics)
             bar.set_postfix(loss=f"{metrics.get('loss/total', float('nan')):.4f}",
                             img_s=f"{metrics['images_per_s']:.1f}")

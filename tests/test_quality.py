@@ -15,13 +15,13 @@ from models.tokenizer import Tokenizer
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    """One tiny run of the whole study: 24 generated 64px images, 32px models, a few seconds of training."""
+    """One tiny run of the whole study: 24 generated 64px images, 32px models, 2 steps x 2 seeds."""
     root = tmp_path_factory.mktemp("quality")
     images = write_image_folder(root / "images", num_images=24, size=64, num_classes=4)
     out = root / "results"
-    record = quality.main(["--images", str(images), "--minutes", "0.02", "--image-size", "32", "--width", "8",
-                           "--z-channels", "16", "--codebook-size", "32", "--batch-size", "4", "--threads", "1",
-                           "--examples", "3", "--out", str(out)])
+    record = quality.main(["--images", str(images), "--steps", "2", "--seeds", "0,1", "--image-size", "32",
+                           "--width", "8", "--z-channels", "16", "--codebook-size", "32", "--batch-size", "4",
+                           "--threads", "1", "--examples", "3", "--out", str(out)])
     return images, out, record
 
 
@@ -30,48 +30,65 @@ def test_study_writes_consistent_json_table_and_plots(study):
     assert json.loads((out / "quality.json").read_text()) == json.loads(json.dumps(record))
     figures = record["figures"]
     points = figures["points"]
-    assert set(points) == {"a", "a8", "b", "c@0.25", "c@0.25 random", "c@0.5", "c@0.5 random", "d@0.5",
-                           "d@0.5 random"}
+    assert set(points) == {"ref", "f8", "f16", "f16k2", "ent@0.25", "ent@0.25 random", "ent@0.5", "ent@0.5 random",
+                           "learn25", "learn25 random", "learn50", "learn50 random", "dqfq", "dqfq random", "dqfq3",
+                           "dqfq3 random"}
     # 32px: the F16 grid is 2 x 2 (4 codes), the F8 grid 4 x 4 (16 codes); two-level maps lie in between.
-    assert points["a"]["codes_per_image"] == points["b"]["codes_per_image"] == 4
-    assert points["a8"]["codes_per_image"] == 16
-    for name in ("c@0.25", "c@0.5", "d@0.5"):
-        assert 4 <= points[name]["codes_per_image"] <= 16
+    codes = {name: p["codes_per_image"]["mean"] for name, p in points.items()}
+    assert codes["f16"] == codes["f16k2"] == 4 and codes["f8"] == codes["ref"] == 16
+    for name in ("ent@0.25", "ent@0.5", "learn25", "learn50", "dqfq", "dqfq3"):
+        assert 4 <= codes[name] <= 16
         # the random-map control codes exactly as many positions per image as the adaptive map
-        assert points[f"{name} random"]["codes_per_image"] == points[name]["codes_per_image"]
-    assert points["c@0.25"]["codes_per_image"] <= points["c@0.5"]["codes_per_image"]
+        assert codes[f"{name} random"] == codes[name]
+        assert 0 <= points[name]["fine_share"]["mean"] <= 1
+    assert codes["ent@0.25"] <= codes["ent@0.5"]
     for name, point in points.items():
-        k = 2 if name[0] in "bd" else 1
-        assert len(point["usage"]) == len(point["perplexity"]) == k
-        assert all(0 < u <= 1 for u in point["usage"])
-        # perplexity of a code histogram lies between 1 and the number of codes in use
-        assert all(1 - 1e-6 <= p <= u * 32 + 1e-6 for p, u in zip(point["perplexity"], point["usage"]))
-        assert math.isfinite(point["psnr"]) and -1 <= point["ssim"] <= 1
+        k = {"f16k2": 2, "dqfq": 2, "dqfq3": 3}.get(name.split(" ")[0], 1)
+        assert len(point["usage"]) == k and all(0 < u <= 1 for u in point["usage"])
+        assert point["psnr"]["n"] == 2 and math.isfinite(point["psnr"]["mean"]) and point["psnr"]["std"] >= 0
+        assert 0 <= point["retrieval"]["mean"] <= 1
+    # mean +- std over the seeds, from the per-seed records
+    per_seed = [r["points"]["f8"]["psnr"] for r in figures["per_seed"]]
+    assert points["f8"]["psnr"]["mean"] == pytest.approx(sum(per_seed) / 2, abs=1e-4)
+    assert points["f8"]["psnr"]["std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / math.sqrt(2), abs=1e-4)
 
     split = figures["split"]
     names = sorted(p.name for p in images.rglob("*.png"))
     assert split["train"] + split["held_out"] == len(names) == 24
     assert split["held_out_files"] == sorted(n for n in names if quality.is_held_out(n, 0.2))
-    assert figures["steps"] >= 2 and set(figures["train_seconds"]) == {"a", "a8", "b", "c", "d"}
+    assert figures["steps"] == 2 and set(figures["train_seconds"]) == {s.name for s in quality.SPECS}
 
-    claim2 = figures["claims"]["claim2"]
-    psnr_gain = points["b"]["psnr"] - points["a"]["psnr"]
-    usage_gain = sum(points["b"]["usage"]) / 2 - points["a"]["usage"][0]
-    assert claim2["psnr_gain_db"] == pytest.approx(psnr_gain, abs=1e-3)
-    assert claim2["usage_gain"] == pytest.approx(usage_gain, abs=1e-4)
-    assert claim2["holds"] == (psnr_gain > 0 and usage_gain > 0) == (
-        record["targets"]["claim2_psnr_gain_db"]["met"] and record["targets"]["claim2_usage_gain"]["met"])
+    targets = record["targets"]
+    gaps = [r["points"]["f8"]["psnr"] - r["points"]["ref"]["psnr"] for r in figures["per_seed"]]
+    assert targets["varitok_f8_k1_minus_reference_db"]["value"] == pytest.approx(sum(gaps) / 2, abs=1e-3)
+    claim2 = targets["claim2_k2_minus_k1_mean_minus_2std_db"]
+    assert claim2["value"] == pytest.approx(claim2["mean"] - 2 * claim2["std"], abs=1e-3)
+    assert claim2["met"] == (claim2["value"] >= 0)
+    for name in ("ent@0.25", "ent@0.5", "learn25", "learn50"):      # claim 1: K = 1 two-level models only
+        assert f"claim1_{name}_over_random_mean_minus_2std_db" in targets
+        assert f"claim1_{name}_over_line_mean_minus_2std_db" in targets
+    assert not any("dqfq" in key for key in targets if key.startswith("claim1"))
     table = (out / "quality.md").read_text()
-    assert table.count("\n| (") == len(points)
-    for number, holds in ((1, figures["claims"]["claim1"]["holds"]), (2, claim2["holds"])):
-        verdict = "**HOLDS**" if holds else "**DOES NOT HOLD**"
-        assert any(line.startswith(f"Claim {number}") and verdict in line for line in table.splitlines())
+    assert all(f"| {name} |" in table for name in targets)
 
     with Image.open(out / "quality_examples.png") as grid:
-        # 3 held-out rows, original + 9 points as columns, each 32px with a 2px pad on both sides
-        assert grid.size == (10 * 36, 3 * 36)
+        # 3 held-out rows, original + 10 non-random points as columns, each 32px with a 2px pad on both sides
+        assert grid.size == (11 * 36, 3 * 36)
     with Image.open(out / "quality_psnr_vs_codes.png") as plot:
         assert plot.size[0] > 300
+
+
+def test_identity_retrieval_and_psnr_by_hand():
+    from models.tokenizer.reference import identity_retrieval, psnr_per_image
+
+    images = torch.stack([torch.full((3, 2, 2), v) for v in (-1.0, 0.0, 1.0)])
+    assert identity_retrieval(images, images) == 1.0
+    mean = images.mean(0, keepdim=True).expand_as(images)         # collapse to the dataset mean: only the
+    assert identity_retrieval(mean, images) == pytest.approx(1 / 3)   # image nearest the mean is its own
+    assert identity_retrieval(images[:2] * 0, torch.stack([images[1], images[1]])) == 0.0   # ties are not "closer"
+    assert identity_retrieval(images.flip(0), images) == pytest.approx(1 / 3)   # only the middle one is its own
+    # [-1, 1] pixels -> [0, 1]: an error of 0.2 is 0.1 in [0, 1], MSE 0.01, PSNR 20 dB
+    assert psnr_per_image(images[:1] + 0.2, images[:1]).item() == pytest.approx(20.0, abs=1e-4)
 
 
 def test_held_out_split_is_a_stable_fifth():
@@ -98,8 +115,8 @@ def test_evaluate_codes_an_imposed_map():
     """The random-map control: evaluate codes the imposed grain maps; lengths follow 4**level."""
     import argparse
 
-    args = argparse.Namespace(image_size=32, width=8, z_channels=16, codebook_size=16, entropy_weight=0.0)
-    spec = next(s for s in quality.SPECS if s.name == "c")
+    args = argparse.Namespace(image_size=32, width=8, z_channels=16, codebook_size=16)
+    spec = next(s for s in quality.SPECS if s.name == "ent")
     torch.manual_seed(0)
     tokenizer = Tokenizer(quality.build_config(spec, args, torch.linspace(0, 3.5, 11).tolist())).eval()
     cache = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)

@@ -115,3 +115,103 @@ def test_unequal_dims_with_disentanglement_is_a_config_error():
         QuantizerConfig.from_dict({"codebooks": [{"size": 8, "dim": 4}, {"size": 8, "dim": 8}]})
     QuantizerConfig.from_dict({"codebooks": [{"size": 8, "dim": 4}, {"size": 8, "dim": 8}],
                                "disentangle_weight": 0.0})
+
+
+def test_uniform_init_codes_turn_further_per_adam_step_than_randn():
+    """The codes are used l2-normalised, so the raw init norm sets how far one Adam step turns a code:
+    U(-1/V, 1/V) (LlamaGen / FQGAN, here V = 64) turns them by degrees, N(0, 1) by a twentieth of one."""
+    angles = {}
+    for init in ("uniform", "randn"):
+        torch.manual_seed(0)
+        cfg = QuantizerConfig(codebooks=[SubCodebookConfig(size=64, dim=8)], adapter_channels=8, adapter_blocks=0,
+                              entropy_weight=0.0, codebook_init=init)
+        quant = FactorizedQuantizer(cfg, z_channels=8)
+        before = quant.normalized_codebook(0).detach().clone()
+        if init == "uniform":
+            assert quant.codebooks[0].abs().max() <= 1 / 64
+        optimizer = torch.optim.Adam([quant.codebooks[0]], lr=1e-3)
+        out = quant([torch.randn(4, 8, 4, 4)], [torch.ones(4, 4, 4)])
+        out.losses["codebook"].backward()
+        optimizer.step()
+        moved = quant.usage_counts(0) > 0
+        cosine = (before * quant.normalized_codebook(0).detach()).sum(1)[moved].clamp(-1, 1)
+        angles[init] = float(torch.rad2deg(torch.acos(cosine)).median())
+    assert angles["uniform"] > 3 and angles["uniform"] > 50 * angles["randn"], angles
+
+
+def test_losses_are_averaged_over_subcodebooks():
+    """K identical sub-codebooks give the K = 1 loss terms (mean, not sum: K does not scale the pull on the
+    trunk), and each reports its code-to-input cosine."""
+    torch.manual_seed(0)
+    single = make_quantizer(k=1, sizes=(16,))
+    double = make_quantizer(k=2, sizes=(16, 16))
+    for k in range(2):
+        double.adapters[k].load_state_dict(single.adapters[0].state_dict())
+        double.codebooks[k].data.copy_(single.codebooks[0].data)
+    levels, masks = [torch.randn(2, 8, 3, 3)], [torch.ones(2, 3, 3)]
+    one, two = single(levels, masks), double(levels, masks)
+    for name in ("codebook", "commitment", "entropy"):
+        assert torch.allclose(one.losses[name], two.losses[name], rtol=1e-5), name
+    cosine = one.stats["code_cosine/0"]
+    assert 0 < float(cosine) <= 1 and torch.allclose(two.stats["code_cosine/1"], cosine)
+    assert float(double.reduced_usage()["dead_codes/0"]) == 16 - int((double.usage_counts(0) > 0).sum())
+
+
+def _entropy_rank(rank: int, world: int, port: int, z, codebook, queue) -> None:
+    import torch.distributed as dist
+
+    from models.tokenizer.training import GroupClippedAdamW
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        part = z.chunk(world)[rank].clone().requires_grad_(True)
+        book = codebook.clone().requires_grad_(True)
+        _, loss = ChunkedLookupEntropy.apply(part, book, torch.ones(part.shape[0], dtype=z.dtype), 0.5, 7)
+        loss.backward()
+        # a partitioned param group (ZeRO-1/2): this rank holds half of one flat gradient
+        flat = torch.nn.Parameter(torch.zeros(4))
+        flat.grad = torch.tensor([3.0, 0.0, 0.0, 0.0]) if rank == 0 else torch.tensor([0.0, 4.0, 0.0, 0.0])
+        optimizer = GroupClippedAdamW([{"params": [flat], "name": "tokenizer", "max_grad_norm": 1.0}], lr=0.1)
+        optimizer.partitioned = True
+        optimizer.step()
+        # plain lists: tensors would travel as shared memory that dies with this process
+        queue.put((rank, float(loss.detach()), part.grad.tolist(), book.grad.tolist(),
+                   float(optimizer.grad_norms["tokenizer"]), flat.grad.tolist()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_entropy_batch_term_and_partitioned_grad_norm_are_all_reduced():
+    """Two gloo ranks with half of the tokens each: the mean of the ranks' entropy losses is the one-process
+    loss over all tokens and their gradients, averaged as data parallelism does, are its gradients. A group
+    partitioned over the ranks is clipped by its global norm (3, 4 -> 5)."""
+    import torch.multiprocessing as mp
+
+    from pipeline.runtime import free_port
+
+    gen = torch.Generator().manual_seed(0)
+    z = F.normalize(torch.randn(24, 4, generator=gen, dtype=torch.float64), dim=1)
+    codebook = F.normalize(torch.randn(11, 4, generator=gen, dtype=torch.float64), dim=1)
+    full_z, full_book = z.clone().requires_grad_(True), codebook.clone().requires_grad_(True)
+    _, reference = ChunkedLookupEntropy.apply(full_z, full_book, torch.ones(24, dtype=z.dtype), 0.5, 7)
+    reference.backward()
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    procs = [context.Process(target=_entropy_rank, args=(r, 2, port, z, codebook, queue)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    results = [(r[0], r[1], *(torch.tensor(v, dtype=torch.float64) for v in r[2:4]), r[4], torch.tensor(r[5]))
+               for r in results]
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    assert sum(r[1] for r in results) / 2 == pytest.approx(float(reference), rel=1e-10)
+    # each rank's z-gradient is world x its tokens' share; DDP's average over ranks of the codebook gradient
+    assert torch.allclose(torch.cat([r[2] for r in results]) / 2, full_z.grad, rtol=1e-8, atol=1e-12)
+    assert torch.allclose((results[0][3] + results[1][3]) / 2, full_book.grad, rtol=1e-8, atol=1e-12)
+    assert [r[4] for r in results] == [pytest.approx(5.0), pytest.approx(5.0)]
+    assert torch.allclose(results[0][5], torch.tensor([0.6, 0.0, 0.0, 0.0]), atol=1e-6)
+    assert torch.allclose(results[1][5], torch.tensor([0.0, 0.8, 0.0, 0.0]), atol=1e-6)

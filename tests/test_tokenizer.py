@@ -326,3 +326,59 @@ def test_tiny_preset_trains_and_config_errors():
         Tokenizer(small_config(2, 1, encoder={"ch_mult": [1, 1]}))
     with pytest.raises(ValueError, match="divisible"):
         tok(images(1, 40, 64))
+
+
+def test_param_groups_exempt_codebooks_norms_biases_embeddings_and_clip_each_model():
+    from models.tokenizer.losses import LossConfig, TokenizerGANLoss
+    from models.tokenizer.training import GroupClippedAdamW, TokenizerTrainingModule
+
+    torch.manual_seed(0)
+    module = TokenizerTrainingModule(Tokenizer(small_config(2, 2)), TokenizerGANLoss(LossConfig(disc_ndf=8)))
+    groups = module.param_groups(1e-3, 0.5, weight_decay=0.05, max_grad_norm=1.0)
+    assert [g["name"] for g in groups] == ["tokenizer", "tokenizer/no_decay", "discriminator",
+                                           "discriminator/no_decay"]
+    ids = {g["name"]: {id(p) for p in g["params"]} for g in groups}
+    tok = module.tokenizer
+    no_decay = [*tok.quantizer.codebooks, tok.decoder.row_embed, tok.decoder.col_embed,
+                tok.encoder.conv_in.bias, tok.router.norms[0].weight]
+    assert all(id(p) in ids["tokenizer/no_decay"] for p in no_decay)
+    assert id(tok.encoder.conv_in.weight) in ids["tokenizer"] and groups[0]["weight_decay"] == 0.05
+    assert groups[1]["weight_decay"] == 0.0 and groups[2]["lr"] == 5e-4
+    everything = [id(p) for g in groups for p in g["params"]]
+    assert sorted(everything) == sorted(id(p) for p in module.parameters())    # each parameter exactly once
+    # no weight decay: one group per model
+    assert [g["name"] for g in module.param_groups(1e-3, 1.0)] == ["tokenizer", "discriminator"]
+
+    # each model is clipped on its own: a huge discriminator gradient leaves the tokenizer's alone
+    groups = module.param_groups(1e-3, 1.0, max_grad_norm=1.0)
+    optimizer = GroupClippedAdamW(groups, lr=1e-3)
+    for p in module.tokenizer.parameters():
+        p.grad = torch.full_like(p, 1e-4)
+    for p in module.gan_loss.discriminator.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    tokenizer_grads = [p.grad.clone() for p in module.tokenizer.parameters()]
+    optimizer.step()
+    norms = {name: float(value) for name, value in optimizer.grad_norms.items()}
+    assert norms["discriminator"] > 1.0 > norms["tokenizer"]
+    assert all(torch.equal(p.grad, g) for p, g in zip(module.tokenizer.parameters(), tokenizer_grads))
+    clipped = torch.stack([p.grad.norm() for p in module.gan_loss.discriminator.parameters()]).norm()
+    assert float(clipped) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_one_directional_infonce_leaves_predictions_alone_when_teacher_features_are_alike():
+    """Random-weight teachers give (nearly) one feature for every image: FQGAN's one-directional InfoNCE then
+    has no gradient, the symmetric form pushes all predictions together (towards image-invariant codes)."""
+    from models.tokenizer.semantic import info_nce
+
+    pred = torch.randn(6, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    alike = torch.randn(1, 8).expand(6, 8)
+    info_nce(pred, alike, 0.1, symmetric=False).backward()
+    assert pred.grad.abs().max() < 1e-6
+    pred.grad = None
+    info_nce(pred, alike, 0.1).backward()
+    assert pred.grad.abs().max() > 1e-2
+    # one-directional, distinct targets: CE of each prediction against the batch's targets
+    target = torch.randn(6, 8, generator=torch.Generator().manual_seed(1))
+    logits = torch.nn.functional.normalize(pred, dim=1) @ torch.nn.functional.normalize(target, dim=1).T / 0.1
+    expected = torch.nn.functional.cross_entropy(logits, torch.arange(6))
+    assert torch.allclose(info_nce(pred, target, 0.1, symmetric=False), expected)

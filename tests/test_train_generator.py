@@ -19,7 +19,8 @@ from data.codes import write_corpus
 from models.config import ConfigError
 from models.generator import Generator, GeneratorConfig, unpack
 from pipeline.cli import main as cli
-from pipeline.train_generator import (GeneratorStageConfig, PackedCodeStream, check_vocabulary, optimizer_groups)
+from pipeline.train_generator import (GeneratorStageConfig, PackedCodeStream, check_labels_and_lengths,
+                                      check_vocabulary, optimizer_groups)
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "generator" / "tiny.yaml"
@@ -193,6 +194,21 @@ def test_vocabulary_mismatch_names_both_sides(tmp_path, capsys):
     assert "codebook_sizes" in error and "[256, 512]" in error and str(codes) in error
 
 
+def test_labels_and_lengths_are_checked_before_the_first_step(tmp_path, capsys):
+    codes = write_corpus(tmp_path / "codes", rows=8, num_classes=9, seed=1)
+    from data.codes import CodeReader
+
+    config = GeneratorConfig.from_yaml(TINY, [s.removeprefix("model.") for s in SMALL])   # 4 classes
+    with pytest.raises(ConfigError, match=r"labels >= model.num_classes=4 \(largest [4-8]\); set model.num_classes"):
+        check_labels_and_lengths(CodeReader(codes), config, 160, str(codes))
+    assert cli(_train_args(tmp_path / "run", codes, 1)) == 2            # before any process group or step
+    error = capsys.readouterr().err
+    assert "model.num_classes=4" in error and str(codes) in error
+    assert not (tmp_path / "run" / "logs" / "metrics.jsonl").exists()
+    with pytest.raises(ConfigError, match="data.row_length"):
+        check_labels_and_lengths(CodeReader(codes), GeneratorConfig.from_yaml(TINY, ["num_classes=9"]), 40, str(codes))
+
+
 def test_packed_stream_covers_one_view_per_image_and_resumes_exactly(corpus):
     config = GeneratorConfig.from_yaml(TINY, [s.removeprefix("model.") for s in SMALL])
     streams = [PackedCodeStream(str(corpus), config, 160, rank, 2, seed=5) for rank in range(2)]
@@ -201,7 +217,7 @@ def test_packed_stream_covers_one_view_per_image_and_resumes_exactly(corpus):
     total = sum(b.doc.max().item() + 1 for b in epoch)
     assert 48 <= total <= 48 + 2 * 8            # every image once (+ rank padding repeats at most a batch each)
     for batch in epoch:
-        assert batch.position.shape[0] == 1 and batch.num_tokens <= 160
+        assert batch.position.shape == (1, 160) and batch.num_tokens <= 160      # fixed row length
         assert (batch.label[batch.valid] < 4).all()
         lengths = unpack(batch).lengths
         assert ((lengths - 3 >= 16) & (lengths - 3 <= 64)).all()   # L in [16, 64] plus BOS and 2 markers

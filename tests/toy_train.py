@@ -50,7 +50,7 @@ class ToyNet(PretrainedMixin, nn.Module):
 
 
 class ToyPair(nn.Module):
-    """ToyNet + critic: both trained by one backward of the summed losses (the PLATFORM.md recipe)."""
+    """ToyNet + critic: both trained by one backward of the summed losses (the GAN recipe of docs/design.md)."""
 
     def __init__(self, config: ToyConfig):
         super().__init__()

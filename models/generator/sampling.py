@@ -18,8 +18,14 @@ to the open region:
 So each coarsest region is covered exactly once, at exactly one level, by all of its ``4^g`` cells.
 
 Guidance: with ``cfg_scale`` set, a second (null-class) copy of every sequence runs alongside and
-logits become ``cond + (scale - 1) (cond - uncond)`` for positions and every sub-code, optionally only
-while the token being predicted lies in the levels ``cfg_interval = (first, last)``.
+logits become ``cond + (scale - 1) (cond - uncond)`` for every sub-code and (``cfg_positions``, default)
+the positions, optionally only while the token being predicted lies in the levels
+``cfg_interval = (first, last)``. ``cfg_schedule="linear"`` ramps the scale from 1 to ``cfg_scale`` with
+the fraction of coarsest regions already opened (0 at the first token, 1 when the map is covered).
+
+Teacher forcing (``teacher=``): the given token streams replace the draws and the result carries the
+log-probability of every stream under exactly the sampler's legality masks and filters; training's
+:meth:`~models.generator.stacked.Generator.log_likelihood` equals it (tested).
 """
 from __future__ import annotations
 
@@ -64,13 +70,16 @@ def filter_logits(logits: Tensor, allowed: Optional[Tensor], token_filter: Token
     return logits
 
 
-def draw(logits: Tensor, allowed: Optional[Tensor], token_filter: TokenFilter,
-         generator: Optional[torch.Generator]) -> Tensor:
-    """One id per row ``[B]`` from ``[B, V]`` logits."""
-    logits = filter_logits(logits, allowed, token_filter)
+def draw(filtered: Tensor, token_filter: TokenFilter, generator: Optional[torch.Generator]) -> Tensor:
+    """One id per row ``[B]`` from ``[B, V]`` logits already passed through :func:`filter_logits`."""
     if token_filter.temperature == 0:
-        return logits.argmax(-1)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+        return filtered.argmax(-1)
+    return torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+def chosen_log_prob(filtered: Tensor, chosen: Tensor) -> Tensor:
+    """float32 ``[B]``: log-probability of ``chosen [B]`` under the filtered logits ``[B, V]``."""
+    return filtered.log_softmax(-1).gather(1, chosen[:, None])[:, 0]
 
 
 class ValidityRule:
@@ -127,24 +136,22 @@ class ValidityRule:
 
 
 class CachedDecoder:
-    """Runs both stacks one token at a time with KV caches."""
+    """Runs both stacks one token at a time with KV caches (the RoPE tables of a step serve both stacks)."""
 
     def __init__(self, model: Generator, batch: int, max_len: int):
         self.model = model
         self.cache: GeneratorCache = model.new_cache(batch, max_len)
+        self.rope = None
 
-    def _index(self, caches, batch: int) -> Tensor:
-        return torch.full((batch, 1), caches[0].length, dtype=torch.long, device=self.model.position_embed.weight.device)
-
-    def position(self, inputs: Tensor) -> Tensor:
-        """inputs ``[B, 1, D]`` (token t) -> ``h_t [B, D]``."""
-        index = self._index(self.cache.position, inputs.shape[0])
-        return self.model.position_hidden(inputs, index, caches=self.cache.position)[:, 0]
+    def position(self, inputs: Tensor, position: Tensor) -> Tensor:
+        """inputs ``[B, 1, D]`` of token t with position id ``P_t [B]`` -> ``h_t [B, D]``."""
+        index = torch.full_like(position[:, None], self.cache.length)
+        self.rope = self.model.rotary(position[:, None], index)
+        return self.model.position_hidden(inputs, self.rope, caches=self.cache.position)[:, 0]
 
     def content(self, hidden: Tensor, next_position: Tensor) -> Tensor:
         """``h_t [B, D]``, ``P_{t+1} [B]`` -> ``c_t [B, D]``."""
-        index = self._index(self.cache.content, hidden.shape[0])
-        return self.model.content_hidden(hidden[:, None], next_position[:, None], index,
+        return self.model.content_hidden(hidden[:, None], next_position[:, None], self.rope,
                                          caches=self.cache.content)[:, 0]
 
 
@@ -154,22 +161,24 @@ class RecomputeDecoder:
     def __init__(self, model: Generator):
         self.model = model
         self.inputs: list[Tensor] = []
+        self.positions: list[Tensor] = []
         self.next_positions: list[Tensor] = []
         self.hidden: Optional[Tensor] = None
+        self.rope = None
 
-    def _index(self, batch: int, length: int) -> Tensor:
-        return torch.arange(length, device=self.model.position_embed.weight.device).expand(batch, length)
-
-    def position(self, inputs: Tensor) -> Tensor:
+    def position(self, inputs: Tensor, position: Tensor) -> Tensor:
         self.inputs.append(inputs)
-        prefix = torch.cat(self.inputs, dim=1)
-        self.hidden = self.model.position_hidden(prefix, self._index(*prefix.shape[:2]))
+        self.positions.append(position[:, None])
+        prefix, positions = torch.cat(self.inputs, dim=1), torch.cat(self.positions, dim=1)
+        index = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
+        self.rope = self.model.rotary(positions, index)
+        self.hidden = self.model.position_hidden(prefix, self.rope)
         return self.hidden[:, -1]
 
     def content(self, hidden: Tensor, next_position: Tensor) -> Tensor:
         self.next_positions.append(next_position[:, None])
         nexts = torch.cat(self.next_positions, dim=1)
-        return self.model.content_hidden(self.hidden, nexts, self._index(*nexts.shape))[:, -1]
+        return self.model.content_hidden(self.hidden, nexts, self.rope)[:, -1]
 
 
 @dataclasses.dataclass
@@ -179,6 +188,7 @@ class SampledTokens:
     position: Tensor   # int64 [B, T]
     content: Tensor    # int64 [B, T, K]
     done: Tensor       # bool [B]: reached END
+    log_prob: Tensor   # float32 [B]: log-probability of each stream under the sampler's masks and filters
 
     def sequences(self, spec: SequenceSpec) -> FlatSequences:
         """The finished sequences, cut after their END token."""
@@ -190,15 +200,22 @@ class SampledTokens:
         return FlatSequences(self.position[keep], self.content[keep], doc[keep], lengths.long())
 
 
+CFG_SCHEDULES = ("constant", "linear")
+
+
 @torch.no_grad()
 def generate_tokens(model: Generator, labels: Tensor, *, position: TokenFilter = TokenFilter(),
                     content: TokenFilter = TokenFilter(), cfg_scale: Optional[float] = None,
-                    cfg_interval: Optional[tuple[int, int]] = None, generator: Optional[torch.Generator] = None,
-                    use_cache: bool = True, max_steps: Optional[int] = None) -> SampledTokens:
+                    cfg_interval: Optional[tuple[int, int]] = None, cfg_positions: bool = True,
+                    cfg_schedule: str = "constant", generator: Optional[torch.Generator] = None,
+                    use_cache: bool = True, max_steps: Optional[int] = None,
+                    teacher: Optional[tuple[Tensor, Tensor]] = None) -> SampledTokens:
     """Sample token streams for class ``labels [B]`` (the null class id ``num_classes`` for unconditional).
 
-    ``use_cache=False`` selects the reference decoder that recomputes the prefix every step (for
-    benchmarks); ``max_steps`` stops early (the result then holds unfinished sequences).
+    ``position`` / ``content``: the filters of position and sub-code draws. Guidance options as the module
+    docstring. ``use_cache=False`` selects the reference decoder that recomputes the prefix every step (for
+    benchmarks); ``max_steps`` stops early (the result then holds unfinished sequences). ``teacher``:
+    ``(position [B, T], content [B, T, K])`` streams (BOS first, END-padded) to score instead of drawing.
     """
     spec, config = model.spec, model.config
     device = model.position_embed.weight.device
@@ -208,6 +225,8 @@ def generate_tokens(model: Generator, labels: Tensor, *, position: TokenFilter =
     guided = cfg_scale is not None
     if guided and config.num_classes == 0:
         raise ValueError("cfg_scale needs a class-conditional model (num_classes > 0)")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
     batch = labels.numel()
     rows = 2 * batch if guided else batch
     row_labels = torch.cat([labels, torch.full_like(labels, config.null_class)]) if guided else labels
@@ -215,27 +234,43 @@ def generate_tokens(model: Generator, labels: Tensor, *, position: TokenFilter =
     def both(x: Tensor) -> Tensor:
         return torch.cat([x, x]) if guided else x
 
-    def guide(logits: Tensor, rows_guided: Tensor) -> Tensor:
+    def guide(logits: Tensor, scale: Optional[Tensor]) -> Tensor:
+        """Guided logits of the first half of the rows; ``scale [B]`` (None: no guidance for this token)."""
         if not guided:
             return logits
         cond, uncond = logits.chunk(2)
-        return torch.where(rows_guided[:, None], cond + (cfg_scale - 1.0) * (cond - uncond), cond)
+        return cond if scale is None else cond + (scale[:, None] - 1.0) * (cond - uncond)
 
     was_training = model.training
     model.eval()
     rule = ValidityRule(spec, batch, device)
     steps = spec.max_length - 1 if max_steps is None else min(max_steps, spec.max_length - 1)
+    if teacher is not None:
+        teacher_position, teacher_content = (t.to(device) for t in teacher)
+        steps = min(steps, teacher_position.shape[1] - 1)
     decoder = CachedDecoder(model, rows, spec.max_length) if use_cache else RecomputeDecoder(model)
     none = spec.none_content.to(device).expand(batch, -1)
     token_position = torch.full((batch,), spec.bos, dtype=torch.long, device=device)
     token_content = none
     positions, contents = [token_position], [token_content]
+    log_prob = torch.zeros(batch, device=device)
     first, last = cfg_interval if cfg_interval is not None else (0, spec.num_levels - 1)
-    for _ in range(steps):
-        rows_guided = (rule.level >= first) & (rule.level <= last)
+    for step in range(steps):
+        scale = None
+        if guided:
+            progress = rule.taken.float().mean(1) if cfg_schedule == "linear" else torch.ones(batch, device=device)
+            in_interval = (rule.level >= first) & (rule.level <= last)
+            scale = torch.where(in_interval, 1.0 + (cfg_scale - 1.0) * progress, torch.ones_like(progress))
+        active = ~rule.done
         inputs = model.embed_inputs(both(token_position)[:, None], both(token_content)[:, None], row_labels[:, None])
-        hidden = decoder.position(inputs)
-        token_position = draw(guide(model.position_logits(hidden), rows_guided), rule.allowed(), position, generator)
+        hidden = decoder.position(inputs, both(token_position))
+        filtered = filter_logits(guide(model.position_logits(hidden), scale if cfg_positions else None),
+                                 rule.allowed(), position)
+        if teacher is None:
+            token_position = draw(filtered, position, generator)
+        else:
+            token_position = teacher_position[:, step + 1]
+            log_prob += torch.where(active, chosen_log_prob(filtered, token_position), torch.zeros_like(log_prob))
         context = decoder.content(hidden, both(token_position))
         needs_content = token_position < spec.num_cells
         token_content = none
@@ -243,8 +278,14 @@ def generate_tokens(model: Generator, labels: Tensor, *, position: TokenFilter =
             head_caches = model.content_head.new_caches(rows, context)
             subcodes, previous = [], None
             for slot in range(spec.num_subcodes):
-                logits = guide(model.content_head.step(context, previous, slot, head_caches), rows_guided)
-                subcodes.append(draw(logits, None, content, generator))
+                logits = filter_logits(guide(model.content_head.step(context, previous, slot, head_caches), scale),
+                                       None, content)
+                if teacher is None:
+                    subcodes.append(draw(logits, content, generator))
+                else:
+                    subcodes.append(teacher_content[:, step + 1, slot].clamp(0, logits.shape[1] - 1))
+                    log_prob += torch.where(active & needs_content, chosen_log_prob(logits, subcodes[-1]),
+                                            torch.zeros_like(log_prob))
                 previous = both(subcodes[-1])
             token_content = torch.where(needs_content[:, None], torch.stack(subcodes, 1), none)
         rule.advance(token_position)
@@ -253,16 +294,16 @@ def generate_tokens(model: Generator, labels: Tensor, *, position: TokenFilter =
         if bool(rule.done.all()):
             break
     model.train(was_training)
-    return SampledTokens(torch.stack(positions, 1), torch.stack(contents, 1), rule.done)
+    return SampledTokens(torch.stack(positions, 1), torch.stack(contents, 1), rule.done, log_prob)
 
 
 def sample(model: Generator, labels: Sequence[int] | Tensor, **options) -> list[tuple[Tensor, Tensor]]:
     """Sample one code map per label: ``(grain uint8 [Hs, Ws], codes int64 [L, K])`` in canonical order.
 
-    Options as :func:`generate_tokens` (``position``/``content`` filters, ``cfg_scale``,
-    ``cfg_interval``, ``generator``, ``use_cache``).
+    Options as :func:`generate_tokens` (``position``/``content`` filters, ``cfg_scale``, ``cfg_interval``,
+    ``cfg_positions``, ``cfg_schedule``, ``generator``, ``use_cache``).
     """
-    if "max_steps" in options:
-        raise TypeError("sample() always finishes the sequences; use generate_tokens(max_steps=...)")
+    if "max_steps" in options or "teacher" in options:
+        raise TypeError("sample() always draws finished sequences; use generate_tokens(max_steps=/teacher=...)")
     tokens = generate_tokens(model, torch.as_tensor(labels), **options)
     return decode_sequences(model.spec, tokens.sequences(model.spec))

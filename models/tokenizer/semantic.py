@@ -75,14 +75,18 @@ def _gather_batch(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def info_nce(pred: torch.Tensor, target: torch.Tensor, temperature: float | torch.Tensor,
-             gather: bool = True) -> torch.Tensor:
-    """Symmetric InfoNCE between l2-normalised rows of ``pred`` and ``target`` (both B x D).
+             gather: bool = True, symmetric: bool = True) -> torch.Tensor:
+    """InfoNCE between l2-normalised rows of ``pred`` and ``target`` (both B x D).
 
-    logits[i, j] = <p_i, t_j> / temperature; loss = (CE(pred -> targets) + CE(target -> preds)) / 2,
-    averaged over this rank's rows. When torch.distributed is initialised and ``gather`` is true, the
-    negatives are the GLOBAL batch (every rank's rows, same B on every rank); the mean of the per-rank
-    losses then equals the single-process loss on the concatenated batch, and the gradients reaching each
-    rank (sum over ranks through all_gather's backward, then averaged by DDP/ZeRO) match it too.
+    logits[i, j] = <p_i, t_j> / temperature; symmetric: loss = (CE(pred -> targets) + CE(target -> preds)) / 2;
+    else FQGAN's one-directional CE(pred -> targets) (each prediction picks its teacher feature among the
+    batch's). Averaged over this rank's rows. The one-directional form gives the prediction no gradient when
+    the teacher's features are all alike (random-weight teachers), while the target -> preds term then pushes
+    every image's prediction to the same point, i.e. the codes towards image-invariance. When torch.distributed
+    is initialised and ``gather`` is true, the negatives are the GLOBAL batch (every rank's rows, same B on every
+    rank); the mean of the per-rank losses then equals the single-process loss on the concatenated batch, and the
+    gradients reaching each rank (sum over ranks through all_gather's backward, then averaged by DDP/ZeRO) match it
+    too.
     """
     with torch.autocast(device_type=pred.device.type, enabled=False):   # similarities and softmax in fp32
         pred = F.normalize(pred.float(), dim=-1)
@@ -94,6 +98,8 @@ def info_nce(pred: torch.Tensor, target: torch.Tensor, temperature: float | torc
             all_pred, all_target, offset = pred, target, 0
         labels = torch.arange(pred.shape[0], device=pred.device) + offset
         loss_pred = F.cross_entropy(pred @ all_target.T / temperature, labels)
+        if not symmetric:
+            return loss_pred
         loss_target = F.cross_entropy(target @ all_pred.T / temperature, labels)
         return 0.5 * (loss_pred + loss_target)
 

@@ -38,6 +38,7 @@ class SemanticConfig(ConfigBase):
     weight: float = 0.5          # InfoNCE weight per aligned sub-codebook
     temperature: float = 0.1
     patch_weight: float = 0.0    # optional patch-level cosine term (teacher must expose patch tokens)
+    symmetric: bool = True       # InfoNCE both ways; false: FQGAN's one-directional prediction -> teacher
 
 
 @dataclasses.dataclass
@@ -205,7 +206,7 @@ class Tokenizer(nn.Module, PretrainedMixin):
             if name not in targets:
                 targets[name] = self._teachers[name](images)
             pooled, patches = head(merged[:, offsets[k_int]:offsets[k_int + 1]])
-            loss = sem.weight * info_nce(pooled, targets[name][0], sem.temperature)
+            loss = sem.weight * info_nce(pooled, targets[name][0], sem.temperature, symmetric=sem.symmetric)
             if sem.patch_weight > 0:
                 loss = loss + sem.patch_weight * patch_alignment_loss(
                     patches, targets[name][1], tuple(merged.shape[-2:]), self._teachers[name].grid)
