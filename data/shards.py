@@ -1,4 +1,4 @@
-"""Stage 0 writer: pack image folders and file lists into deterministic WebDataset tar shards.
+"""Stage 0 writer: pack image folders, file lists and image tables / tar shards into deterministic WebDataset shards.
 
 Layout of an output directory ``OUT`` (the "Shards" contract of DESIGN.md)::
 
@@ -14,6 +14,10 @@ Shard assignment is a pure function of the sorted input list: input ``i`` goes t
 ``j % num_nodes``. Nodes and worker processes therefore write disjoint shards, any shard can be redone
 on its own, and the merged result does not depend on how many nodes or workers produced it.
 Rejected inputs leave their shard shorter (``sizes.json`` records the counts).
+
+An input is an image file or one row of a source file (a Parquet / Arrow table with image bytes, or a sample
+of a tar shard: :mod:`data.sources`); rows are inputs ``(file, row index)`` in row order, so a big source
+file spreads over shards, workers and nodes like a folder does, and each shard reads only its rows.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from data import sources
 from data.files import (
     AtomicFile,
     NotRegularFile,
@@ -64,7 +69,7 @@ LIST_EXTENSIONS = (".txt", ".lst", ".csv", ".tsv", ".parquet")
 RESIZE_MODES = ("center-crop", "shorter-side", "none")
 FORMATS = ("jpg", "png", "webp")
 REJECT_REASONS = ("missing", "unreadable", "not_a_file", "too_large", "empty", "not_an_image", "truncated",
-                  "corrupt", "decompression_bomb", "too_small", "duplicate")
+                  "corrupt", "decompression_bomb", "too_small", "duplicate", "no_image")
 WALK_SKIP_REASONS = ("symlink_loop", "duplicate_link", "not_a_file", "broken_link", "unreadable", "unreadable_folder")
 MAX_CAPTION_BYTES = 1 << 20
 RUN_FILE = "shard_run.json"
@@ -72,8 +77,6 @@ log = logging.getLogger("varitok.shard")
 REDUCING_GAP = 3.0  # resampling keeps >= 3x the target resolution before the final Lanczos step
 MAX_SHARD_SIZE = 1_000_000  # the in-shard part of a key has 6 digits
 PATH_COLUMNS = ("path", "filepath", "file", "filename", "image", "image_path")
-LABEL_COLUMNS = ("label", "cls", "class", "class_name")
-CAPTION_COLUMNS = ("caption", "text", "txt")
 
 
 class ShardError(Exception):
@@ -111,7 +114,10 @@ class ShardOptions:
     dedupe: bool = False              # reject later inputs with the same sha256 as an earlier one
     captions: bool = False            # write <key>.txt from caption columns or sibling <image>.txt
     max_pixels: int = 89_478_485      # width * height above this is a decompression bomb (PIL's default)
-    max_input_bytes: int = 256 << 20  # larger input files are rejected unread (too_large)
+    max_input_bytes: int = 256 << 20  # larger input files (or image cells / tar members) are rejected (too_large)
+    image_column: Optional[str] = None    # source tables: the image-bytes column (tars: member extension)
+    label_column: Optional[str] = None    # source tables and file lists: the label column (tars: extension)
+    caption_column: Optional[str] = None  # source tables and file lists: the caption column (tars: extension)
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "./\\ "):
@@ -134,11 +140,12 @@ class ShardOptions:
             raise ShardError(f"--max-input-bytes must be >= 1, got {self.max_input_bytes}")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class InputItem:
-    path: str                       # absolute path of the source file
-    label: Optional[int] = None     # class index, when known
-    caption: Optional[str] = None   # from a file list's caption column (sibling .txt files are read later)
+    path: str                       # absolute path of the image file, or of the source file holding the row
+    label: Optional[int] = None     # class index, when known (tar rows: read with the row)
+    caption: Optional[str] = None   # from a file list's caption column (sibling .txt files, rows: read later)
+    row: Optional[int] = None       # row index inside a source file (data.sources); None for an image file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,9 +157,13 @@ class InputSet:
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
         for item in self.items:
-            digest.update(json.dumps([item.path, item.label, item.caption]).encode())
+            fields = [item.path, item.label, item.caption] + ([] if item.row is None else [item.row])
+            digest.update(json.dumps(fields).encode())
             digest.update(b"\n")
         digest.update(json.dumps(self.classes).encode())
+        source_files = sorted({item.path for item in self.items if item.row is not None})
+        if source_files:  # a table or tar replaced by another with as many rows is a different input
+            digest.update(json.dumps([[path, os.stat(path).st_size] for path in source_files]).encode())
         return digest.hexdigest()
 
 
@@ -160,8 +171,9 @@ class InputSet:
 # Input discovery
 # ----------------------------------------------------------------------------------------------
 
-def _walk_images(root: Path, skipped: list[dict]) -> list[Path]:
-    """Image files under ``root``, each real file once, in a deterministic order (sorted, depth first).
+def _walk_images(root: Path, skipped: list[dict], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    """Image files (or other ``extensions``) under ``root``, each real file once, in a deterministic order
+    (sorted, depth first).
 
     Links are followed, but every folder (device, inode) is entered once, so a symlink loop or a second
     link to a folder adds nothing, and a file reached by several paths (links, hard links) counts once,
@@ -183,7 +195,7 @@ def _walk_images(root: Path, skipped: list[dict]) -> list[Path]:
                 return None
             seen_folders.add(identity)
             return path
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        if path.suffix.lower() not in extensions:
             return None
         if not stat.S_ISREG(info.st_mode):
             skip(path, "not_a_file", "a FIFO, device or socket, not a regular file")
@@ -237,20 +249,21 @@ def _folder_entries(root: Path, skipped: list[dict]) -> list[tuple[str, Optional
     files = _walk_images(root, skipped)
     rel = [f.relative_to(root) for f in files]
     class_layout = bool(rel) and all(len(r.parts) > 1 for r in rel)
-    return [(os.path.abspath(f), r.parts[0] if class_layout else None, None) for f, r in zip(files, rel)]
+    return [(os.path.abspath(f), r.parts[0] if class_layout else None, None, None) for f, r in zip(files, rel)]
 
 
-def _pick_column(names: Sequence[str], candidates: Sequence[str]) -> Optional[str]:
-    lowered = {n.strip().lower(): n for n in names}
-    return next((lowered[c] for c in candidates if c in lowered), None)
-
-
-def _table_entries(list_file: Path, columns: list[str], rows: Iterable[Sequence[Any]]) -> list[tuple]:
-    path_col = _pick_column(columns, PATH_COLUMNS)
+def _table_entries(list_file: Path, columns: list[str], rows: Iterable[Sequence[Any]],
+                   chosen: sources.Columns) -> list[tuple]:
+    path_col = sources.pick_column(columns, PATH_COLUMNS)
     if path_col is None:
         raise ShardError(f"file list {list_file} has no path column: found {columns}, "
                          f"expected one of {', '.join(PATH_COLUMNS)}")
-    label_col, caption_col = _pick_column(columns, LABEL_COLUMNS), _pick_column(columns, CAPTION_COLUMNS)
+    label_col = sources.pick_column(columns, sources.LABEL_COLUMNS, chosen.label)
+    caption_col = sources.pick_column(columns, sources.CAPTION_COLUMNS, chosen.caption)
+    for flag, wanted, found in (("--label-column", chosen.label, label_col),
+                                ("--caption-column", chosen.caption, caption_col)):
+        if wanted is not None and found is None:
+            raise ShardError(f"file list {list_file}: {flag} {wanted!r} is not a column (found {columns})")
     index = {c: i for i, c in enumerate(columns)}
 
     def cell(row: Sequence[Any], column: Optional[str]) -> Any:
@@ -262,11 +275,11 @@ def _table_entries(list_file: Path, columns: list[str], rows: Iterable[Sequence[
         if path is None or str(path).strip() == "":
             continue
         entries.append((os.path.abspath(list_file.parent / str(path).strip()), cell(row, label_col),
-                        cell(row, caption_col)))
+                        cell(row, caption_col), None))
     return entries
 
 
-def _list_entries(list_file: Path) -> list[tuple]:
+def _list_entries(list_file: Path, chosen: sources.Columns) -> list[tuple]:
     """Entries of a file list: ``.txt``/``.lst`` (one path per line, ``#`` comments), ``.csv``/``.tsv``
     (header naming a path column and optional label / caption columns) or ``.parquet`` (same columns).
     Relative paths are relative to the list file's folder."""
@@ -276,14 +289,15 @@ def _list_entries(list_file: Path) -> list[tuple]:
             import pyarrow.parquet as pq
 
             table = pq.read_table(list_file)
-            return _table_entries(list_file, table.column_names, zip(*table.to_pydict().values()))
+            return _table_entries(list_file, table.column_names, zip(*table.to_pydict().values()), chosen)
         with open(list_file, newline="", encoding="utf-8") as handle:
             if suffix in (".csv", ".tsv"):
                 reader = csv.reader(handle, delimiter="\t" if suffix == ".tsv" else ",")
                 header = next(reader, [])
-                return _table_entries(list_file, header, reader)
+                return _table_entries(list_file, header, reader, chosen)
             lines = (line.strip() for line in handle)
-            return _table_entries(list_file, ["path"], ([line] for line in lines if not line.startswith("#")))
+            return _table_entries(list_file, ["path"], ([line] for line in lines if not line.startswith("#")),
+                                  sources.Columns())  # no columns to choose
     except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:
         raise ShardError(f"cannot read file list {list_file}: {exc}") from exc
 
@@ -300,42 +314,87 @@ def _normalise_label(raw: Any) -> Optional[int | str]:
         return text
 
 
-def discover_inputs(paths: Sequence[str | os.PathLike]) -> InputSet:
-    """The sorted input list from image folders and file lists (see ``_list_entries``).
+def _columns(options: ShardOptions) -> sources.Columns:
+    return sources.Columns(options.image_column, options.label_column, options.caption_column)
+
+
+def _source_entries(files: Sequence[Path], options: ShardOptions) -> list[tuple]:
+    """One entry per row of each source file (row count and labels only; the images are read per shard)."""
+    entries = []
+    for file in files:
+        path = os.path.abspath(file)
+        try:
+            count = sources.count_rows(path, _columns(options))
+            labels = sources.read_labels(path, _columns(options)) or [None] * count
+        except (sources.SourceError, OSError) as exc:
+            raise ShardError(f"--input {file}: {exc}") from None
+        except Exception as exc:  # pyarrow raises ArrowInvalid / ArrowIOError on a damaged file
+            raise ShardError(f"--input {file}: cannot read it as {file.suffix[1:]}: {exc}") from None
+        entries.extend((path, label, None, row) for row, label in zip(range(count), labels))
+    return entries
+
+
+def _folder_inputs(folder: Path, options: ShardOptions, skipped: list[dict]) -> list[tuple]:
+    """A ``datasets.save_to_disk`` folder, an image folder, or else a folder of source files."""
+    arrow_files = sources.arrow_files_of(folder)
+    if arrow_files is not None:
+        return _source_entries(arrow_files, options)
+    entries = _folder_entries(folder, skipped)
+    if entries:
+        return entries
+    found = _walk_images(folder, skipped, sources.SOURCE_EXTENSIONS)
+    tables = [f for f in found if f.suffix.lower() != ".parquet" or sources.is_image_table(f, _columns(options))]
+    return _source_entries(tables, options)
+
+
+def discover_inputs(paths: Sequence[str | os.PathLike], options: Optional[ShardOptions] = None) -> InputSet:
+    """The sorted input list from image folders, file lists (see ``_list_entries``) and source files
+    (Parquet / Arrow tables holding image bytes, ``datasets.save_to_disk`` folders, tar shards: one input
+    per row, see :mod:`data.sources`; a folder without images is searched for them).
 
     Labels are class names (folders, or text in a label column), mapped to indices in sorted name
     order and listed in ``classes``, or integers from a numeric label column. Mixing both is an error.
     Folders are walked with each real file and folder once (``_walk_images``); what the walk refuses is
     listed in ``skipped``. Raises ShardError for a missing input path or when no image is found.
     """
+    options = options or ShardOptions()
     entries: list[tuple] = []
     skipped: list[dict] = []
     for given in paths:
         path = Path(given)
-        if path.is_dir():
-            entries.extend(_folder_entries(path, skipped))
-        elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
-            entries.extend(_list_entries(path))
-        elif path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-            entries.append((os.path.abspath(path), None, None))
-        elif path.exists():
-            raise ShardError(f"--input {given}: not a folder, an image or a file list "
-                             f"({', '.join(LIST_EXTENSIONS)})")
-        else:
-            raise ShardError(f"--input {given}: no such file or folder")
+        suffix = path.suffix.lower()
+        try:
+            if path.is_dir():
+                entries.extend(_folder_inputs(path, options, skipped))
+            elif path.is_file() and suffix in (".arrow", ".tar") or (
+                    suffix == ".parquet" and path.is_file() and sources.is_image_table(path, _columns(options))):
+                entries.extend(_source_entries([path], options))
+            elif path.is_file() and suffix in LIST_EXTENSIONS:
+                entries.extend(_list_entries(path, _columns(options)))
+            elif path.is_file() and suffix in IMAGE_EXTENSIONS:
+                entries.append((os.path.abspath(path), None, None, None))
+            elif path.exists():
+                raise ShardError(f"--input {given}: not a folder, an image, a file list ({', '.join(LIST_EXTENSIONS)}) "
+                                 f"or a source file ({', '.join(sources.SOURCE_EXTENSIONS)})")
+            else:
+                raise ShardError(f"--input {given}: no such file or folder")
+        except sources.SourceError as exc:
+            raise ShardError(f"--input {given}: {exc}") from None
     if not entries:
         raise ShardError(f"no input images found in {', '.join(map(str, paths))} "
-                         f"(looked for {', '.join(IMAGE_EXTENSIONS)} files and file lists)")
-    labels = [_normalise_label(label) for _, label, _ in entries]
+                         f"(looked for {', '.join(IMAGE_EXTENSIONS)} files, file lists and "
+                         f"{', '.join(sources.SOURCE_EXTENSIONS)} sources)")
+    labels = [_normalise_label(label) for _, label, _, _ in entries]
     names = sorted({label for label in labels if isinstance(label, str)})
     if names and any(isinstance(label, int) for label in labels):
         raise ShardError("inputs mix class names (folders or text labels) with numeric labels; "
                          "use one kind of label for all inputs")
     class_index = {name: i for i, name in enumerate(names)}
     items = [InputItem(path, class_index.get(label, label) if label is not None else None,
-                       None if caption is None or str(caption).strip() == "" else str(caption).strip())
-             for (path, _, caption), label in zip(entries, labels)]
-    items.sort(key=lambda it: (it.path, -1 if it.label is None else it.label, it.caption or ""))
+                       None if caption is None or str(caption).strip() == "" else str(caption).strip(), row)
+             for (path, _, caption, row), label in zip(entries, labels)]
+    items.sort(key=lambda it: (it.path, -1 if it.row is None else it.row, -1 if it.label is None else it.label,
+                               it.caption or ""))
     if skipped:
         log.warning("skipped %d path(s) while walking the inputs (%s), e.g. %s", len(skipped),
                     ", ".join(f"{r} {n}" for r, n in sorted(Counter(e["reason"] for e in skipped).items())),
@@ -418,8 +477,8 @@ def _decoding():
             yield
     except Rejected:
         raise
-    except UnidentifiedImageError as exc:
-        raise Rejected("not_an_image", str(exc)) from None
+    except UnidentifiedImageError:  # PIL's message names the BytesIO's address: not reproducible
+        raise Rejected("not_an_image", "cannot identify the image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise Rejected("decompression_bomb", str(exc)) from None
     except OSError as exc:
@@ -484,6 +543,67 @@ def _read_source(path: str, limit: int) -> bytes:
     return data
 
 
+def _source_id(item: InputItem) -> str:
+    """How rejected.jsonl and duplicate messages name an input: its path, plus ``#row`` for a source row."""
+    return item.path if item.row is None else f"{item.path}#{item.row}"
+
+
+def _row_payload(row: sources.Row, item: InputItem, limit: int) -> tuple[bytes, Optional[int], Optional[str]]:
+    """(image bytes, label, caption) of a source row, or Rejected."""
+    if row.data is None:
+        raise Rejected(row.reason or "no_image", row.problem or "no image bytes")
+    if row.problem is not None:
+        raise Rejected("corrupt", row.problem)
+    if len(row.data) > limit:
+        raise Rejected("too_large", f"{len(row.data)} bytes is above --max-input-bytes {limit}")
+    label = item.label
+    if label is None and row.label not in (None, ""):
+        parsed = _normalise_label(row.label)
+        if not isinstance(parsed, int):
+            raise Rejected("corrupt", f"label member {row.label!r} is not an integer (tar labels must be class "
+                           "indices)")
+        label = parsed
+    return row.data, label, row.caption
+
+
+def _payloads(items: Sequence[InputItem], options: ShardOptions) -> Iterator[tuple[Any, Optional[int], Optional[str]]]:
+    """Per item, in order: (image bytes or a Rejected, label, caption from the source row or None). Runs of
+    rows of one source file are read in one incremental pass over that file's rows (data.sources.iter_rows)."""
+    position = 0
+    while position < len(items):
+        item = items[position]
+        if item.row is None:
+            try:
+                yield _read_source(item.path, options.max_input_bytes), item.label, None
+            except Rejected as rej:
+                yield rej, item.label, None
+            position += 1
+            continue
+        end = position
+        while end < len(items) and items[end].path == item.path and items[end].row is not None:
+            end += 1
+        rows = sources.iter_rows(item.path, _columns(options), item.row, items[end - 1].row + 1)
+        current: Optional[sources.Row] = None
+        failure: Optional[str] = None  # the source broke mid-read (changed after discovery): the rest is unreadable
+        for wanted in items[position:end]:
+            try:
+                if failure is not None:
+                    raise Rejected("unreadable", failure)
+                while current is None or current.index < wanted.row:
+                    current = next(rows, None)
+                    if current is None:
+                        break
+                if current is None or current.index != wanted.row:
+                    raise Rejected("missing", f"row {wanted.row} is no longer in {wanted.path} (file changed?)")
+                yield _row_payload(current, wanted, options.max_input_bytes)
+            except Rejected as rej:
+                yield rej, wanted.label, None
+            except Exception as exc:  # pyarrow / OS errors on a damaged file
+                failure = f"{type(exc).__name__}: {exc}"
+                yield Rejected("unreadable", failure), wanted.label, None
+        position = end
+
+
 def _sibling_caption(path: str) -> Optional[str]:
     try:
         text = _read_source(os.path.splitext(path)[0] + ".txt", MAX_CAPTION_BYTES)
@@ -539,25 +659,33 @@ def write_shard(out_dir: str | os.PathLike, shard: int, items: Sequence[InputIte
     for stale in temp_files_of(out_dir / f"{stem}.tar") + temp_files_of(out_dir / f"{stem}.stats.json"):
         stale.unlink(missing_ok=True)  # left by a killed writer of this shard (this node owns it)
     with atomic_tar(out_dir / f"{stem}.tar") as add:
-        for offset, item in enumerate(items):
+        for offset, (item, (data, label, row_caption)) in enumerate(zip(items, _payloads(items, options))):
             key = sample_key(shard, offset)
             try:
                 if first_index + offset in duplicate_of:
                     raise Rejected("duplicate", f"same content as {duplicate_of[first_index + offset]}")
-                data = _read_source(item.path, options.max_input_bytes)
+                if isinstance(data, Rejected):
+                    raise data
                 encoded, (width, height) = process_image(data, options)
             except Rejected as rej:
-                rejected.append({"key": key, "path": item.path, "reason": rej.reason, "detail": rej.detail})
+                where = {"path": item.path} if item.row is None else {"path": item.path, "row": item.row}
+                rejected.append({"key": key, **where, "reason": rej.reason, "detail": rej.detail})
             else:
                 members = {options.format: encoded}
-                if item.label is not None:
-                    members["cls"] = str(item.label).encode()
-                caption = (item.caption or _sibling_caption(item.path)) if options.captions else None
+                if label is not None:
+                    members["cls"] = str(label).encode()
+                caption = None
+                if options.captions:
+                    caption = item.caption or (row_caption.strip() or None if row_caption is not None else None)
+                    if caption is None and item.row is None:
+                        caption = _sibling_caption(item.path)
                 if caption is not None:
                     members["txt"] = caption.encode()
                 meta = {"key": key, "source": item.path, "sha256": hashlib.sha256(data).hexdigest(),
                         "original_width": width, "original_height": height,
                         MEMBER_DIGESTS: {ext: hashlib.sha256(blob).hexdigest() for ext, blob in members.items()}}
+                if item.row is not None:
+                    meta["source_row"] = item.row
                 meta[META_DIGEST] = hashlib.sha256(meta_json(meta)).hexdigest()
                 add(f"{key}.{options.format}", encoded)
                 add(f"{key}.json", meta_json(meta))
@@ -599,18 +727,10 @@ def node_shards(num_shards: int, node_rank: int, num_nodes: int) -> list[int]:
     return list(range(node_rank, num_shards, num_nodes))
 
 
-def _hash_file(path: str, limit: int) -> Optional[str]:
-    try:
-        handle, size = open_regular_file(path)
-    except OSError:
-        return None  # rejected later as missing / unreadable / not a file
-    with handle:
-        if size > limit:
-            return None  # rejected later as too large
-        try:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
-        except OSError:
-            return None
+def _hash_items(items: Sequence[InputItem], options: ShardOptions) -> list[Optional[str]]:
+    """sha256 of each input's bytes (None for inputs that will be rejected anyway), read as write_shard reads them."""
+    return [None if isinstance(data, Rejected) else hashlib.sha256(data).hexdigest()
+            for data, _, _ in _payloads(items, options)]
 
 
 def find_duplicates(paths: Sequence[str], hashes: Iterable[Optional[str]]) -> dict[int, str]:
@@ -680,15 +800,18 @@ def _write_shard_task(args: tuple) -> dict:
     return write_shard(*args, on_item=_tick)
 
 
-def _hash_pass(paths: list[str], limit: int, executor: Optional[ProcessPoolExecutor],
+def _hash_pass(items: Sequence[InputItem], options: ShardOptions, executor: Optional[ProcessPoolExecutor],
                bar_factory) -> list[Optional[str]]:
-    hash_file = functools.partial(_hash_file, limit=limit)
-    hashes = executor.map(hash_file, paths, chunksize=64) if executor is not None else map(hash_file, paths)
-    with bar_factory(len(paths), "hashing") as bar:
+    """Hashes of ``items`` in chunks of one shard (a chunk of source rows is one pass over its rows)."""
+    size = options.shard_size
+    chunks = [items[start:start + size] for start in range(0, len(items), size)]
+    hash_chunk = functools.partial(_hash_items, options=options)
+    hashes = executor.map(hash_chunk, chunks) if executor is not None else map(hash_chunk, chunks)
+    with bar_factory(len(items), "hashing") as bar:
         result = []
-        for digest in hashes:
-            result.append(digest)
-            bar.update(1)
+        for digests in hashes:
+            result.extend(digests)
+            bar.update(len(digests))
     return result
 
 
@@ -706,7 +829,7 @@ def shard_images(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
     if workers < 1:
         raise ShardError(f"--workers must be >= 1, got {workers}")
     rank, world = resolve_node(node_rank, num_nodes)
-    input_set = discover_inputs(inputs)
+    input_set = discover_inputs(inputs, options)
     out_dir = Path(output)
     _check_output(out_dir)
     record = _run_record(input_set, options)
@@ -726,15 +849,14 @@ def shard_images(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
     if workers > 1 and todo:
         ctx = multiprocessing.get_context("spawn")
         counter = ctx.Value("q", 0)
-        processes = workers if options.dedupe else min(workers, len(todo))  # hashing splits by file
+        processes = workers if options.dedupe else min(workers, len(todo))  # hashing splits by shard
         executor = ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_worker, initargs=(counter,))
     try:
         duplicates_by_shard: dict[int, dict[int, str]] = defaultdict(dict)
         if options.dedupe and todo:
             last = (todo[-1] + 1) * size  # only inputs up to the end of this node's last shard matter
-            paths = [item.path for item in items[:last]]
-            hashes = _hash_pass(paths, options.max_input_bytes, executor, bar_factory)
-            for index, first in find_duplicates(paths, hashes).items():
+            hashes = _hash_pass(items[:last], options, executor, bar_factory)
+            for index, first in find_duplicates([_source_id(item) for item in items[:last]], hashes).items():
                 duplicates_by_shard[index // size][index] = first
         tasks = [(out_dir, s, items[s * size:(s + 1) * size], s * size, options, duplicates_by_shard[s])
                  for s in todo]

@@ -1,4 +1,5 @@
-"""Stage 0: pack image folders and file lists into deterministic WebDataset tar shards.
+"""Stage 0: pack image folders, file lists, Parquet / Arrow image tables and tar shards into deterministic
+WebDataset tar shards.
 
 Writes OUT/{name}-{i:06d}.tar (+ .stats.json when complete), then manifest.json, sizes.json,
 rejected.jsonl and classes.json. Input i goes to shard i // shard-size; shard j is written by node
@@ -7,6 +8,10 @@ run `varitok shard --merge-manifests OUT` once every node has finished.
 
 Examples:
   varitok shard --input photos/ --output shards/ --image-size 256 --workers 8
+  varitok shard --input imagenet-parquet/ --output shards/ --workers 16          # image struct + label column
+  varitok shard --input cc3m.parquet --output shards/ --captions --caption-column caption
+  varitok shard --input saved_dataset/ --output shards/                           # datasets.save_to_disk folder
+  varitok shard --input img2dataset-out/ --output reshards/ --shard-size 5000 --dedupe --captions
   varitok shard --input list.csv --output shards/ --captions --node-rank 0 --num-nodes 4
   varitok shard --merge-manifests shards/
 """
@@ -23,8 +28,10 @@ _DEFAULTS = ShardOptions()
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", nargs="+", metavar="PATH",
                         help="image folders (recursive; class-per-subfolder gives labels), image files, "
-                        "or file lists (.txt/.lst one path per line; .csv/.tsv/.parquet with a path column "
-                        "and optional label and caption columns)")
+                        "file lists (.txt/.lst one path per line; .csv/.tsv/.parquet with a path column "
+                        "and optional label and caption columns), Parquet / Arrow files with an image-bytes column "
+                        "(binary, or a struct with 'bytes'), datasets.save_to_disk folders, tar shards (re-shard), "
+                        "or folders of those")
     parser.add_argument("--output", metavar="DIR", help="output folder (created; resumable)")
     parser.add_argument("--name", default=_DEFAULTS.name, help="shard file prefix: NAME-000000.tar")
     parser.add_argument("--image-size", type=int, default=_DEFAULTS.image_size,
@@ -41,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reject images declaring more pixels than this (decompression bombs)")
     parser.add_argument("--max-input-bytes", type=int, default=_DEFAULTS.max_input_bytes,
                         help="reject input files larger than this, unread (default 256 MiB)")
+    parser.add_argument("--image-column", default=None, metavar="NAME",
+                        help="Parquet/Arrow: the image-bytes column (default: auto-detected); tars: member extension")
+    parser.add_argument("--label-column", default=None, metavar="NAME",
+                        help="the label column (default: label, cls, class, class_name); tars: member extension "
+                        "(default cls, integers)")
+    parser.add_argument("--caption-column", default=None, metavar="NAME",
+                        help="the caption column (default: caption, text, txt); tars: member extension (default txt)")
     parser.add_argument("--workers", type=int, default=1, help="processes on this node (one shard per task)")
     parser.add_argument("--dedupe", action="store_true",
                         help="reject exact duplicates (same sha256); the first in sorted order is kept")
@@ -84,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
         options = ShardOptions(name=args.name, image_size=args.image_size, resize=args.resize,
                                format=args.format, quality=args.quality, shard_size=args.shard_size,
                                min_size=args.min_size, dedupe=args.dedupe, captions=args.captions,
-                               max_pixels=args.max_pixels, max_input_bytes=args.max_input_bytes)
+                               max_pixels=args.max_pixels, max_input_bytes=args.max_input_bytes,
+                               image_column=args.image_column, label_column=args.label_column,
+                               caption_column=args.caption_column)
         summary = shard_images(args.input, args.output, options, workers=args.workers,
                                node_rank=args.node_rank, num_nodes=args.num_nodes)
     except ShardError as exc:
