@@ -21,19 +21,11 @@ retrieval (share of images whose reconstruction is nearest, in MSE, to its own i
 share, codebook usage. Writes ``quality.json`` (the printed record), ``quality.md``, ``quality_psnr_vs_codes.png``
 and ``quality_examples.png`` to ``--out``.
 
-    nice -n 10 .venv/bin/python benchmarks/quality.py --images ../shared/data/imagenet-samples --steps 150
+    nice -n 10 .venv/bin/python -m benchmarks.quality --images imagenet-samples/ --steps 150
 """
 from __future__ import annotations
 
-import os
 import sys
-
-# Import the repo's packages from the repo root (run as a script, benchmarks/ heads sys.path).
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if sys.path and os.path.abspath(sys.path[0] or os.curdir) == _HERE:
-    sys.path[0] = os.path.dirname(_HERE)
-elif os.path.dirname(_HERE) not in sys.path:
-    sys.path.insert(0, os.path.dirname(_HERE))
 
 import argparse
 import copy
@@ -554,7 +546,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     columns = save_examples(originals, results[0]["examples"], args.out / "quality_examples.png")
     train_seconds = {name: sum(r["train_seconds"][name] for r in results) for name in results[0]["train_seconds"]}
     figures = {
-        "command": " ".join(["benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python -m benchmarks.quality", *(argv if argv is not None else sys.argv[1:])]),
         "split": {"rule": f"sha256(file name)[:8] / 2**64 < {args.held_out} -> held out",
                   "train": len(train_paths), "held_out": len(test_paths),
                   "held_out_files": [p.name for p in test_paths]},

@@ -21,7 +21,7 @@ every row, then this node's shards spread over the whole file). Reported: that p
 RSS once its modules are imported (about 0.7 GB: ``webdataset`` imports torch, whose libraries are mapped) and
 the difference, the memory the run itself took (target < 500 MB).
 
-    flock /tmp/varitok-bench.lock .venv/bin/python benchmarks/shard.py [--images DIR] [--repeats 3]
+    flock /tmp/varitok-bench.lock .venv/bin/python -m benchmarks.shard [--images DIR] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -36,7 +36,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
 from benchmarks.common import REPO, emit, target  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}

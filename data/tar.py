@@ -25,7 +25,6 @@ import tarfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
-import webdataset as wds
 
 from data.files import NotRegularFile, open_regular_file
 
@@ -209,6 +208,8 @@ def count_tar_samples(path: str) -> int:
 
     A damaged tar counts the samples whose headers could be read, with a warning naming it.
     """
+    import webdataset as wds   # imports torch: only where samples are counted (`varitok shard` stays light)
+
     count, previous = 0, None
     try:
         for name, _ in iter_tar_members(path, read_data=False):
