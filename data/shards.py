@@ -1,6 +1,6 @@
 """Stage 0 writer: pack image folders, file lists and image tables / tar shards into deterministic WebDataset shards.
 
-Layout of an output directory ``OUT`` (the "Shards" contract of DESIGN.md)::
+Layout of an output directory ``OUT`` (docs/formats.md, "Shards")::
 
     OUT/{name}-{i:06d}.tar          samples <key>.<fmt>, <key>.json, <key>.cls?, <key>.txt?
                                     (<key>.json lists the sha256 of the sample's other members, which

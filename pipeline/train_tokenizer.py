@@ -5,7 +5,7 @@
 Runs as one plain process or under ``accelerate launch`` / ``torchrun`` / ``deepspeed`` on any number of
 processes and machines (``varitok launch tokenizer --nproc N --zero Z -- --config ...`` builds the command).
 ZeRO-0 (data parallel), ZeRO-1 and ZeRO-2 are supported; ZeRO-3 is refused (the discriminator's detached
-functional call needs whole parameters, see PLATFORM.md).
+functional call needs whole parameters, see docs/design.md).
 
 Outputs under ``run.dir``: ``config.yaml`` (resolved), ``checkpoints/step-N/`` (every ``train.ckpt_every``
 steps and at the end, last ``train.keep_last`` kept), ``logs/metrics.jsonl`` (one JSON per log step) and

@@ -1,6 +1,6 @@
 """Tokenizer training losses: reconstruction, LPIPS-VGG, PatchGAN discriminator and the GAN objective.
 
-The GAN objective follows the recipe that works under DeepSpeed ZeRO-1/2 (see PLATFORM.md): the
+The GAN objective follows the recipe that works under DeepSpeed ZeRO-1/2 (docs/design.md): the
 discriminator lives inside the trained module (one optimizer, its parameters in a second param group with
 their own lr), and generator and discriminator are updated by ONE backward of (G loss + D loss):
 
@@ -127,7 +127,7 @@ class LPIPS(nn.Module):
             raise FileNotFoundError(
                 f"{key_path}: LPIPS weights file not found: {str(path)!r}. Set {key_path} to a local "
                 f".safetensors/.pt file holding torchvision vgg16 `features.*` and lpips `lin0..lin4.model.1."
-                f"weight` tensors (see the README, 'LPIPS weights'); nothing is downloaded at run time.")
+                f"weight` tensors (docs/tokenizer-model.md, 'LPIPS weights'); nothing is downloaded at run time.")
         raw = load_tensor_file(file)
         state = {}
         for key, tensor in raw.items():

@@ -2,7 +2,7 @@
 
 ``Tokenizer(config)(images)`` is the training forward (reconstruction, weighted losses, stats);
 ``encode`` / ``decode`` convert between images and variable-length :class:`ImageCodes` in the canonical
-coarse-to-fine order of DESIGN.md ("Tokenizer codes", implemented by :mod:`models.layout`).
+coarse-to-fine order of docs/design.md ("Tokenizer codes", implemented by :mod:`models.layout`).
 Reconstruction, LPIPS and GAN losses are not computed here (``models.tokenizer.losses`` does them).
 """
 from __future__ import annotations

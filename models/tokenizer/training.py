@@ -1,6 +1,6 @@
 """The module DeepSpeed trains in stage 1: tokenizer + GAN loss (with its PatchGAN discriminator) as ONE module.
 
-PLATFORM.md ("Generator + discriminator under DeepSpeed"): two engines fail under ZeRO; one module with one
+docs/design.md ("The GAN under DeepSpeed"): two engines fail under ZeRO; one module with one
 optimizer (two param groups) and ONE backward of (tokenizer losses + pixel/GAN losses) works under ZeRO-1/2.
 Frozen teachers (attached to the tokenizer) and LPIPS (held by the GAN loss) are not submodules, so they stay
 out of the optimizer, the ZeRO partitions and the checkpoints.
