@@ -47,13 +47,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from data import sources
-from data.files import (
-    AtomicFile,
-    NotRegularFile,
-    atomic_write,
-    open_regular_file,
-    temp_files_of,
-)
+from data.files import AtomicFile, NotRegularFile, atomic_write, open_regular_file, temp_files_of
 from data.tar import MEMBER_DIGESTS, META_DIGEST, meta_json
 from data.world import resolve_world
 

@@ -69,14 +69,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.files import atomic_write
 from data.tar import iter_tar_members, name_problem, sample_problem, shard_sizes
-from data.transforms import (
-    CROPS,
-    DECODERS,
-    IMAGE_EXTENSIONS,
-    load_image,
-    sample_augmentation,
-    to_unit_range,
-)
+from data.transforms import CROPS, DECODERS, IMAGE_EXTENSIONS, load_image, sample_augmentation, to_unit_range
 from data.world import resolve_world
 
 log = logging.getLogger("varitok.stream")

@@ -48,19 +48,9 @@ from torch import Tensor
 
 from data.files import AtomicFile
 from models.config import ConfigError
-from pipeline.metrics import (
-    GaussianStats,
-    InceptionFeatures,
-    MissingWeightsError,
-    MomentAccumulator,
-    codebook_usage,
-    frechet_distance,
-    inception_score,
-    kernel_inception_distance,
-    precision_recall,
-    psnr,
-    ssim,
-)
+from pipeline.metrics import (GaussianStats, InceptionFeatures, MissingWeightsError, MomentAccumulator, codebook_usage,
+                              frechet_distance, inception_score, kernel_inception_distance, precision_recall, psnr,
+                              ssim)
 from pipeline.precision import PRECISIONS, autocast, resolve_precision
 
 __all__ = ["ReconstructionAccumulator", "Extremes", "NpzImages", "InceptionPass", "evaluate_reconstruction",

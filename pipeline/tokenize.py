@@ -45,19 +45,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data.codes import CodeManifest, CodeWriter, ManifestMismatchError, part_file_name
 from data.files import atomic_write, make_folder, temp_files_of
 from data.stream import expand_shard_spec
-from data.tar import (
-    display_name,
-    iter_tar_members,
-    name_problem,
-    sample_problem,
-    shard_sizes,
-)
-from data.transforms import (
-    IMAGE_EXTENSIONS,
-    crop_resize_flip,
-    decode_pil,
-    to_unit_range,
-)
+from data.tar import display_name, iter_tar_members, name_problem, sample_problem, shard_sizes
+from data.transforms import IMAGE_EXTENSIONS, crop_resize_flip, decode_pil, to_unit_range
 from data.world import resolve_world
 from models.hub import WEIGHTS_NAME, config_hash, file_sha256
 from models.tokenizer import ImageCodes, Tokenizer

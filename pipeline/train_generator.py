@@ -39,34 +39,11 @@ from tqdm.auto import tqdm
 
 from data.codes import CodeReader, TokenBudgetBatcher
 from models.config import ConfigBase, ConfigError, check_choice
-from models.generator import (
-    Generator,
-    GeneratorConfig,
-    PackedBatch,
-    SequenceSpec,
-    encode_sequences,
-    pack,
-)
-from pipeline.config import (
-    LoggingConfig,
-    OptimConfig,
-    RunConfig,
-    TrainConfig,
-    load_config,
-    save_resolved_config,
-)
+from models.generator import Generator, GeneratorConfig, PackedBatch, SequenceSpec, encode_sequences, pack
+from pipeline.config import LoggingConfig, OptimConfig, RunConfig, TrainConfig, load_config, save_resolved_config
 from pipeline.precision import autocast, resolve_precision
-from pipeline.training import (
-    GuardedStep,
-    MetricsLog,
-    MetricWindow,
-    NonFiniteGuard,
-    add_stage_arguments,
-    finished_run_summary,
-    peak_memory_bytes,
-    tracker_names,
-    write_summary,
-)
+from pipeline.training import (GuardedStep, MetricsLog, MetricWindow, NonFiniteGuard, add_stage_arguments,
+                               finished_run_summary, peak_memory_bytes, tracker_names, write_summary)
 from pipeline.watchdog import Watchdog, shared_token
 
 __all__ = ["GeneratorStageConfig", "GeneratorDataConfig", "GeneratorLoggingConfig", "PackedCodeStream",

@@ -34,28 +34,10 @@ from models.config import ConfigBase, ConfigError
 from models.tokenizer import Tokenizer, TokenizerConfig, build_teachers
 from models.tokenizer.losses import LossConfig, TokenizerGANLoss
 from models.tokenizer.training import GroupClippedAdamW, TokenizerTrainingModule
-from pipeline.config import (
-    LoggingConfig,
-    OptimConfig,
-    RunConfig,
-    TrainConfig,
-    load_config,
-    save_resolved_config,
-)
-from pipeline.training import (
-    GuardedStep,
-    MetricsLog,
-    MetricWindow,
-    NonFiniteGuard,
-    add_stage_arguments,
-    finished_run_summary,
-    peak_memory_bytes,
-    state_digest,
-    to_device,
-    tracker_names,
-    write_summary,
-    zero_stage,
-)
+from pipeline.config import LoggingConfig, OptimConfig, RunConfig, TrainConfig, load_config, save_resolved_config
+from pipeline.training import (GuardedStep, MetricsLog, MetricWindow, NonFiniteGuard, add_stage_arguments,
+                               finished_run_summary, peak_memory_bytes, state_digest, to_device, tracker_names,
+                               write_summary, zero_stage)
 from pipeline.watchdog import Watchdog, shared_token
 
 __all__ = ["TokenizerDataConfig", "TokenizerStageConfig", "config_identity", "prepare", "train",
