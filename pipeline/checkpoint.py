@@ -215,8 +215,8 @@ def _deepspeed_safe_globals() -> list:
 def no_pickled_code() -> Iterator[None]:
     """Inside: every ``torch.load`` runs with ``weights_only=True``, whatever its caller asks for.
 
-    DeepSpeed's ``TorchCheckpointEngine.load`` (and ZeRO-3's optimizer loader) call ``torch.load(...,
-    weights_only=False)``, which would run any code a planted pickle carries. The override turns those
+    DeepSpeed's ``TorchCheckpointEngine.load`` (and ZeRO-3's optimizer loader) unpickle their files
+    (weights_only off), which would run any code a planted pickle carries. The override turns those
     calls into restricted loads; the types DeepSpeed legitimately stores are allow-listed; anything else
     fails with ``pickle.UnpicklingError`` before any object is built.
     """

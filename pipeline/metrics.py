@@ -91,7 +91,7 @@ class InceptionFeatures(nn.Module):
                if not isinstance(v, Tensor) or (not v.is_floating_point() and not k.endswith("num_batches_tracked"))]
         if bad:
             raise ValueError(f"{source}: not FID Inception weights, entries that are not float tensors: {bad[:6]}")
-        # torch-fidelity reads weights with torch.load(weights_only=False); it gets a buffer of the tensors
+        # torch-fidelity unpickles its weights file (weights_only off); it gets a buffer of the tensors
         # checked above (serialized here), never the user's file, and never a None path (which downloads).
         buffer = io.BytesIO()
         torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buffer)
