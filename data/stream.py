@@ -68,6 +68,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.files import atomic_write
+from data.identity import check_same
 from data.tar import iter_tar_members, name_problem, sample_problem, shard_sizes
 from data.transforms import CROPS, DECODERS, IMAGE_EXTENSIONS, load_image, sample_augmentation, to_unit_range
 from data.world import resolve_world
@@ -530,11 +531,8 @@ class ShardStream:
             raise ValueError(f"stream state was saved by rank {state['rank']}, this is rank {self.rank}: "
                              "save one state per rank")
         expected = self._identity()
-        changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
-        if changed:
-            details = ", ".join(f"{k}: saved {a!r} now {b!r}" for k, (a, b) in changed.items())
-            raise ValueError(f"cannot resume the stream exactly, the setup changed ({details}); "
-                             "use the saved settings or start a new epoch with set_epoch()")
+        check_same(state, expected, only=tuple(expected), what="stream state to resume exactly",
+                   hint="use the saved settings or start a new epoch with set_epoch()")
         if len(state["positions"]) != self._template.workers or not 0 <= state["batch"] <= self.steps_per_epoch:
             raise ValueError(f"corrupt stream state: batch {state['batch']}, positions {state['positions']}")
         self.close()

@@ -50,6 +50,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from data.files import AtomicFile, atomic_write
+from data.identity import describe_differences, differences
 from models.config import ConfigError
 from models.hub import PretrainedMixin, save_state_dict
 from pipeline.training import zero_stage
@@ -234,15 +235,6 @@ def no_pickled_code() -> Iterator[None]:
         torch.load = original
 
 
-def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(values, Mapping):
-        flat: dict[str, Any] = {}
-        for key, value in values.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        return flat
-    return {prefix.rstrip("."): values}
-
-
 def check_compatible(meta: Mapping[str, Any], world_size: int, zero_stage: int,
                      config_identity: Mapping[str, Any]) -> None:
     """Raise :class:`ResumeError` naming every difference between a checkpoint and this run."""
@@ -254,11 +246,9 @@ def check_compatible(meta: Mapping[str, Any], world_size: int, zero_stage: int,
     if meta["zero_stage"] != zero_stage:
         problems.append(f"ZeRO stage: checkpoint {meta['zero_stage']}, this run {zero_stage}: relaunch with "
                         f"--zero {meta['zero_stage']} (train.zero_stage={meta['zero_stage']})")
-    saved, current = _flatten(meta["config_identity"]), _flatten(dict(config_identity))
-    differing = sorted(k for k in saved.keys() | current.keys() if saved.get(k, "<absent>") != current.get(k, "<absent>"))
+    differing = differences(meta["config_identity"], config_identity)
     if differing:
-        listed = "; ".join(f"{k}: checkpoint {saved.get(k, '<absent>')!r}, this run {current.get(k, '<absent>')!r}"
-                           for k in differing[:10])
+        listed = describe_differences(differing, saved="checkpoint", current="this run")
         problems.append(f"config differs ({listed}). Resume with the run's own config (RUN/config.yaml) or use "
                         f"a new run.dir")
     if problems:

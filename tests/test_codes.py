@@ -316,7 +316,7 @@ def test_iterator_covers_shards_and_resumes(tmp_path):
     fresh.load_state_dict(state)
     resumed_keys += [r.key for r in fresh] + [r.key for _ in range(2) for r in fresh]
     assert resumed_keys == expected
-    with pytest.raises(ValueError, match="world_size: saved 2 vs now 3"):
+    with pytest.raises(ValueError, match="world_size: saved 2, now 3"):
         reader.iterate(1, 3, seed=5).load_state_dict(state)
 
 

@@ -281,7 +281,7 @@ def test_state_from_another_setup_is_refused(tmp_path):
     stream = ShardStream(tmp_path, batch_size=2, image_size=8, world_size=1, rank=0)
     run_batches(stream, 1)
     other = ShardStream(tmp_path, batch_size=4, image_size=8, world_size=1, rank=0)
-    with pytest.raises(ValueError, match="batch_size: saved 2 now 4"):
+    with pytest.raises(ValueError, match="batch_size: saved 2, now 4"):
         other.load_state_dict(stream.state_dict())
     merged = {"ranks": {"0": stream.state_dict()}}
     again = ShardStream(tmp_path, batch_size=2, image_size=8, world_size=1, rank=0)

@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from data.files import atomic_write, open_no_follow
+from data.identity import check_same
 from data.codes.format import code_dtype, part_file_name
 
 MANIFEST_NAME = "manifest.json"
@@ -143,11 +144,9 @@ class CodeManifest:
                 f"{self.out_dir} already holds codes from tokenizer {self._data['tokenizer']}, but this run uses "
                 f"tokenizer {identity}; refusing to mix tokenizers: choose another output directory or delete "
                 f"{self.out_dir}")
-        differing = {k: (self._data[k], v) for k, v in layout.items() if self._data[k] != v}
-        if differing:
-            detail = ", ".join(f"{k}: existing {old} vs new {new}" for k, (old, new) in differing.items())
-            raise ManifestMismatchError(f"{self.out_dir} holds codes with another layout ({detail}); choose "
-                                        f"another output directory or delete {self.out_dir}")
+        check_same(self._data, layout, only=tuple(layout), what=f"code directory {self.out_dir}",
+                   hint=f"choose another output directory or delete {self.out_dir}", error=ManifestMismatchError,
+                   saved_name="existing", current_name="this run")
 
     def refresh(self) -> "CodeManifest":
         """Re-read the file (other processes may have recorded parts since)."""

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
+from data.identity import check_same
+
 if TYPE_CHECKING:
     from data.codes.reader import CodeReader, CodeRecord
 
@@ -85,11 +87,8 @@ class _EpochIterator:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         expected = self._identity()
-        differing = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
-        if differing:
-            detail = ", ".join(f"{k}: saved {old} vs now {new}" for k, (old, new) in differing.items())
-            raise ValueError(f"cannot resume exactly: the saved data position was made with other settings "
-                             f"({detail}); resume with the same corpus, seed and world size")
+        check_same(state, expected, only=tuple(expected), what="saved data position to resume exactly",
+                   hint="resume with the same corpus, seed and world size")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
