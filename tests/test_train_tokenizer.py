@@ -126,7 +126,8 @@ def _metrics(run_dir: Path) -> list[dict]:
 def _initial_digests(shards: Path, overrides: list[str]) -> dict[str, str]:
     """Digests of the weights a run starts from (prepare() seeds and builds exactly as the stage does)."""
     from pipeline.config import load_config
-    from pipeline.train_tokenizer import TokenizerStageConfig, prepare
+    from pipeline.stages import TokenizerStageConfig
+    from pipeline.train_tokenizer import prepare
     from pipeline.training import state_digest
 
     cfg = load_config(TokenizerStageConfig, "tiny", [f"data.shards={shards}", *overrides], kind="tokenizer")
