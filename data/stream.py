@@ -46,13 +46,10 @@ after ``N`` consumed batches, which keeps the round-robin order of an uninterrup
 """
 from __future__ import annotations
 
-import glob
 import hashlib
-import heapq
 import itertools
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -61,16 +58,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import braceexpand
-import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data.epoch import seed_int, steps_per_epoch, unit_pass_shards
 from data.files import atomic_write
 from data.identity import check_same
-from data.tar import iter_tar_members, name_problem, sample_problem, shard_sizes
-from data.transforms import CROPS, DECODERS, IMAGE_EXTENSIONS, load_image, sample_augmentation, to_unit_range
+from data.tar import BadSample, RawSample, expand_shard_spec, read_samples, shard_sizes
+from data.transforms import CROPS, DECODERS, decode_sample, load_image, sample_augmentation, to_unit_range
 from data.world import resolve_world
 
 log = logging.getLogger("varitok.stream")
@@ -83,56 +79,7 @@ RING_SLOTS = PREFETCH + 1
 IMAGE_DTYPES = (torch.float32, torch.uint8)
 
 
-# ----------------------------------------------------------------------------------------- shard lists
-def expand_shard_spec(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Shard paths named by ``spec``, in order.
-
-    ``spec`` is a directory (its ``*.tar`` files, sorted), a brace pattern
-    (``dir/name-{000000..000099}.tar``), a comma-separated string of those, or a list of those.
-    Raises ``FileNotFoundError`` naming missing files and ``ValueError`` when nothing matches.
-    """
-    if isinstance(spec, (str, os.PathLike)):
-        parts = [p.strip() for p in str(spec).split(",") if p.strip()]
-    else:
-        parts = [str(p) for p in spec]
-    shards: list[str] = []
-    for part in parts:
-        if os.path.isdir(part):
-            found = sorted(glob.glob(os.path.join(part, "*.tar")))
-            if not found:
-                raise ValueError(f"shard directory {part!r} contains no .tar files")
-            shards.extend(found)
-        else:
-            shards.extend(braceexpand.braceexpand(part))
-    if not shards:
-        raise ValueError(f"shard spec {spec!r} names no shards; give a directory, a brace pattern "
-                         "like 'dir/name-{000000..000009}.tar', or a list of tar paths")
-    missing = [s for s in shards if not os.path.isfile(s)]
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise FileNotFoundError(f"{len(missing)} of {len(shards)} shards do not exist: {missing[:5]}{more}")
-    return shards
-
-
 # ----------------------------------------------------------------------------------------- epoch plan
-def _seed_int(*words: int) -> int:
-    """One 64-bit seed mixed from integer words (stable across processes and Python versions)."""
-    return int(np.random.SeedSequence(list(words)).generate_state(2, dtype=np.uint32).view(np.uint64)[0])
-
-
-def deal_shards(order: Sequence[int], sizes: Sequence[int], units: int) -> list[list[int]]:
-    """Shards (indices, visited in ``order``) dealt to ``units`` bins: each to an empty bin if any is
-    left, else to the bin with the fewest samples (ties: lowest bin). With ``len(order) >= units``
-    every bin gets at least one shard, even when some shards are empty."""
-    bins: list[list[int]] = [[] for _ in range(units)]
-    heap = [(0, 0, unit) for unit in range(units)]  # (has a shard, samples, unit)
-    for shard in order:
-        _, load, unit = heapq.heappop(heap)
-        bins[unit].append(int(shard))
-        heapq.heappush(heap, (1, load + sizes[shard], unit))
-    return bins
-
-
 @dataclass(frozen=True)
 class EpochPlan:
     """What the workers of one rank need to produce the rest of one epoch (picklable, immutable)."""
@@ -161,16 +108,9 @@ class EpochPlan:
         return self.world_size * self.workers
 
     def unit_pass_shards(self, unit: int, pass_index: int) -> tuple[list[int], int | None]:
-        """Shard indices a unit reads in one pass, and the modulo filter (``None`` = keep all)."""
-        count = len(self.shards)
-        if self.resampled:
-            rng = np.random.default_rng([self.seed, self.epoch, unit, pass_index, 1])
-            return rng.integers(0, count, size=max(1, count // self.units)).tolist(), None
-        order = (np.random.default_rng([self.seed, self.epoch, 0]).permutation(count) if self.shuffle
-                 else np.arange(count))
-        if count >= self.units:
-            return deal_shards(order, self.sizes, self.units)[unit], None
-        return order.tolist(), unit
+        """Shard indices a unit reads in one pass, and the modulo filter (data.epoch.unit_pass_shards)."""
+        return unit_pass_shards(self.sizes, self.units, unit, seed=self.seed, epoch=self.epoch,
+                                pass_index=pass_index, shuffle=self.shuffle, resampled=self.resampled)
 
 
 class StreamStats:
@@ -196,44 +136,18 @@ class StreamStats:
                 **plain, "reasons": reasons}
 
 
-def _tar_files(path: str, stats: StreamStats) -> Iterator[dict[str, Any]]:
-    """Members of a tar in the form webdataset's ``group_by_keys`` consumes; members whose name is not
-    valid UTF-8 are skipped and counted (``bad_name``)."""
-    for name, data in iter_tar_members(path):
-        problem = name_problem(name)
-        if problem:
-            stats.bad("bad_name", path, problem)
-            continue
-        yield {"fname": name, "data": data, "__url__": path}
-
-
-def _shard_samples(path: str, stats: StreamStats) -> Iterator[dict[str, Any]]:
-    """Raw samples (``{"__key__", ext: bytes, ...}``) of one tar. A read error (truncated or malformed
-    tar) is counted and ends the shard, dropping the sample being assembled; it is never raised. A sample
-    whose members do not match the digests of its ``.json`` (data.tar.sample_problem) is counted and dropped."""
-    try:
-        for sample in wds.tariterators.group_by_keys(_tar_files(path, stats), handler=wds.handlers.reraise_exception):
-            problem = sample_problem(sample)
-            if problem:
-                stats.bad("damaged_sample", f"{path}:{sample.get('__key__', '?')}", problem)
-                continue
-            yield sample
-    except Exception as exc:  # tarfile, OS and webdataset grouping errors are all "this shard is broken"
-        stats.bad("tar_error", path, repr(exc))
-
-
-def unit_raw_stream(plan: EpochPlan, unit: int, stats: StreamStats) -> Iterator[tuple[int, dict[str, Any]]]:
+def unit_raw_stream(plan: EpochPlan, unit: int) -> Iterator[tuple[int, RawSample]]:
     """Endless ``(pass_index, raw sample)`` stream of one unit: passes over its shards, each through a
-    shuffle buffer seeded by ``(seed, epoch, unit, pass)``. Nothing is decoded here."""
+    shuffle buffer seeded by ``(seed, epoch, unit, pass)``. Nothing is decoded here; unusable samples (a broken
+    tar, bad member names) are in the stream too and fail in :func:`decode_stream_sample`."""
     empty_passes = 0
     for pass_index in itertools.count():
         shard_ids, modulo_unit = plan.unit_pass_shards(unit, pass_index)
-        samples: Iterator[dict[str, Any]] = itertools.chain.from_iterable(
-            _shard_samples(plan.shards[i], stats) for i in shard_ids)
+        samples: Iterator[RawSample] = itertools.chain.from_iterable(read_samples(plan.shards[i]) for i in shard_ids)
         if modulo_unit is not None:
             samples = (s for j, s in enumerate(samples) if j % plan.units == modulo_unit)
         if plan.shuffle and plan.shuffle_buffer > 1:
-            rng = random.Random(_seed_int(plan.seed, plan.epoch, unit, pass_index))
+            rng = random.Random(seed_int(plan.seed, plan.epoch, unit, pass_index))
             samples = wds.filters.shuffle(plan.shuffle_buffer, plan.shuffle_buffer, rng=rng)(samples)
         produced = 0
         for sample in samples:
@@ -245,29 +159,15 @@ def unit_raw_stream(plan: EpochPlan, unit: int, stats: StreamStats) -> Iterator[
                                f"{[plan.shards[i] for i in shard_ids][:5]}: they are empty or unreadable")
 
 
-def decode_sample(plan: EpochPlan, unit: int, position: int, sample: dict[str, Any],
-                  stats: StreamStats) -> tuple[torch.Tensor, int] | None:
-    """uint8 ``3 x S x S`` image and label of a raw sample at ``position``; None (counted) if corrupt."""
-    key = sample.get("__key__", "?")
-    where = f"{sample.get('__url__', '?')}:{key}"
-    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-    if ext is None:
-        stats.bad("missing_image", where, f"members {sorted(k for k in sample if not k.startswith('__'))}")
-        return None
-    label = -1
-    if "cls" in sample:
-        try:
-            label = int(sample["cls"].decode("utf-8").strip())
-        except (UnicodeDecodeError, ValueError) as exc:
-            stats.bad("bad_label", where, exc)
-            return None
+def decode_stream_sample(plan: EpochPlan, unit: int, position: int, sample: RawSample,
+                         stats: StreamStats) -> tuple[torch.Tensor, int] | None:
+    """uint8 ``3 x S x S`` image and label of a raw sample at ``position``; None (counted) if unusable."""
     offset, flipped = sample_augmentation((plan.seed, plan.epoch, unit, position), plan.crop, plan.flip)
     try:
-        image = load_image(sample[ext], plan.image_size, offset, flipped, plan.decoder)
-    except Exception as exc:  # any decoder failure on bad bytes (PIL, libjpeg, libpng, libwebp) is data
-        stats.bad("decode_error", where, repr(exc))
+        return decode_sample(sample, lambda data: load_image(data, plan.image_size, offset, flipped, plan.decoder))
+    except BadSample as exc:
+        stats.bad(exc.reason, f"{sample.shard}:{sample.key}", exc.detail)
         return None
-    return image, label
 
 
 class _BatchProducer(IterableDataset):
@@ -318,7 +218,7 @@ class _BatchProducer(IterableDataset):
         unit = plan.rank * plan.workers + logical
         parent = os.getppid()
         stats = StreamStats()
-        stream = unit_raw_stream(plan, unit, stats)
+        stream = unit_raw_stream(plan, unit)
         position = plan.positions[logical]
         skipped = sum(1 for _ in itertools.islice(stream, position))  # tar members read, nothing decoded
         stats.counts["resume_skipped"] += skipped
@@ -335,7 +235,7 @@ class _BatchProducer(IterableDataset):
             while len(keys) < plan.batch_size:
                 pass_index, sample = next(stream)
                 last_good_pass = pass_index if last_good_pass is None else last_good_pass
-                decoded = decode_sample(plan, unit, position, sample, stats)
+                decoded = decode_stream_sample(plan, unit, position, sample, stats)
                 position += 1
                 if decoded is None:
                     if pass_index >= last_good_pass + hopeless_gap:
@@ -346,7 +246,7 @@ class _BatchProducer(IterableDataset):
                 stats.counts["repeated"] += int(pass_index > 0)
                 images[len(keys)] = decoded[0]
                 labels.append(decoded[1])
-                keys.append(sample["__key__"])
+                keys.append(sample.key)
             stats.counts["samples"] += len(keys)
             stats.counts["batches"] += 1
             yield {"image": images, "label": torch.tensor(labels, dtype=torch.int64),
@@ -385,8 +285,7 @@ class ShardStream:
         self.shards = expand_shard_spec(spec)
         self.sizes, self.sizes_source = shard_sizes(self.shards)
         self.num_samples = sum(self.sizes)
-        per_step = self.world_size * batch_size
-        steps = self.num_samples // per_step if drop_last else math.ceil(self.num_samples / per_step)
+        steps = steps_per_epoch(self.num_samples, self.world_size * batch_size, drop_last)
         if steps < 1:
             raise ValueError(f"{self.num_samples} samples in {len(self.shards)} shards give no full batch of "
                              f"{batch_size} on each of {self.world_size} ranks; lower batch_size or pass "

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 from data.demo_images import procedural_image
 import data.stream as stream_module
-from data.stream import ShardStream, deal_shards, expand_shard_spec
-from data.tar import iter_tar_members
+from data.stream import ShardStream
+from data.tar import expand_shard_spec, iter_tar_members
 from data.transforms import (crop_resize_flip, decode_pil, decode_torchvision, load_image, sample_augmentation,
                              to_unit_range)
 
@@ -98,12 +98,6 @@ def test_expand_shard_spec_forms_and_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no .tar files"):
         expand_shard_spec(tmp_path / "empty")
-
-
-def test_deal_shards_balances_and_gives_every_unit_a_shard():
-    bins = deal_shards([0, 1, 2, 3, 4], sizes=[10, 0, 3, 4, 5], units=3)
-    assert sorted(i for b in bins for i in b) == [0, 1, 2, 3, 4]
-    assert all(bins) and bins == [[0], [1, 3], [2, 4]]  # empty shard 1 still fills a bin first
 
 
 @pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])

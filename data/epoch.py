@@ -1,0 +1,63 @@
+"""The epoch plan of the image stream as pure functions: which shards a unit reads, seeds, steps.
+
+Nothing here reads a file or keeps state: every answer is a function of its integer arguments, so it is the
+same on every rank, in every worker and in a resumed run. :mod:`data.stream` builds its readers from these.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["seed_int", "deal_shards", "shard_order", "unit_pass_shards", "steps_per_epoch"]
+
+
+def seed_int(*words: int) -> int:
+    """One 64-bit seed mixed from non-negative integer words (stable across processes and Python versions)."""
+    return int(np.random.SeedSequence(list(words)).generate_state(2, dtype=np.uint32).view(np.uint64)[0])
+
+
+def deal_shards(order: Sequence[int], sizes: Sequence[int], units: int) -> list[list[int]]:
+    """Shards (indices, visited in ``order``) dealt to ``units`` bins: each to an empty bin if any is
+    left, else to the bin with the fewest samples (ties: lowest bin). With ``len(order) >= units``
+    every bin gets at least one shard, even when some shards are empty."""
+    bins: list[list[int]] = [[] for _ in range(units)]
+    heap = [(0, 0, unit) for unit in range(units)]  # (has a shard, samples, unit)
+    for shard in order:
+        _, load, unit = heapq.heappop(heap)
+        bins[unit].append(int(shard))
+        heapq.heappush(heap, (1, load + sizes[shard], unit))
+    return bins
+
+
+def shard_order(count: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The order in which the ``count`` shards are dealt in ``epoch``: a ``(seed, epoch)`` permutation, or
+    file order without ``shuffle``."""
+    return np.random.default_rng([seed, epoch, 0]).permutation(count) if shuffle else np.arange(count)
+
+
+def unit_pass_shards(sizes: Sequence[int], units: int, unit: int, *, seed: int, epoch: int, pass_index: int,
+                     shuffle: bool, resampled: bool) -> tuple[list[int], int | None]:
+    """Shard indices unit ``unit`` of ``units`` reads in one pass of ``epoch``, and the modulo filter
+    (``None`` = keep every sample; else keep samples whose running index ``j`` in the pass has
+    ``j % units == unit``).
+
+    * ``resampled``: ``max(1, count // units)`` shards drawn with replacement by ``(seed, epoch, unit, pass)``.
+    * at least ``units`` shards: the unit's bin of :func:`deal_shards` over :func:`shard_order` (same every pass).
+    * fewer shards: every shard in :func:`shard_order`, modulo filtered.
+    """
+    count = len(sizes)
+    if resampled:
+        rng = np.random.default_rng([seed, epoch, unit, pass_index, 1])
+        return rng.integers(0, count, size=max(1, count // units)).tolist(), None
+    order = shard_order(count, seed, epoch, shuffle)
+    if count >= units:
+        return deal_shards(order, sizes, units)[unit], None
+    return order.tolist(), unit
+
+
+def steps_per_epoch(num_samples: int, samples_per_step: int, drop_last: bool) -> int:
+    """Steps of ``samples_per_step`` in an epoch of ``num_samples``: floor, or ceil when not ``drop_last``."""
+    return num_samples // samples_per_step if drop_last else math.ceil(num_samples / samples_per_step)

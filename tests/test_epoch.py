@@ -1,0 +1,54 @@
+"""The epoch plan's pure functions (data.epoch) on hand-computed cases."""
+from __future__ import annotations
+
+import numpy as np
+
+from data.epoch import deal_shards, seed_int, shard_order, steps_per_epoch, unit_pass_shards
+
+
+def test_deal_shards_balances_and_gives_every_unit_a_shard():
+    bins = deal_shards([0, 1, 2, 3, 4], sizes=[10, 0, 3, 4, 5], units=3)
+    assert sorted(i for b in bins for i in b) == [0, 1, 2, 3, 4]
+    assert all(bins) and bins == [[0], [1, 3], [2, 4]]  # empty shard 1 still fills a bin first
+
+
+def test_deal_shards_follows_the_order_and_breaks_ties_by_lowest_bin():
+    # order 3, 0, 2, 1 with sizes 1, 2, 3, 4 (by index): 3 -> bin 0 (4), 0 -> bin 1 (1), then fewest:
+    # 2 -> bin 1 (1 + 3 = 4), 1 -> tie 4 / 4: lowest bin 0 (4 + 2 = 6).
+    assert deal_shards([3, 0, 2, 1], sizes=[1, 2, 3, 4], units=2) == [[3, 1], [0, 2]]
+    assert deal_shards([0, 1], sizes=[5, 5], units=4) == [[0], [1], [], []]
+
+
+def test_unit_pass_shards_bins_modulo_and_resampled():
+    sizes = [10, 0, 3, 4, 5]
+    plain = dict(seed=0, epoch=0, pass_index=0, shuffle=False, resampled=False)
+    assert [unit_pass_shards(sizes, 3, unit, **plain) for unit in range(3)] == [([0], None), ([1, 3], None),
+                                                                                 ([2, 4], None)]
+    # fewer shards than units: every unit reads all shards in order, keeping every 6th sample
+    assert unit_pass_shards(sizes, 6, 4, **plain) == ([0, 1, 2, 3, 4], 4)
+    # the same bins in every pass (not resampled)
+    assert unit_pass_shards(sizes, 3, 1, **{**plain, "pass_index": 7}) == ([1, 3], None)
+    shuffled = dict(plain, shuffle=True)
+    order = np.random.default_rng([0, 0, 0]).permutation(5)
+    assert unit_pass_shards(sizes, 6, 2, **shuffled) == (order.tolist(), 2)
+    assert deal_shards(order, sizes, 3) == [unit_pass_shards(sizes, 3, u, **shuffled)[0] for u in range(3)]
+    drawn = unit_pass_shards(sizes, 2, 1, **dict(plain, resampled=True))
+    assert drawn[1] is None and len(drawn[0]) == 5 // 2 and all(0 <= i < 5 for i in drawn[0])
+    assert drawn == unit_pass_shards(sizes, 2, 1, **dict(plain, resampled=True))
+    others = {tuple(unit_pass_shards(sizes, 2, 1, **dict(plain, resampled=True, pass_index=p))[0])
+              for p in range(20)}
+    assert len(others) > 1  # each pass draws anew
+
+
+def test_shard_order_is_a_seeded_permutation_per_epoch():
+    assert shard_order(4, 1, 2, shuffle=False).tolist() == [0, 1, 2, 3]
+    first = shard_order(50, 1, 2, shuffle=True)
+    assert sorted(first.tolist()) == list(range(50)) and first.tolist() == shard_order(50, 1, 2, True).tolist()
+    assert first.tolist() != shard_order(50, 1, 3, True).tolist() != shard_order(50, 2, 2, True).tolist()
+
+
+def test_steps_and_seeds():
+    assert steps_per_epoch(23, 4, drop_last=True) == 5 and steps_per_epoch(23, 4, drop_last=False) == 6
+    assert steps_per_epoch(24, 4, drop_last=False) == 6 and steps_per_epoch(3, 4, drop_last=True) == 0
+    assert seed_int(1, 2, 3) == seed_int(1, 2, 3) != seed_int(3, 2, 1)
+    assert 0 <= seed_int(0) < 2 ** 64
