@@ -1,4 +1,10 @@
-"""The epoch plan of the image stream as pure functions: which shards a unit reads, seeds, steps.
+"""The epoch plan of the image stream as pure functions: which shards a unit reads, seeds, steps, and how
+the entries of an epoch map to canonical units, ranks and workers.
+
+An epoch is ``T`` global micro-batch *entries* (:func:`entries_per_epoch`); entry ``e`` is the next batch of
+canonical unit ``e % C``. Rank ``r`` of ``R`` serves entries ``t * R + r`` (:func:`batch_unit`), its logical
+worker ``t % W`` makes them, so with ``R * W`` dividing ``C`` (:func:`check_layout`) each worker serves a fixed
+set of units (:func:`worker_units`) and each unit is read by one reader, in order, whatever the layout.
 
 Nothing here reads a file or keeps state: every answer is a function of its integer arguments, so it is the
 same on every rank, in every worker and in a resumed run. :mod:`data.stream` builds its readers from these.
@@ -11,7 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["seed_int", "deal_shards", "shard_order", "unit_pass_shards", "steps_per_epoch"]
+__all__ = ["seed_int", "deal_shards", "shard_order", "unit_pass_shards", "steps_per_epoch", "check_layout",
+           "entries_per_epoch", "batch_unit", "rank_units", "worker_units"]
 
 
 def seed_int(*words: int) -> int:
@@ -61,3 +68,43 @@ def unit_pass_shards(sizes: Sequence[int], units: int, unit: int, *, seed: int, 
 def steps_per_epoch(num_samples: int, samples_per_step: int, drop_last: bool) -> int:
     """Steps of ``samples_per_step`` in an epoch of ``num_samples``: floor, or ceil when not ``drop_last``."""
     return num_samples // samples_per_step if drop_last else math.ceil(num_samples / samples_per_step)
+
+
+# ----------------------------------------------------------------------------------------- canonical units
+def check_layout(canonical_units: int, world_size: int, workers: int) -> None:
+    """Refuse a physical layout that cannot serve ``canonical_units`` units: ``world_size * workers`` must
+    divide it (then every reader serves the same number of whole units). The error lists what works."""
+    if canonical_units < 1 or world_size < 1 or workers < 1:
+        raise ValueError(f"canonical_units ({canonical_units}), world_size ({world_size}) and workers ({workers}) "
+                         "must be >= 1")
+    if canonical_units % (world_size * workers):
+        divisors = [d for d in range(1, canonical_units + 1) if canonical_units % d == 0]
+        raise ValueError(f"{canonical_units} canonical units cannot be served by {world_size} ranks x {workers} "
+                         f"workers = {world_size * workers} readers: ranks x workers must divide {canonical_units} "
+                         f"(one of {divisors}); change the number of processes or data workers, or start a new run "
+                         "with another canonical unit count")
+
+
+def entries_per_epoch(num_samples: int, batch_size: int, step_entries: int, drop_last: bool) -> int:
+    """Global micro-batch entries ``T`` of an epoch: whole optimizer steps of ``step_entries`` (``K = ranks x
+    grad_accum``) batches of ``batch_size``: ``floor(N / B / K) * K`` (ceil without ``drop_last``)."""
+    return steps_per_epoch(num_samples, batch_size * step_entries, drop_last) * step_entries
+
+
+def batch_unit(batch: int, rank: int, world_size: int, canonical_units: int) -> tuple[int, int]:
+    """``(entry, unit)`` of rank ``rank``'s batch ``batch`` of an epoch: entry ``batch * world_size + rank``,
+    which holds the next batch of canonical unit ``entry % canonical_units``."""
+    entry = batch * world_size + rank
+    return entry, entry % canonical_units
+
+
+def rank_units(rank: int, world_size: int, canonical_units: int) -> list[int]:
+    """The canonical units whose entries rank ``rank`` serves (entries ``e = rank (mod world_size)`` from a
+    start that is a multiple of ``world_size``; ``world_size`` divides the unit count)."""
+    return list(range(rank, canonical_units, world_size))
+
+
+def worker_units(rank: int, world_size: int, worker: int, workers: int, canonical_units: int) -> list[int]:
+    """The canonical units logical worker ``worker`` of rank ``rank`` serves: it produces the rank's batches
+    ``b = worker (mod workers)``, whose units are ``worker * world_size + rank (mod world_size * workers)``."""
+    return list(range(worker * world_size + rank, canonical_units, world_size * workers))

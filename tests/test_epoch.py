@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from data.epoch import deal_shards, seed_int, shard_order, steps_per_epoch, unit_pass_shards
+from data.epoch import (batch_unit, check_layout, deal_shards, entries_per_epoch, rank_units, seed_int, shard_order,
+                        steps_per_epoch, unit_pass_shards, worker_units)
 
 
 def test_deal_shards_balances_and_gives_every_unit_a_shard():
@@ -52,3 +54,39 @@ def test_steps_and_seeds():
     assert steps_per_epoch(24, 4, drop_last=False) == 6 and steps_per_epoch(3, 4, drop_last=True) == 0
     assert seed_int(1, 2, 3) == seed_int(1, 2, 3) != seed_int(3, 2, 1)
     assert 0 <= seed_int(0) < 2 ** 64
+
+
+def test_layout_check_lists_the_sizes_that_divide_the_units():
+    check_layout(12, 3, 2)
+    check_layout(12, 1, 1)
+    with pytest.raises(ValueError, match=r"12 canonical units cannot be served by 5 ranks x 1 workers = 5 readers.*"
+                                         r"one of \[1, 2, 3, 4, 6, 12\]"):
+        check_layout(12, 5, 1)
+    with pytest.raises(ValueError, match="8 readers"):
+        check_layout(4, 2, 4)  # fewer units than readers
+    with pytest.raises(ValueError, match="must be >= 1"):
+        check_layout(0, 1, 1)
+
+
+def test_entries_are_whole_optimizer_steps():
+    # 25 samples, B = 2, K = 4 (e.g. 2 ranks x grad_accum 2): floor(25 / 2 / 4) = 3 steps = 12 entries
+    assert entries_per_epoch(25, 2, 4, drop_last=True) == 12
+    assert entries_per_epoch(25, 2, 4, drop_last=False) == 16  # ceil: 4 steps, filled by repeats
+    assert entries_per_epoch(24, 2, 4, drop_last=False) == 12
+    assert entries_per_epoch(7, 2, 4, drop_last=True) == 0
+
+
+def test_units_of_ranks_workers_and_batches():
+    # C = 8, R = 2, W = 2: rank 1's batches 0..5 are entries 1, 3, 5, ...; units entry % 8
+    assert [batch_unit(t, 1, 2, 8) for t in range(6)] == [(1, 1), (3, 3), (5, 5), (7, 7), (9, 1), (11, 3)]
+    assert rank_units(1, 2, 8) == [1, 3, 5, 7]
+    # logical worker 0 makes batches 0, 2, 4 (units 1, 5, 1), worker 1 batches 1, 3, 5 (units 3, 7, 3)
+    assert worker_units(1, 2, 0, 2, 8) == [1, 5] and worker_units(1, 2, 1, 2, 8) == [3, 7]
+    for world_size, workers in ((1, 1), (2, 2), (4, 2), (8, 1)):  # every unit served by exactly one reader
+        served = [u for r in range(world_size) for w in range(workers) for u in worker_units(r, world_size, w,
+                                                                                               workers, 8)]
+        assert sorted(served) == list(range(8))
+        for rank in range(world_size):
+            for batch in range(24):
+                _, unit = batch_unit(batch, rank, world_size, 8)
+                assert unit in worker_units(rank, world_size, batch % workers, workers, 8)
