@@ -13,7 +13,8 @@ same state files:
 
 For each, every rank's time from building its stream to its first batch (load_state_file included; the max over
 ranks, as ranks start in parallel in a real run), and, after running the rest of the epoch, the raw samples all
-units skipped on resume (read from the tar, not decoded) over the samples consumed before the checkpoint.
+units skipped on resume (read from the tar, not decoded) over the samples consumed before the checkpoint, and
+the rate of that skip (raw samples read from the tars per second, nothing decoded).
 """
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ from pathlib import Path
 
 from benchmarks.common import emit, target  # noqa: E402  (first: it sets the process env before torch loads)
 from benchmarks.loader import IMAGE_SUFFIXES, write_benchmark_shards
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from data.demo_images import write_image_folder
     from data.stream import ShardStream
+    from data.tar import read_samples
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="varitok-resume-bench-") as tmp:
@@ -70,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             return [ShardStream(shards, rank=r, world_size=ranks, num_workers=workers,
                                 grad_accum=step_entries // ranks, **common) for r in range(ranks)]
 
+        # What a resume skip costs per sample: reading raw samples from the tars (no decoding), best of 3.
+        skip_s = min(_timed(lambda: sum(1 for shard in sorted(shards.glob("*.tar")) for _ in read_samples(str(shard))))
+                     for _ in range(3))
         saved = tmp / "state"
         first = streams(args.ranks, args.workers)
         steps = int(first[0].steps_per_epoch * args.fraction) // args.grad_accum * args.grad_accum
@@ -121,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         **{f"first_batch_seconds_{name}": round(median[name], 3) for name in layouts},
         "layouts": {name: f"{r} x {w}" for name, (r, w) in layouts.items()},
         "repeats": args.repeats,
+        # a reader resuming a unit at raw position p waits about p / this before that unit's next batch
+        "skip_raw_samples_per_s": round(len(paths) / skip_s, 1),
     }
     targets = {
         # every unit re-reads (without decoding) exactly the raw samples it had consumed, nothing more
