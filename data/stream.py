@@ -70,7 +70,7 @@ from data.tar import BadSample, RawSample, expand_shard_spec, read_samples, shar
 from data.transforms import CROPS, DECODERS, decode_sample, load_image, sample_augmentation, to_unit_range
 from data.world import resolve_world
 
-__all__ = ["ShardStream", "StreamStats", "merge_states", "read_state_files", "STATE_FORMAT", "expand_shard_spec"]
+__all__ = ["ShardStream", "StreamStats", "merge_states", "read_state_files", "STATE_FORMAT"]
 
 log = logging.getLogger("varitok.stream")
 
@@ -522,35 +522,41 @@ class ShardStream:
         path.parent.mkdir(parents=True, exist_ok=True)
         return atomic_write(path, json.dumps(self.state_dict(), indent=1))
 
-    def load_state_file(self, directory: str | os.PathLike) -> None:
+    def load_state_file(self, directory: str | os.PathLike, *, allow_new_global_batch: bool = False) -> None:
         """Continue from the ``stream-rank*.json`` files in ``directory``, written by any number of ranks: all
-        of them are read and merged. A contradicting file is a ValueError; so is a missing one, when the number
-        of ranks changed (with the same number, each rank needs only its own file: node-local checkpoints)."""
-        states = read_state_files(directory)
-        saved_world = {s.get("layout", {}).get("world_size") for s in states}
-        self._load(merge_states(states, complete=saved_world != {self.world_size}))
+        of them are read and merged (see :meth:`load_state_dict`)."""
+        self.load_state_dict(read_state_files(directory), allow_new_global_batch=allow_new_global_batch)
 
-    def load_state_dict(self, state: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
+    def load_state_dict(self, state: dict[str, Any] | Sequence[dict[str, Any]], *,
+                        allow_new_global_batch: bool = False) -> None:
         """Continue exactly after the entries at which ``state`` was saved.
 
-        ``state``: one rank's ``state_dict()`` (enough when it holds every unit this rank serves: a resume
-        with the same layout), a list of the states of all saved ranks, or ``{"ranks": {rank: state}}``.
+        ``state``: the states of every saved rank (a list, or ``{"ranks": {rank: state}}``), or this rank's own
+        ``state_dict()`` when the number of ranks is unchanged (each rank then needs its own state only:
+        node-local checkpoints work). Contradicting states, a unit given twice, or a missing rank's state after a
+        change of the number of ranks raise ValueError. ``allow_new_global_batch`` accepts a state saved with
+        another ``world_size x grad_accum`` (the entries consumed must still divide among the ranks).
         """
         if isinstance(state, dict) and "ranks" in state:
             states = list(state["ranks"].values())
         else:
             states = [state] if isinstance(state, dict) else list(state)
-        self._load(merge_states(states, complete=False))
+        saved_world = {s.get("layout", {}).get("world_size") for s in states if isinstance(s, dict)}
+        merged = merge_states(states, complete=saved_world != {self.world_size})
+        self._load(merged, allow_new_global_batch)
 
-    def _load(self, state: dict[str, Any]) -> None:
+    def _load(self, state: dict[str, Any], allow_new_global_batch: bool = False) -> None:
         expected = self._identity()
+        if allow_new_global_batch:
+            expected.pop("step_entries")
         check_same(state, expected, only=tuple(expected), what="stream state to resume exactly",
                    hint="use the saved settings (the number of ranks may change when grad_accum keeps "
                         "ranks x grad_accum) or start a new epoch with set_epoch()")
         entries, positions = int(state["entries"]), {int(u): int(p) for u, p in state["positions"].items()}
         if not 0 <= entries <= self.entries_per_epoch:
-            raise ValueError(f"corrupt stream state: {entries} entries consumed of an epoch of "
-                             f"{self.entries_per_epoch}")
+            raise ValueError(f"the stream state was saved after {entries} entries of epoch {state['epoch']}, which "
+                             f"has {self.entries_per_epoch} entries with these settings: the state is corrupt or "
+                             "from another global batch")
         if entries % self.world_size:
             raise ValueError(f"the stream state was saved after {entries} global batches, which {self.world_size} "
                              "ranks cannot continue evenly: save states at optimizer-step boundaries")

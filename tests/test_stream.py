@@ -498,6 +498,12 @@ def test_canonical_unit_and_state_file_errors(tmp_path):
     single = ShardStream(shards, rank=0, world_size=1, grad_accum=2, **ELASTIC)
     single.load_state_file(tmp_path / "s")
     assert single.entries == 2
+    states = [json.loads(f.read_text()) for f in sorted((tmp_path / "s").glob("stream-rank*.json"))]
+    new_batch = ShardStream(shards, rank=0, world_size=1, **ELASTIC)  # K = 1: accepted only when asked
+    new_batch.load_state_dict(states, allow_new_global_batch=True)
+    assert new_batch.entries == 2 and len(run_batches(new_batch)) == new_batch.entries_per_epoch - 2 == 10
+    with pytest.raises(ValueError, match=r"no position for canonical units \[1, 3\]"):  # rank 1's state missing
+        ShardStream(shards, rank=0, world_size=1, grad_accum=2, **ELASTIC).load_state_dict(states[:1])
 
     (tmp_path / "s" / "stream-rank00001.json").rename(tmp_path / "rank1.json")
     with pytest.raises(ValueError, match=r"no position for canonical units \[1, 3\].*stream-rank\*\.json file"):
