@@ -1,6 +1,7 @@
 """data.codes: Arrow IPC code files, manifest, reader, verify, stats, rank-sharded iteration, batching."""
 from __future__ import annotations
 
+import ast
 import itertools
 import multiprocessing
 import shutil
@@ -10,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from data.codes import (CodeManifest, CodeReader, CodeWriter, ManifestMismatchError, TokenBudgetBatcher,
+from data.codes import (CodeIterator, CodeManifest, CodeReader, CodeWriter, ManifestMismatchError, TokenBudgetBatcher,
                         code_schema, code_stats, pack_by_token_budget, rank_positions, verify_codes)
 
 IDENTITY = {"config_hash": "cfg-1", "weights_sha256": "w-1"}
@@ -283,6 +284,28 @@ def test_concurrent_manifest_updates_lose_nothing(tmp_path):
     assert manifest.totals["rows"] == sum(range(1, 81)) and manifest.totals["parts"] == 80
 
 
+def test_code_modules_import_each_other_without_cycles():
+    """data/codes/*.py: the graph of module-level imports between them is acyclic (no lazy imports needed)."""
+    package = Path(__file__).resolve().parents[1] / "data" / "codes"
+    imports = {}
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imports[path.stem] = {name.removeprefix("data.codes.") for name in names if name.startswith("data.codes.")}
+    assert imports["order"] >= {"reader"} and "order" not in imports["reader"]
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import cycle: {' -> '.join(path + (module,))}"
+        if module not in done:
+            for imported in imports.get(module, ()):
+                visit(imported, path + (module,))
+            done.add(module)
+
+    for module in imports:
+        visit(module, ())
+
+
 def test_rank_positions_rule():
     assert rank_positions(5, 0, 2, drop_last=False).tolist() == [0, 2, 4]
     assert rank_positions(5, 1, 2, drop_last=False).tolist() == [1, 3, 0]   # padded by repeating item 0
@@ -293,31 +316,31 @@ def test_rank_positions_rule():
 def test_iterator_covers_shards_and_resumes(tmp_path):
     write_corpus(tmp_path)
     reader = CodeReader(tmp_path)
-    single = reader.iterate(seed=3)
+    single = CodeIterator(reader, seed=3)
     epoch0 = [r.key for r in single]
     epoch1 = [r.key for r in single]
     assert sorted(epoch0) == sorted(epoch1) == sorted(reader.keys().tolist()) and len(set(epoch0)) == 95
     assert epoch0 != epoch1 and single.epoch == 1
     for world in (2, 3):
-        shards = [reader.iterate(rank, world, seed=3).indices() for rank in range(world)]
+        shards = [CodeIterator(reader, rank, world, seed=3).indices() for rank in range(world)]
         assert {len(s) for s in shards} == {-(-95 // world)}
         assert set().union(*shards) == set(range(95))
-        dropped = [reader.iterate(rank, world, seed=3, drop_last=True).indices() for rank in range(world)]
+        dropped = [CodeIterator(reader, rank, world, seed=3, drop_last=True).indices() for rank in range(world)]
         assert {len(s) for s in dropped} == {95 // world} and len(set().union(*dropped)) == 95 // world * world
-    full = reader.iterate(1, 2, seed=5)
+    full = CodeIterator(reader, 1, 2, seed=5)
     expected = [r.key for _ in range(3) for r in full]              # 3 epochs of 48
-    resumed_keys, it = [], reader.iterate(1, 2, seed=5)
+    resumed_keys, it = [], CodeIterator(reader, 1, 2, seed=5)
     for record in it:
         resumed_keys.append(record.key)
         if len(resumed_keys) == 30:
             break
     state = it.state_dict()
-    fresh = reader.iterate(1, 2, seed=5)
+    fresh = CodeIterator(reader, 1, 2, seed=5)
     fresh.load_state_dict(state)
     resumed_keys += [r.key for r in fresh] + [r.key for _ in range(2) for r in fresh]
     assert resumed_keys == expected
     with pytest.raises(ValueError, match="world_size: saved 2, now 3"):
-        reader.iterate(1, 3, seed=5).load_state_dict(state)
+        CodeIterator(reader, 1, 3, seed=5).load_state_dict(state)
 
 
 def test_pack_by_token_budget_hand_computed():

@@ -13,14 +13,12 @@ consumer prefetches, save the state it had when the consumed item was produced.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from data.codes.reader import CodeReader, CodeRecord
 from data.identity import check_same
-
-if TYPE_CHECKING:
-    from data.codes.reader import CodeReader, CodeRecord
 
 
 def rank_positions(num_items: int, rank: int, world_size: int, drop_last: bool) -> np.ndarray:
@@ -96,7 +94,7 @@ class CodeIterator(_EpochIterator):
     """Yields this rank's CodeRecords of each epoch: a permutation of all rows drawn from
     (seed, epoch) when ``shuffle``, else global index order; sharded by the module rule."""
 
-    def __init__(self, reader: "CodeReader", rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0,
+    def __init__(self, reader: CodeReader, rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0,
                  shuffle: bool = True, drop_last: bool = False):
         super().__init__(len(reader), rank, world_size, seed, epoch, drop_last)
         self.reader = reader
@@ -114,7 +112,7 @@ class CodeIterator(_EpochIterator):
         """This rank's global row indices for ``epoch``, in order."""
         return list(self.plan(epoch))
 
-    def _emit(self, item: int) -> "CodeRecord":
+    def _emit(self, item: int) -> CodeRecord:
         return self.reader[item]
 
 
@@ -142,7 +140,7 @@ class TokenBudgetBatcher(_EpochIterator):
     number of batches per epoch.
     """
 
-    def __init__(self, reader: "CodeReader", max_tokens: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+    def __init__(self, reader: CodeReader, max_tokens: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  views: str = "random", epoch: int = 0, drop_last: bool = False, extra_tokens: int = 0):
         super().__init__(len(reader), rank, world_size, seed, epoch, drop_last)
         if views not in ("random", "all"):
