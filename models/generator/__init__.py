@@ -19,5 +19,5 @@ from models.generator.stacked import (FactorizedHead, Generator, GeneratorCache,
 
 __all__ = ["Generator", "GeneratorConfig", "GeneratorCache", "GeneratorOutput", "FactorizedHead", "SequenceSpec",
            "FlatSequences", "PackedBatch", "Targets", "IGNORE", "encode_sequences", "decode_sequences", "pack",
-           "unpack", "next_token_targets", "valid_choices", "DocumentMask", "TokenScores", "TokenFilter", "ValidityRule",
-           "SampledTokens", "generate_tokens", "sample"]
+           "unpack", "next_token_targets", "valid_choices", "DocumentMask", "TokenScores", "TokenFilter",
+           "ValidityRule", "SampledTokens", "generate_tokens", "sample"]
