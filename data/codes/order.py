@@ -1,45 +1,85 @@
-"""Deterministic, rank-sharded, exactly resumable iteration over a CodeReader.
+"""Deterministic, rank-sharded epoch order over the rows of a CodeReader, resumable at any world size.
 
 Both iterators share one rule for equal work per rank. Each epoch builds a global ordered list of M
 items (row indices for CodeIterator, batches of row indices for TokenBudgetBatcher) from
-(seed, epoch) alone, identical on every rank. With W ranks the list is padded to ceil(M / W) * W items
-by repeating its first items (drop_last=False, the default) or truncated to floor(M / W) * W items
-(drop_last=True); rank r takes items r, r + W, r + 2W, ... Every rank therefore yields the same count.
+(seed, epoch) alone, identical on every rank and for every world size. An epoch that starts (or resumes)
+at global position S with R ranks hands out the remaining M - S items: rank r takes positions
+S + r, S + r + R, S + r + 2R, ...; the remaining items are padded to a multiple of R by repeating the
+epoch's first items (drop_last=False, the default: position p >= M is item p - M) or truncated to
+floor((M - S) / R) * R items (drop_last=True). Every rank therefore yields the same count. A fresh epoch
+has S = 0.
 
 Iteration yields the rest of the current epoch; a new ``for`` loop after a finished epoch starts the
-next one (or call ``set_epoch``). ``state_dict()`` = (epoch, number of items already yielded), and
-``load_state_dict`` continues with exactly the next item. The state counts items handed out: if a
-consumer prefetches, save the state it had when the consumed item was produced.
+next one (or call ``set_epoch``). ``state_dict()`` is layout independent: the epoch and ``consumed``, the
+number of the epoch's global items handed out by all ranks together (S + R x the items this rank yielded;
+M once this rank's part of the epoch is done), plus the settings that must match (seed, corpus, budget;
+not the rank or world size). It is the same on every rank when every rank has handed out the same number
+of items, as at an optimizer-step boundary. ``load_state_dict`` continues at S = consumed under the
+loading iterator's own rank and world size, so a run saved on R ranks continues on R' ranks with the next
+items of the same global list: within the epoch no item is lost or repeated beyond the padding rule. The
+state counts items handed out: if a consumer prefetches, save the state it had when the consumed item
+was produced.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+import hashlib
+import json
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from data.codes.reader import CodeReader, CodeRecord
 from data.identity import check_same
 
+STATE_FORMAT = "varitok.code-order/2"
+LEGACY_KEYS = ("position", "world_size")   # the per-rank state of format 1: {epoch, position, rank, world_size, ...}
 
-def rank_positions(num_items: int, rank: int, world_size: int, drop_last: bool) -> np.ndarray:
-    """Positions (int64) into an epoch's global item list that ``rank`` takes, per the module rule."""
-    per_rank = num_items // world_size if drop_last else -(-num_items // world_size)
+__all__ = ["STATE_FORMAT", "CodeIterator", "TokenBudgetBatcher", "corpus_digest", "pack_by_token_budget",
+           "rank_positions"]
+
+
+def rank_positions(num_items: int, rank: int, world_size: int, drop_last: bool, start: int = 0) -> np.ndarray:
+    """Positions (int64) into an epoch's global item list of ``num_items`` that ``rank`` takes when the
+    epoch continues at global position ``start``, per the module rule."""
+    remaining = max(0, num_items - start)
+    per_rank = remaining // world_size if drop_last else -(-remaining // world_size)
     if num_items == 0:
         return np.zeros(0, dtype=np.int64)
-    return (rank + world_size * np.arange(per_rank, dtype=np.int64)) % num_items
+    return (start + rank + world_size * np.arange(per_rank, dtype=np.int64)) % num_items
+
+
+def corpus_digest(reader: CodeReader) -> str:
+    """sha256 (hex, 16 digits) of the reader's parts as recorded in the manifest (index, rows, codes, bytes,
+    file sha256): two code directories with the same rows in the same files share it."""
+    parts = reader.manifest.parts
+    recorded = [[index, parts[index]["rows"], parts[index].get("num_codes", 0), parts[index].get("file_bytes", 0),
+                 parts[index].get("sha256", "")] for index in sorted(reader.part_rows)]
+    return hashlib.sha256(json.dumps(recorded).encode()).hexdigest()[:16]
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0
 
 
 class _EpochIterator:
-    """Epoch/position bookkeeping; subclasses define the global item list and what an item yields."""
+    """Epoch/position bookkeeping; subclasses define the global item list and what an item yields.
 
-    def __init__(self, num_rows: int, rank: int, world_size: int, seed: int, epoch: int, drop_last: bool):
+    ``start``: global position at which this rank's plan of the current epoch begins (0, or the loaded
+    ``consumed``); ``position``: items this rank has handed out since then.
+    """
+
+    def __init__(self, reader: CodeReader, rank: int, world_size: int, seed: int, epoch: int, drop_last: bool):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        self.num_rows = num_rows
+        self.reader = reader
+        self.num_rows = len(reader)
+        self.corpus = corpus_digest(reader)
         self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
-        self.epoch, self.position = epoch, 0
-        self._cached_epoch: int | None = None
-        self._cached_plan: Sequence[Any] = ()
+        self.epoch, self.start, self.position = epoch, 0, 0
+        self._items_key: int | None = None
+        self._items: Sequence[Any] = ()
+        self._plan_key: tuple[int, int] | None = None
+        self._plan: Sequence[Any] = ()
 
     def _global_items(self, epoch: int) -> Sequence[Any]:
         """The epoch's global item list (ndarray of row indices, or list of index arrays)."""
@@ -49,30 +89,45 @@ class _EpochIterator:
         raise NotImplementedError
 
     def _identity(self) -> dict[str, Any]:
-        """Settings that must match for a saved state to be resumable."""
-        return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size, "num_rows": self.num_rows,
-                "drop_last": self.drop_last}
+        """Settings that must match for a saved state to be resumable (none of them depends on the layout)."""
+        return {"seed": self.seed, "num_rows": self.num_rows, "corpus": self.corpus, "drop_last": self.drop_last}
+
+    def global_items(self, epoch: int | None = None) -> Sequence[Any]:
+        """The global item list of ``epoch`` (default: the current one), the same on every rank and layout."""
+        epoch = self.epoch if epoch is None else epoch
+        if self._items_key != epoch:
+            self._items, self._items_key = self._global_items(epoch), epoch
+        return self._items
 
     def plan(self, epoch: int | None = None) -> Sequence[Any]:
-        """This rank's items of ``epoch`` (default: the current one), in order."""
+        """This rank's items of ``epoch`` (default: the current one, from ``start`` on), in order."""
         epoch = self.epoch if epoch is None else epoch
-        if self._cached_epoch != epoch:
-            items = self._global_items(epoch)
-            positions = rank_positions(len(items), self.rank, self.world_size, self.drop_last)
-            self._cached_plan = (items[positions].tolist() if isinstance(items, np.ndarray)
-                                 else [items[p] for p in positions.tolist()])
-            self._cached_epoch = epoch
-        return self._cached_plan
+        start = self.start if epoch == self.epoch else 0
+        if self._plan_key != (epoch, start):
+            items = self.global_items(epoch)
+            positions = rank_positions(len(items), self.rank, self.world_size, self.drop_last, start)
+            self._plan = (items[positions].tolist() if isinstance(items, np.ndarray)
+                          else [items[p] for p in positions.tolist()])
+            self._plan_key = (epoch, start)
+        return self._plan
 
     def __len__(self) -> int:
         return len(self.plan())
 
+    @property
+    def consumed(self) -> int:
+        """Global items of the current epoch handed out by all ranks (assuming each handed out ``position``);
+        the epoch's item count once this rank's plan is done (items dropped by drop_last stay dropped)."""
+        if self.position >= len(self.plan()):
+            return len(self.global_items())
+        return self.start + self.position * self.world_size
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.position = epoch, 0
+        self.epoch, self.start, self.position = epoch, 0, 0
 
     def __iter__(self) -> Iterator[Any]:
         plan = self.plan()
-        if plan and self.position >= len(plan):
+        if self.position >= len(plan) and len(self.global_items()):
             self.set_epoch(self.epoch + 1)
             plan = self.plan()
         while self.position < len(plan):
@@ -81,13 +136,50 @@ class _EpochIterator:
             yield self._emit(item)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, **self._identity()}
+        """``{format, epoch, consumed, <identity>}``: plain ints and strings, layout independent."""
+        return {"format": STATE_FORMAT, "epoch": int(self.epoch), "consumed": int(self.consumed), **self._identity()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        expected = self._identity()
-        check_same(state, expected, only=tuple(expected), what="saved data position to resume exactly",
-                   hint="resume with the same corpus, seed and world size")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+    def load_state_dict(self, state: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
+        """Continue at the saved global position under this iterator's rank and world size.
+
+        ``state``: one saved state, or the states of all saved ranks (any world size; they must agree).
+        Also accepts the per-rank state of format 1 (``position``, ``world_size``). Raises ValueError when
+        the state was made with other settings (data.identity.check_same) or holds impossible numbers.
+        """
+        hint = "resume with the same code directory, seed and batching settings, or start a new run"
+        states = [state] if isinstance(state, Mapping) else list(state) if isinstance(state, (list, tuple)) else None
+        if not states or not all(isinstance(one, Mapping) for one in states):
+            raise ValueError(f"cannot use the saved code order position: expected a state dict (or a list of the "
+                             f"ranks' state dicts), got {type(state).__name__} {str(state)[:80]!r}; resume from "
+                             f"another checkpoint")
+        for other in states[1:]:
+            check_same(states[0], other, what="saved code order states", saved_name="rank 0",
+                       current_name="another rank", hint="the ranks' states disagree: the checkpoint was not "
+                       "written at a step boundary or is damaged; resume from another checkpoint")
+        state, expected = states[0], self._identity()
+        legacy = "format" not in state and all(key in state for key in LEGACY_KEYS)
+        if legacy:   # format 1 had no corpus digest; its global position is position x world_size
+            compared = tuple(key for key in expected if key != "corpus")
+            check_same(state, expected, only=compared, what="saved code order position", hint=hint)
+            position, world_size = state["position"], state["world_size"]
+            if not (_is_count(position) and _is_count(world_size) and world_size > 0):
+                raise ValueError(f"the saved code order position is invalid (position={position!r}, world_size="
+                                 f"{world_size!r}: need counts >= 0); resume from another checkpoint")
+            state = {"epoch": state.get("epoch"), "consumed": position * world_size}
+        else:
+            check_same(state, {"format": STATE_FORMAT, **expected}, only=("format", *expected),
+                       what="saved code order position", hint=hint)
+        epoch, consumed = state.get("epoch"), state.get("consumed")
+        if not _is_count(epoch) or not _is_count(consumed):
+            raise ValueError(f"the saved code order position is invalid (epoch={epoch!r}, consumed={consumed!r}: "
+                             f"need counts >= 0); the state is damaged: resume from another checkpoint")
+        num_items = len(self.global_items(int(epoch)))
+        if legacy:   # format 1 counted the padding of the epoch's last step
+            consumed = min(consumed, num_items)
+        if consumed > num_items:
+            raise ValueError(f"the saved code order position is invalid: consumed={consumed} but epoch {epoch} has "
+                             f"only {num_items} items; the state is damaged: resume from another checkpoint")
+        self.epoch, self.start, self.position = int(epoch), int(consumed), 0
 
 
 class CodeIterator(_EpochIterator):
@@ -96,8 +188,7 @@ class CodeIterator(_EpochIterator):
 
     def __init__(self, reader: CodeReader, rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0,
                  shuffle: bool = True, drop_last: bool = False):
-        super().__init__(len(reader), rank, world_size, seed, epoch, drop_last)
-        self.reader = reader
+        super().__init__(reader, rank, world_size, seed, epoch, drop_last)
         self.shuffle = shuffle
 
     def _identity(self) -> dict[str, Any]:
@@ -137,15 +228,14 @@ class TokenBudgetBatcher(_EpochIterator):
     key, picking among that key's rows (ordered by view id) uniformly with a generator seeded by
     (seed, epoch) and indexed by the key's rank in sorted key order. The chosen rows are shuffled, packed
     greedily in that order, and the batches are sharded by the module rule, so every rank yields the same
-    number of batches per epoch.
+    number of batches per epoch; the batches themselves do not depend on the world size.
     """
 
     def __init__(self, reader: CodeReader, max_tokens: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  views: str = "random", epoch: int = 0, drop_last: bool = False, extra_tokens: int = 0):
-        super().__init__(len(reader), rank, world_size, seed, epoch, drop_last)
+        super().__init__(reader, rank, world_size, seed, epoch, drop_last)
         if views not in ("random", "all"):
             raise ValueError(f"views must be 'random' or 'all', got {views!r}")
-        self.reader = reader
         self.max_tokens, self.views, self.extra_tokens = int(max_tokens), views, int(extra_tokens)
         self.tokens = reader.lengths.astype(np.int64) + self.extra_tokens
         if len(self.tokens) and self.tokens.max() > self.max_tokens:
