@@ -408,6 +408,42 @@ def test_token_budget_batches_resume_on_another_world_size(tmp_path):
     assert states[0]["consumed"] == num_batches
 
 
+@pytest.mark.slow
+def test_packed_code_stream_resumes_on_another_world_size(tmp_path):
+    """The stage-3 stream (DataLoader workers prefetching packed micro batches): 2 ranks x 2 workers -> 1 rank
+    in-process -> 2 ranks x 1 worker reproduce the one-rank epoch, plus one padding batch."""
+    import torch
+
+    from data.codes import write_corpus as write_synthetic
+    from models.generator import GeneratorConfig
+    from pipeline.train_generator import PackedCodeStream
+
+    codes = write_synthetic(tmp_path / "codes", rows=48, max_rows_per_batch=16)
+    repo = Path(__file__).resolve().parents[1]
+    config = GeneratorConfig.from_yaml(repo / "configs" / "generator" / "tiny.yaml", [
+        "dim=32", "heads=2", "position_depth=1", "content_depth=1", "head_dim=16", "head_heads=1", "num_classes=4"])
+
+    def segment(world, workers, steps, saved):
+        streams = [PackedCodeStream(str(codes), config, 160, rank, world, seed=5, num_workers=workers)
+                   for rank in range(world)]
+        for stream in streams:
+            if saved is not None:
+                stream.load_state_dict(saved)
+        steps = len(streams[0].batcher) if steps is None else steps
+        per_rank = [[next(stream) for _ in range(steps)] for stream in streams]
+        return [b for step in zip(*per_rank) for b in step], [stream.state_dict() for stream in streams]
+
+    whole, _ = segment(1, 0, None, None)
+    first, states = segment(2, 2, 2, None)
+    second, states = segment(1, 0, 3, states)
+    third, states = segment(2, 1, None, states)
+    resumed = first + second + third
+    assert (len(whole) - 7) % 2 == 1 and len(resumed) == len(whole) + 1 and states[0] == states[1]   # 9 left: 1 pad
+    for got, want in zip(resumed, whole + whole[:1]):
+        assert all(torch.equal(getattr(got, name), getattr(want, name)) for name in ("position", "content", "label"))
+        assert got.num_tokens <= 160
+
+
 def test_bad_code_order_state_is_refused(tmp_path):
     write_corpus(tmp_path / "codes", part_rows=(20, 24), views=3)
     write_corpus(tmp_path / "other", part_rows=(20, 24), views=3, codebook_sizes=(16384, 4095))  # same rows, lengths
