@@ -17,7 +17,7 @@ training process; this is what ``train-tokenizer`` does).
 How an epoch is built (everything is a pure function of seed, epoch, canonical unit and position; the rules
 are the functions of :mod:`data.epoch`):
 
-* There are ``C`` *canonical units`` (``canonical_units``; default ``world_size * W`` with
+* There are ``C`` *canonical units* (``canonical_units``; default ``world_size * W`` with
   ``W = max(1, num_workers)``), fixed for a run. Shards are permuted by ``(seed, epoch)`` and dealt greedily
   to the C units (each shard to the unit holding the fewest samples so far); with fewer shards than units,
   every unit reads all shards and keeps every C-th sample. In resampled mode each unit draws shards with
