@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["seed_int", "deal_shards", "shard_order", "unit_pass_shards", "steps_per_epoch", "check_layout",
-           "entries_per_epoch", "batch_unit", "rank_units", "worker_units"]
+           "entries_per_epoch", "batch_unit", "rank_units", "worker_units", "grad_accum_for"]
 
 
 def seed_int(*words: int) -> int:
@@ -108,3 +108,20 @@ def worker_units(rank: int, world_size: int, worker: int, workers: int, canonica
     """The canonical units logical worker ``worker`` of rank ``rank`` serves: it produces the rank's batches
     ``b = worker (mod workers)``, whose units are ``worker * world_size + rank (mod world_size * workers)``."""
     return list(range(worker * world_size + rank, canonical_units, world_size * workers))
+
+
+def grad_accum_for(step_entries: int, world_size: int, allow_new_global_batch: bool = False) -> int:
+    """Gradient accumulation steps that keep ``step_entries`` (``K``: global micro-batches per optimizer step,
+    saved ranks x grad_accum) on ``world_size`` ranks: ``K / world_size``. When ``world_size`` does not divide
+    ``K``: ``max(1, round(K / world_size))`` with ``allow_new_global_batch``, else a ValueError listing the world
+    sizes that work (the divisors of K)."""
+    if step_entries < 1 or world_size < 1:
+        raise ValueError(f"step_entries ({step_entries}) and world_size ({world_size}) must be >= 1")
+    if step_entries % world_size == 0:
+        return step_entries // world_size
+    if allow_new_global_batch:
+        return max(1, round(step_entries / world_size))
+    divisors = [d for d in range(1, step_entries + 1) if step_entries % d == 0]
+    raise ValueError(f"the global batch of {step_entries} micro-batches per optimizer step (saved ranks x grad_accum) "
+                     f"cannot be kept on {world_size} ranks: use a number of ranks in {divisors}, or accept a new "
+                     "global batch (train.allow_new_global_batch=true)")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data.epoch import (batch_unit, check_layout, deal_shards, entries_per_epoch, rank_units, seed_int, shard_order,
-                        steps_per_epoch, unit_pass_shards, worker_units)
+from data.epoch import (batch_unit, check_layout, deal_shards, entries_per_epoch, grad_accum_for, rank_units, seed_int,
+                        shard_order, steps_per_epoch, unit_pass_shards, worker_units)
 
 
 def test_deal_shards_balances_and_gives_every_unit_a_shard():
@@ -90,3 +90,11 @@ def test_units_of_ranks_workers_and_batches():
             for batch in range(24):
                 _, unit = batch_unit(batch, rank, world_size, 8)
                 assert unit in worker_units(rank, world_size, batch % workers, workers, 8)
+
+
+def test_grad_accum_keeps_the_global_batch_or_says_which_sizes_work():
+    assert grad_accum_for(8, 2) == 4 and grad_accum_for(8, 8) == 1 and grad_accum_for(8, 1) == 8
+    with pytest.raises(ValueError, match=r"8 micro-batches .* on 3 ranks: use a number of ranks in \[1, 2, 4, 8\]"):
+        grad_accum_for(8, 3)
+    assert grad_accum_for(8, 3, allow_new_global_batch=True) == 3  # round(8 / 3): 9 micro-batches per step
+    assert grad_accum_for(2, 16, allow_new_global_batch=True) == 1
