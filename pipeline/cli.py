@@ -25,7 +25,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "stats": ("pipeline.stats", "statistics of code files (lengths, granularity shares, codebook usage)"),
     "decode-codes": ("pipeline.decode_codes", "decode stored codes back to images (PNG grid)"),
     "train-generator": ("pipeline.train_generator", "stage 3: train the coarse-to-fine generator on code files"),
-    "sample": ("pipeline.sample", "generate images with a trained generator + tokenizer"),
+    "sample": ("pipeline.sample_images", "generate images with a trained generator + tokenizer"),
     "eval": ("pipeline.evaluate", "reconstruction / generation metrics and ADM reference batches (PSNR, SSIM, "
                                   "LPIPS, rFID, FID, sFID, IS, KID, precision / recall)"),
     "launch": ("pipeline.launch", "build and run the `accelerate launch` command for a training stage"),

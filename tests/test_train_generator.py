@@ -183,7 +183,7 @@ def test_resume_after_kill_equals_straight_run(tmp_path, corpus, capsys):
             assert torch.equal(a[key], b[key]), (name, key)
     assert [r["loss"] for r in _metrics(killed)] == [r["loss"] for r in _metrics(straight)][2:]
     saved = torch.load(straight / "checkpoints" / "step-2" / "extra-rank00000.pt", weights_only=True)["stream"]
-    assert saved["position"] == 2 and saved["views"] == "random"
+    assert saved["consumed"] == 2 and saved["views"] == "random"
     # A changed key that is not declared resumable is refused before any process group (prepare);
     # declared ones (log cadence, loader workers, where the code files live) resume to the same weights.
     capsys.readouterr()
