@@ -217,7 +217,7 @@ def compare_with_reference(args: argparse.Namespace, work: Path, train_folder: P
     from models.tokenizer.reference import ReferenceVQ, identity_retrieval, psnr_per_image
     from pipeline.config import load_config
     from pipeline.schedule import warmup_cosine_factor
-    from pipeline.train_tokenizer import TokenizerStageConfig
+    from pipeline.stages import TokenizerStageConfig
     from pipeline.visual import image_grid, save_png
 
     cfg = load_config(TokenizerStageConfig, str(tok_config), [], kind="tokenizer")
