@@ -59,6 +59,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
+from data.epoch import grad_accum_for
 from data.files import AtomicFile, atomic_write
 from data.identity import describe_differences, differences
 from models.config import ConfigError
@@ -366,26 +367,20 @@ def saved_layout(run_dir: str | os.PathLike, spec: Optional[str] = "auto") -> Op
 
 def resume_grad_accum(layout: Optional[Mapping[str, Any]], world_size: int, grad_accum: int,
                       allow_new_global_batch: bool = False) -> tuple[int, bool]:
-    """``(grad_accum for this run, whether the global batch changes)``.
-
-    The global batch is K = world_size x grad_accum micro-batches per optimizer step; it stays the saved one
-    on another world size R' (grad_accum K / R'). When R' does not divide K: :class:`ResumeError` listing
-    the world sizes that work, unless ``allow_new_global_batch`` (then max(1, round(K / R')) and True).
-    ``layout`` None (a fresh run) or without grad_accum (format 1): ``grad_accum`` unchanged.
+    """``(grad_accum for this run, whether the global batch changes)``: :func:`data.epoch.grad_accum_for` of
+    the saved K = world_size x grad_accum micro-batches per optimizer step, its ValueError (the world sizes
+    that work) as a :class:`ResumeError`. ``layout`` None (a fresh run) or without grad_accum (format 1):
+    ``grad_accum`` unchanged.
     """
     if layout is None or layout.get("grad_accum") is None:
         return grad_accum, False
-    saved_world, saved_accum = int(layout["world_size"]), int(layout["grad_accum"])
-    global_batch = saved_world * saved_accum
-    if global_batch % world_size == 0:
-        return global_batch // world_size, False
-    if allow_new_global_batch:
-        return max(1, round(global_batch / world_size)), True
-    sizes = [n for n in range(1, global_batch + 1) if global_batch % n == 0]
-    raise ResumeError(f"the checkpoint's global batch is {global_batch} micro-batches per optimizer step "
-                      f"({saved_world} processes x grad_accum {saved_accum}); {world_size} processes cannot keep it. "
-                      f"Relaunch with one of {sizes} processes, or set train.allow_new_global_batch=true to "
-                      f"continue with another global batch")
+    global_batch = int(layout["world_size"]) * int(layout["grad_accum"])
+    try:
+        accum = grad_accum_for(global_batch, world_size, allow_new_global_batch)
+    except ValueError as exc:
+        raise ResumeError(f"the checkpoint's layout ({layout['world_size']} processes x grad_accum "
+                          f"{layout['grad_accum']}): {exc}") from None
+    return accum, accum * world_size != global_batch
 
 
 def _fsync_tree(root: Path) -> None:
@@ -574,7 +569,7 @@ class CheckpointManager:
 
         On another world size the model and optimizer come from the universal copy, re-partitioned over
         this run's ranks (ZeRO-0: from the whole state every rank loads anyway); each ``extra`` object then
-        receives ``{"ranks": {saved rank: its state}}`` of every saved rank; the RNG state of a rank the
+        receives the list of every saved rank's state (saved rank order); the RNG state of a rank the
         checkpoint did not have stays as seeded.
         """
         path = self._select(spec)
@@ -632,12 +627,12 @@ class CheckpointManager:
                               f"train.allow_new_global_batch=true")
 
     def _load_extra(self, path: Path, names: list[str], saved_world: Optional[int] = None) -> dict:
-        """This rank's saved ``extra`` states; with ``saved_world`` (another world size) ``{"ranks": {rank:
-        state}}`` of every rank of that run instead."""
+        """This rank's saved ``extra`` states; with ``saved_world`` (another world size) the list of every rank's
+        state of that run instead (saved rank order), which the streams' ``load_state_dict`` merge."""
         if saved_world is None:
             return self._read_extra(path / f"extra-rank{self.accelerator.process_index:05d}.pt", names)
-        per_rank = {rank: self._read_extra(path / f"extra-rank{rank:05d}.pt", names) for rank in range(saved_world)}
-        return {name: {"ranks": {rank: state[name] for rank, state in per_rank.items()}} for name in names}
+        per_rank = [self._read_extra(path / f"extra-rank{rank:05d}.pt", names) for rank in range(saved_world)]
+        return {name: [state[name] for state in per_rank] for name in names}
 
     @staticmethod
     def _read_extra(own: Path, names: list[str]) -> dict:

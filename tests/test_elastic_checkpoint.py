@@ -56,8 +56,8 @@ class _Positions:
 
     def load_state_dict(self, state: dict) -> None:
         self.received = state
-        ranks = state.get("ranks", {self.rank: state})
-        self.micro_batches = sum(int(s["micro_batches"]) for s in ranks.values())
+        ranks = state if isinstance(state, list) else [state]   # every saved rank's state after a world change
+        self.micro_batches = sum(int(s["micro_batches"]) for s in ranks)
 
 
 def _build(kind: str):
@@ -222,8 +222,8 @@ def test_resume_grad_accum_keeps_the_global_batch_or_names_the_sizes_that_work()
     layout = {"world_size": 2, "grad_accum": 3, "num_workers": 2}         # K = 6 micro-batches per step
     assert resume_grad_accum(layout, 1, 3) == (6, False)
     assert resume_grad_accum(layout, 3, 3) == (2, False) and resume_grad_accum(layout, 6, 3) == (1, False)
-    with pytest.raises(ResumeError, match=r"global batch is 6 .*2 processes x grad_accum 3.*4 processes cannot "
-                                          r"keep it.*one of \[1, 2, 3, 6\] processes.*allow_new_global_batch"):
+    with pytest.raises(ResumeError, match=r"2 processes x grad_accum 3.*global batch of 6 micro-batches.*cannot be "
+                                          r"kept on 4 ranks.*\[1, 2, 3, 6\].*allow_new_global_batch"):
         resume_grad_accum(layout, 4, 3)
     assert resume_grad_accum(layout, 4, 3, allow_new_global_batch=True) == (2, True)     # round(6 / 4)
     assert resume_grad_accum(layout, 12, 3, allow_new_global_batch=True) == (1, True)    # never 0
@@ -272,8 +272,7 @@ def test_zero2_two_processes_to_one_bit_exact_then_layout_history(tmp_path):
     assert loaded["resumed_layout"] == {"world_size": 2, "grad_accum": 1, "num_workers": 0}
     assert_same_state(before, loaded["loaded"])
     assert loaded["scheduler_epoch"] == 4 and loaded["final"]["steps"] == [4.0, 4.0]
-    assert loaded["received"] == {"ranks": {0: {"rank": 0, "micro_batches": 3},
-                                            1: {"rank": 1, "micro_batches": 3}}}
+    assert loaded["received"] == [{"rank": 0, "micro_batches": 3}, {"rank": 1, "micro_batches": 3}]
     for name, entry in loaded["final"]["params"].items():     # the continued step trained
         assert not torch.equal(entry["fp32"], before["params"][name]["fp32"]), name
     meta = read_meta(run / "checkpoints" / "step-4")
@@ -289,7 +288,7 @@ def test_zero2_one_process_to_two_bit_exact(tmp_path):
     _, _, loaded = run_harness(run, 2, "--zero", "2", "--steps", "3", "--grad-accum", "2")
     assert loaded["resumed_from"] == 2 and loaded["grad_accum"] == 1 and loaded["world_size"] == 2
     assert_same_state(saved["final"], loaded["loaded"])
-    assert loaded["received"] == {"ranks": {0: {"rank": 0, "micro_batches": 4}}}
+    assert loaded["received"] == [{"rank": 0, "micro_batches": 4}]
 
 
 @pytest.mark.slow
