@@ -2,7 +2,7 @@
 
 This file is also the training harness the slow tests launch (``python tests/test_elastic_checkpoint.py ...``,
 under torchrun for 2 processes): a tiny module trained through the real build_accelerator / CheckpointManager
-path, the way a stage does it: :func:`saved_layout` + :func:`resume_grad_accum` before the accelerator,
+path, the way a stage does it: :func:`saved_layout` + ``grad_accum_for`` before the accelerator,
 ``resume``, train, ``save``. It dumps the consolidated state (full fp32 master weight and Adam's exp_avg,
 exp_avg_sq per parameter name, step and hyperparameters per param group) gathered from the live engine, so a
 test compares the state before a save with the state after a load on another world size, bit for bit.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -31,8 +30,9 @@ for _path in (str(REPO), str(TESTS)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
+from data.epoch import grad_accum_for  # noqa: E402
 from pipeline.checkpoint import (CHECKSUMS, ResumeError, UNIVERSAL, check_compatible, layout_of,  # noqa: E402
-                                 no_pickled_code, read_meta, resume_grad_accum, saved_layout, write_checksums)
+                                 no_pickled_code, read_meta, saved_layout, write_checksums)
 
 LR = 1e-2
 ADAM_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
@@ -121,7 +121,7 @@ def harness(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--grad-accum", type=int, default=1, help="train.grad_accum of the config")
     parser.add_argument("--allow-new-global-batch", action="store_true")
-    parser.add_argument("--keep-grad-accum", action="store_true", help="skip resume_grad_accum (a stage bug)")
+    parser.add_argument("--keep-grad-accum", action="store_true", help="skip grad_accum_for (a stage bug)")
     parser.add_argument("--resume", default="auto")
     parser.add_argument("--out", required=True, help="the dump (torch.save of plain types), written by rank 0")
     parser.add_argument("--dim", type=int, default=8)
@@ -139,9 +139,11 @@ def harness(argv=None) -> int:
 
     world = resolve_world().size
     grad_accum, new_global_batch = args.grad_accum, False
-    if not args.keep_grad_accum:
-        grad_accum, new_global_batch = resume_grad_accum(saved_layout(args.run_dir, args.resume), world,
-                                                         args.grad_accum, args.allow_new_global_batch)
+    layout = saved_layout(args.run_dir, args.resume)
+    if layout is not None and layout["grad_accum"] is not None and not args.keep_grad_accum:  # keep its global batch
+        global_batch = layout["world_size"] * layout["grad_accum"]
+        grad_accum = grad_accum_for(global_batch, world, args.allow_new_global_batch)
+        new_global_batch = grad_accum * world != global_batch
     train = TrainConfig(max_steps=args.steps, grad_accum=grad_accum, zero_stage=args.zero)
     accelerator = build_accelerator(train, args.run_dir, micro_batch_size=4, seed=5, log_with=())
     model, optimizer = _build(args.kind, ToyConfig(dim=args.dim, hidden=args.hidden))
@@ -186,8 +188,8 @@ def harness(argv=None) -> int:
         torch.save({"loaded": loaded, "final": final, "resumed_from": resumed_from, "steps": step,
                     "world_size": world, "grad_accum": grad_accum, "new_global_batch": new_global_batch,
                     "scheduler_epoch": scheduler.state_dict()["last_epoch"], "received": positions.received,
-                    "resumed_layout": ckpt.resumed_layout, "load_s": load_s, "first_step_s": first_step_s, "save_s": save_s,
-                    "lrs": [group["lr"] for group in optimizer.param_groups]}, args.out)
+                    "resumed_layout": ckpt.resumed_layout, "load_s": load_s, "first_step_s": first_step_s,
+                    "save_s": save_s, "lrs": [group["lr"] for group in optimizer.param_groups]}, args.out)
     return 0
 
 
@@ -245,19 +247,6 @@ def assert_same_state(before: dict, after: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------ unit tests
-def test_resume_grad_accum_keeps_the_global_batch_or_names_the_sizes_that_work():
-    layout = {"world_size": 2, "grad_accum": 3, "num_workers": 2}         # K = 6 micro-batches per step
-    assert resume_grad_accum(layout, 1, 3) == (6, False)
-    assert resume_grad_accum(layout, 3, 3) == (2, False) and resume_grad_accum(layout, 6, 3) == (1, False)
-    with pytest.raises(ResumeError, match=r"global batch is 6 .*2 processes x grad_accum 3.*4 processes cannot "
-                                          r"keep it.*one of \[1, 2, 3, 6\] processes.*allow_new_global_batch"):
-        resume_grad_accum(layout, 4, 3)
-    assert resume_grad_accum(layout, 4, 3, allow_new_global_batch=True) == (2, True)     # round(6 / 4)
-    assert resume_grad_accum(layout, 12, 3, allow_new_global_batch=True) == (1, True)    # never 0
-    assert resume_grad_accum(None, 4, 3) == (3, False)                                   # a fresh run
-    assert resume_grad_accum({"world_size": 2, "grad_accum": None}, 4, 3) == (3, False)  # format 1
-
-
 def test_check_compatible_accepts_another_world_size_only_with_the_independent_state():
     meta = {"world_size": 2, "zero_stage": 2, "config_identity": {"a": 1}}
     with pytest.raises(ResumeError, match="world size: checkpoint 2 processes, this run 1.*no world-size-independent "
@@ -269,6 +258,16 @@ def test_check_compatible_accepts_another_world_size_only_with_the_independent_s
         check_compatible({**meta, "world_size_independent": True}, 1, 3, {"a": 1})
     assert "world size" not in str(info.value)
     assert layout_of(meta) == {"world_size": 2, "grad_accum": None, "num_workers": None}
+    check_compatible(meta, 2, 2, {"a": 1}, grad_accum=5)                     # no saved grad_accum: unchecked
+    kept = {**meta, "world_size_independent": True, "layout": {"world_size": 2, "grad_accum": 3, "num_workers": 1}}
+    check_compatible(kept, 1, 2, {"a": 1}, grad_accum=6)                     # 6 micro-batches per step, kept
+    check_compatible(kept, 3, 2, {"a": 1}, grad_accum=2)
+    with pytest.raises(ResumeError, match=r"global batch: .*2 processes x grad_accum 3 micro-batches, this run 3 x 3 "
+                                          r"\(grad_accum 2 keeps it on 3 processes\)"):
+        check_compatible(kept, 3, 2, {"a": 1}, grad_accum=3)
+    with pytest.raises(ResumeError, match=r"this run 4 x 3 \(.*use a number of ranks in \[1, 2, 3, 6\]"):
+        check_compatible(kept, 4, 2, {"a": 1}, grad_accum=3)
+    check_compatible(kept, 4, 2, {"a": 1}, grad_accum=2, allow_new_global_batch=True)
 
 
 # ------------------------------------------------------------------------------------------ real runs
@@ -282,6 +281,8 @@ def test_zero2_two_processes_to_one_bit_exact_then_layout_history(tmp_path):
     assert meta["layout"] == {"world_size": 2, "grad_accum": 1, "num_workers": 0}
     assert meta["layouts"] == [{"step": 0, "world_size": 2, "grad_accum": 1, "num_workers": 0}]
     assert (step3 / UNIVERSAL / "zero" / "optimizer_state.pt").is_file()
+    model_states = "mp_rank_00_model_states.pt"       # the converter's unchanged copy: a hard link
+    assert (step3 / UNIVERSAL / model_states).stat().st_ino == (step3 / "pytorch_model" / model_states).stat().st_ino
     listed = json.loads((step3 / CHECKSUMS).read_text())["files"]
     assert f"{UNIVERSAL}/zero/net.body.0.weight/exp_avg.pt" in listed  # covered by the checksum list
 
@@ -382,7 +383,7 @@ def test_refusals_before_loading_old_checkpoint_zero_stage_change_global_batch(t
     assert "ZeRO stage: checkpoint 2, this run 1" in log and "world size" not in log, log[-3000:]
     log = done["batch"][1]
     assert "global batch: the checkpoint made optimizer steps of 2 processes x grad_accum 1" in log, log[-3000:]
-    assert "this run 1 x 1: use train.grad_accum=2" in log
+    assert "this run 1 x 1 (grad_accum 2 keeps it on 1 processes)" in log
     assert "refusing to load" in done["planted"][1] and not (tmp_path / "PWNED").exists(), done["planted"][1][-3000:]
     assert read_meta(checkpoint)["step"] == 2 and not (run / "checkpoints" / "step-3").exists()
 
