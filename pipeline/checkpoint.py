@@ -590,9 +590,9 @@ class CheckpointManager:
         if path is None:
             return 0
         meta = read_meta(path)
-        check_compatible(meta, self.world_size, self.zero_stage, self.config_identity)
+        check_compatible(meta, self.world_size, self.zero_stage, self.config_identity,
+                         grad_accum=self.layout["grad_accum"], allow_new_global_batch=self.allow_new_global_batch)
         saved = layout_of(meta)
-        self._check_global_batch(saved)
         regrouped = saved["world_size"] != self.world_size
         acc = self.accelerator
         try:
@@ -626,13 +626,6 @@ class CheckpointManager:
             self._abandon_newer_than(step, f"resumed from {path} (step {step})")
         acc.wait_for_everyone()
         return step
-
-    def _check_global_batch(self, saved: Mapping[str, Any]) -> None:
-        accum = self.layout["grad_accum"]
-        problem = None if accum is None or self.allow_new_global_batch else global_batch_problem(
-            saved, self.world_size, accum)
-        if problem:
-            raise ResumeError(f"cannot resume from this checkpoint:\n  - {problem}")
 
     def _load_extra(self, path: Path, names: list[str], saved_world: Optional[int] = None) -> dict:
         """This rank's saved ``extra`` states; with ``saved_world`` (another world size) ``{"ranks": {rank:
