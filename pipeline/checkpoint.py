@@ -19,7 +19,7 @@ at worst a ``.tmp-*`` directory, removed by the next save)::
 Resuming on another world size: ZeRO-0 states are whole on every rank (nothing is partitioned) and ZeRO-1/2/3
 checkpoints carry ``universal/``, which :meth:`CheckpointManager.resume` re-partitions over the new ranks
 (``meta.json`` ``world_size_independent``). ``layout`` is the saved {world_size, grad_accum, num_workers};
-:func:`saved_layout` reads it before the engine is built and :func:`resume_grad_accum` keeps the global batch.
+:func:`saved_layout` reads it before the engine is built (``data.epoch.grad_accum_for`` keeps the global batch).
 
 Rolling back (``resume`` from a checkpoint older than the newest, or saving step N while a ``step-M``,
 M > N, exists, e.g. after ``--resume none``) abandons the newer checkpoints: they are renamed to
@@ -68,8 +68,8 @@ from pipeline.training import zero_stage
 
 __all__ = ["CheckpointManager", "ResumeError", "MODEL_CLASSES", "complete_checkpoints", "find_checkpoint",
            "read_meta", "check_compatible", "import_class", "export_pretrained", "checkpoint_problem",
-           "write_checksums", "no_pickled_code", "newest_intact_checkpoint", "saved_layout", "resume_grad_accum",
-           "layout_of", "write_universal"]
+           "write_checksums", "no_pickled_code", "newest_intact_checkpoint", "saved_layout", "layout_of",
+           "write_universal", "global_batch_problem"]
 
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
@@ -276,6 +276,13 @@ def write_universal(checkpoint: str | os.PathLike) -> Path:
                   output.getvalue()[-4000:])
         raise
     log.debug("ds_to_universal output:\n%s", output.getvalue())
+    for copy in (checkpoint / UNIVERSAL).glob("*model_states.pt"):   # the converter copies them unchanged
+        original = checkpoint / DEEPSPEED_TAG / copy.name
+        if original.stat().st_size != copy.stat().st_size:
+            continue
+        with contextlib.suppress(OSError):                            # no hard links here: keep the copy
+            os.link(original, copy.with_name(f".{copy.name}"))
+            os.replace(copy.with_name(f".{copy.name}"), copy)
     log.info("world-size-independent state written to %s in %.1f s", checkpoint / UNIVERSAL,
              time.perf_counter() - started)
     return checkpoint / UNIVERSAL
@@ -323,13 +330,20 @@ def _restore_group_hyperparameters(accelerator, universal: Path) -> None:
 
 
 def check_compatible(meta: Mapping[str, Any], world_size: int, zero_stage: int,
-                     config_identity: Mapping[str, Any]) -> None:
+                     config_identity: Mapping[str, Any], *, grad_accum: Optional[int] = None,
+                     allow_new_global_batch: bool = False) -> None:
     """Raise :class:`ResumeError` naming every difference between a checkpoint and this run.
 
     Another world size is accepted when the checkpoint is world-size independent (``meta.json``
     ``world_size_independent``: ZeRO-0, or ZeRO-1/2/3 with its universal copy); a ZeRO stage change never.
+    With ``grad_accum``, this run's global batch (world size x grad_accum) must be the checkpoint's too,
+    unless ``allow_new_global_batch``.
     """
     problems = []
+    batch = None if grad_accum is None or allow_new_global_batch else global_batch_problem(
+        layout_of(meta), world_size, grad_accum)
+    if batch:
+        problems.append(batch)
     if meta["world_size"] != world_size and not meta.get("world_size_independent", False):
         problems.append(f"world size: checkpoint {meta['world_size']} processes, this run {world_size}. "
                         f"The checkpoint holds per-rank ZeRO shards only (no world-size-independent "
@@ -355,32 +369,32 @@ def layout_of(meta: Mapping[str, Any]) -> dict[str, Any]:
             "num_workers": layout.get("num_workers")}
 
 
+def global_batch_problem(saved: Mapping[str, Any], world_size: int, grad_accum: int) -> Optional[str]:
+    """Why ``world_size`` x ``grad_accum`` micro-batches per optimizer step differ from the checkpoint's
+    ``saved`` layout (:func:`layout_of`), and the grad_accum that keeps it (``data.epoch.grad_accum_for``);
+    None when they agree or the checkpoint does not record its grad_accum."""
+    if saved.get("grad_accum") is None:
+        return None
+    global_batch = int(saved["world_size"]) * int(saved["grad_accum"])
+    if global_batch == world_size * grad_accum:
+        return None
+    try:
+        keep = f"grad_accum {grad_accum_for(global_batch, world_size)} keeps it on {world_size} processes"
+    except ValueError as exc:
+        keep = str(exc)
+    return (f"global batch: the checkpoint made optimizer steps of {saved['world_size']} processes x grad_accum "
+            f"{saved['grad_accum']} micro-batches, this run {world_size} x {grad_accum} ({keep}); or set "
+            f"train.allow_new_global_batch=true to continue with another global batch")
+
+
 def saved_layout(run_dir: str | os.PathLike, spec: Optional[str] = "auto") -> Optional[dict[str, Any]]:
     """The layout of the checkpoint ``resume(spec)`` will load (None when it starts fresh), read before the
-    accelerator exists so that the stage can choose ``grad_accum`` (:func:`resume_grad_accum`).
+    accelerator exists so that the stage can choose ``grad_accum`` (``data.epoch.grad_accum_for``).
 
     Every rank may call it (it reads files only). "auto" picks the newest intact checkpoint, as resume does.
     """
     path = newest_intact_checkpoint(run_dir) if str(spec) == "auto" else find_checkpoint(run_dir, spec)
     return None if path is None else layout_of(read_meta(path))
-
-
-def resume_grad_accum(layout: Optional[Mapping[str, Any]], world_size: int, grad_accum: int,
-                      allow_new_global_batch: bool = False) -> tuple[int, bool]:
-    """``(grad_accum for this run, whether the global batch changes)``: :func:`data.epoch.grad_accum_for` of
-    the saved K = world_size x grad_accum micro-batches per optimizer step, its ValueError (the world sizes
-    that work) as a :class:`ResumeError`. ``layout`` None (a fresh run) or without grad_accum (format 1):
-    ``grad_accum`` unchanged.
-    """
-    if layout is None or layout.get("grad_accum") is None:
-        return grad_accum, False
-    global_batch = int(layout["world_size"]) * int(layout["grad_accum"])
-    try:
-        accum = grad_accum_for(global_batch, world_size, allow_new_global_batch)
-    except ValueError as exc:
-        raise ResumeError(f"the checkpoint's layout ({layout['world_size']} processes x grad_accum "
-                          f"{layout['grad_accum']}): {exc}") from None
-    return accum, accum * world_size != global_batch
 
 
 def _fsync_tree(root: Path) -> None:
@@ -576,9 +590,9 @@ class CheckpointManager:
         if path is None:
             return 0
         meta = read_meta(path)
-        check_compatible(meta, self.world_size, self.zero_stage, self.config_identity)
+        check_compatible(meta, self.world_size, self.zero_stage, self.config_identity,
+                         grad_accum=self.layout["grad_accum"], allow_new_global_batch=self.allow_new_global_batch)
         saved = layout_of(meta)
-        self._check_global_batch(saved)
         regrouped = saved["world_size"] != self.world_size
         acc = self.accelerator
         try:
@@ -612,19 +626,6 @@ class CheckpointManager:
             self._abandon_newer_than(step, f"resumed from {path} (step {step})")
         acc.wait_for_everyone()
         return step
-
-    def _check_global_batch(self, saved: Mapping[str, Any]) -> None:
-        """Refuse a world size x grad_accum other than the checkpoint's (the stage adjusts grad_accum with
-        :func:`resume_grad_accum` before building the accelerator)."""
-        accum = self.layout["grad_accum"]
-        if self.allow_new_global_batch or accum is None or saved["grad_accum"] is None:
-            return
-        if saved["world_size"] * saved["grad_accum"] != self.world_size * accum:
-            expected, _ = resume_grad_accum(saved, self.world_size, accum)
-            raise ResumeError(f"global batch: the checkpoint made optimizer steps of {saved['world_size']} "
-                              f"processes x grad_accum {saved['grad_accum']} micro-batches, this run "
-                              f"{self.world_size} x {accum}: use train.grad_accum={expected} to keep it, or set "
-                              f"train.allow_new_global_batch=true")
 
     def _load_extra(self, path: Path, names: list[str], saved_world: Optional[int] = None) -> dict:
         """This rank's saved ``extra`` states; with ``saved_world`` (another world size) the list of every rank's

@@ -17,8 +17,8 @@ from pipeline.process_env import apply_process_env_defaults
 # name -> (module, one-line help). Order is the pipeline order shown by `varitok --help`.
 STAGES: dict[str, tuple[str, str]] = {
     "shard": ("pipeline.shard", "stage 0: pack image folders / file lists into WebDataset tar shards"),
-    "calibrate-entropy": ("pipeline.calibrate", "entropy-router thresholds from shards (JSON for the tokenizer config)"),
-    "train-tokenizer": ("pipeline.train_tokenizer", "stage 1: train the DQ x FQ VQ-GAN tokenizer (Accelerate + DeepSpeed)"),
+    "calibrate-entropy": ("pipeline.calibrate", "entropy-router thresholds from shards (JSON for the tokenizer)"),
+    "train-tokenizer": ("pipeline.train_tokenizer", "stage 1: train the DQ x FQ VQ-GAN tokenizer (DeepSpeed)"),
     "export": ("pipeline.export", "consolidate a training run (ZeRO shards, EMA) into a from_pretrained directory"),
     "tokenize": ("pipeline.tokenize", "stage 2: pre-tokenize shards into variable-length Arrow code files"),
     "verify": ("pipeline.verify", "check code files against their manifest and input shards"),

@@ -52,7 +52,8 @@ from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration, set_seed  # noqa: E402
 
 from data.world import resolve_world  # noqa: E402
-from pipeline.checkpoint import layout_of, newest_intact_checkpoint, read_meta, resume_grad_accum  # noqa: E402
+from data.epoch import grad_accum_for  # noqa: E402
+from pipeline.checkpoint import ResumeError, layout_of, newest_intact_checkpoint, read_meta  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.export import export_run  # noqa: E402
 from pipeline.precision import check_launcher_precision, deepspeed_precision_config, resolve_precision  # noqa: E402
@@ -240,8 +241,16 @@ def resume_layout(meta: Optional[dict[str, Any]], world_size: int, train: TrainC
     ``world_size`` does not divide it, unless ``train.allow_new_global_batch``. Call before the accelerator
     exists; a configured ``train.grad_accum`` other than the result is replaced (with a warning)."""
     saved = None if meta is None else layout_of(meta)
-    grad_accum, changed = resume_grad_accum(saved, world_size, train.grad_accum, train.allow_new_global_batch)
-    if saved is not None and grad_accum != train.grad_accum:
+    if saved is None or saved["grad_accum"] is None:   # a fresh run, or a checkpoint that did not record it
+        return ResumeLayout(world_size, train.grad_accum, saved)
+    step_entries = saved["world_size"] * saved["grad_accum"]
+    try:
+        grad_accum = grad_accum_for(step_entries, world_size, train.allow_new_global_batch)
+    except ValueError as exc:
+        raise ResumeError(f"the checkpoint's layout ({saved['world_size']} processes x grad_accum "
+                          f"{saved['grad_accum']}): {exc}") from None
+    changed = grad_accum * world_size != step_entries
+    if grad_accum != train.grad_accum:
         log.warning("train.grad_accum=%d replaced by %d: the checkpoint ran %d processes x grad_accum %s, this run "
                     "has %d processes%s", train.grad_accum, grad_accum, saved["world_size"], saved["grad_accum"],
                     world_size, " (a new global batch: train.allow_new_global_batch)" if changed else "")

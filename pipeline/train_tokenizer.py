@@ -14,9 +14,10 @@ TensorBoard events, ``images/step-NNNNNNN.png`` (input | reconstruction | granul
 
 Every bad input (config, shards, teacher / LPIPS weights, a checkpoint of another config, a number of processes
 that cannot keep the checkpoint's global batch or serve its canonical units) is reported before the first step.
-A run resumes on another number of processes or data workers (docs/runtime.md, "Elastic resume"). Per optimizer step, the only host synchronisation is one all-reduced count of
-NaN/Inf losses (pipeline.training.GuardedStep: such a step is skipped on every rank); metrics are reduced across
-ranks at log steps only. Precision: train.precision (auto = bf16 autocast on a GPU, fp32 weights and optimizer
+A run resumes on another number of processes or data workers (docs/runtime.md, "Elastic resume").
+Per optimizer step, the only host synchronisation is one all-reduced count of NaN/Inf losses
+(pipeline.training.GuardedStep: such a step is skipped on every rank); metrics are reduced across ranks at log
+steps only. Precision: train.precision (auto = bf16 autocast on a GPU, fp32 weights and optimizer
 state always; see pipeline.precision).
 """
 from __future__ import annotations

@@ -75,7 +75,8 @@ def test_calibrate_reads_the_stage_schema_without_importing_the_training_stage()
     from pathlib import Path
 
     code = ("import sys, pipeline.calibrate; "
-            "print(sorted(m for m in ('pipeline.train_tokenizer', 'pipeline.runtime', 'data.stream') if m in sys.modules))")
+            "print(sorted(m for m in ('pipeline.train_tokenizer', 'pipeline.runtime', 'data.stream') "
+            "if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

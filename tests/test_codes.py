@@ -1,7 +1,6 @@
 """data.codes: Arrow IPC code files, manifest, reader, verify, stats, rank-sharded iteration, batching."""
 from __future__ import annotations
 
-import ast
 import itertools
 import multiprocessing
 import shutil
@@ -282,28 +281,6 @@ def test_concurrent_manifest_updates_lose_nothing(tmp_path):
     manifest = CodeManifest.load(tmp_path)
     assert sorted(manifest.parts) == list(range(80))
     assert manifest.totals["rows"] == sum(range(1, 81)) and manifest.totals["parts"] == 80
-
-
-def test_code_modules_import_each_other_without_cycles():
-    """data/codes/*.py: the graph of module-level imports between them is acyclic (no lazy imports needed)."""
-    package = Path(__file__).resolve().parents[1] / "data" / "codes"
-    imports = {}
-    for path in package.glob("*.py"):
-        tree = ast.parse(path.read_text())
-        names = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-        imports[path.stem] = {name.removeprefix("data.codes.") for name in names if name.startswith("data.codes.")}
-    assert imports["order"] >= {"reader"} and "order" not in imports["reader"]
-    done: set[str] = set()
-
-    def visit(module: str, path: tuple[str, ...]) -> None:
-        assert module not in path, f"import cycle: {' -> '.join(path + (module,))}"
-        if module not in done:
-            for imported in imports.get(module, ()):
-                visit(imported, path + (module,))
-            done.add(module)
-
-    for module in imports:
-        visit(module, ())
 
 
 def test_rank_positions_rule():

@@ -388,7 +388,8 @@ def test_decoders_refuse_decompression_bombs_without_touching_pil_globals():
 
     limit_before = Image.MAX_IMAGE_PIXELS
     side = int(MAX_PIXELS ** 0.5) + 1  # header-only PNG declaring just over the limit
-    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+    bomb = b"\x89PNG\r\n\x1a\n" + header + chunk(b"IEND", b"")
     for decode in (decode_pil, decode_torchvision):
         with pytest.raises(ValueError, match="pixels"):
             decode(bomb)

@@ -107,7 +107,8 @@ def test_round_trip_matches_the_tokenizer_on_the_same_images(corpus):
         for record, codes in zip(stored, expected):
             assert np.array_equal(record.grain, codes.grain.numpy())
             assert np.array_equal(record.codes, codes.codes.numpy())
-        decoded = tok.decode([ImageCodes(torch.from_numpy(np.array(r.grain)), torch.from_numpy(r.codes.astype(np.int64)))
+        decoded = tok.decode([ImageCodes(torch.from_numpy(np.array(r.grain)),
+                                         torch.from_numpy(r.codes.astype(np.int64)))
                               for r in stored])
         assert torch.equal(decoded, tok.decode(expected))
     grains = np.stack([r.grain for r in rows.values()])
@@ -221,7 +222,8 @@ def test_verify_catches_damage(corpus, tmp_path, capsys):
     values = codes.values.to_numpy().copy()
     values[0] = 256  # tiny.yaml codebooks have 256 entries
     bad = pa.ListArray.from_arrays(codes.offsets, pa.array(values), type=codes.type)
-    _rewrite_part(out_of_range, 2, table.set_column(table.schema.get_field_index("codes"), table.schema.field("codes"), bad))
+    column = table.schema.get_field_index("codes")
+    _rewrite_part(out_of_range, 2, table.set_column(column, table.schema.field("codes"), bad))
     code, report = _verify(out_of_range, shards, capsys)
     assert code == 1 and "part-000002.arrow: codes outside the codebook sizes [256, 256]" in report
 

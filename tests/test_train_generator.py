@@ -157,7 +157,8 @@ def test_non_finite_losses_in_a_row_stop_zero3_training_with_a_clear_error(tmp_p
     run_dir = tmp_path / "run"
     result = _launch(_train_args(run_dir, corpus, steps=4, extra=["train.max_bad_steps=2"]), nproc=2, zero=3,
                      poison=(0, "2,3", tmp_path / "hook"), ok=False)
-    assert "loss or gradient was NaN/Inf for 2 steps in a row (at step 2; train.max_bad_steps=2)" in result.stdout + result.stderr
+    message = "loss or gradient was NaN/Inf for 2 steps in a row (at step 2; train.max_bad_steps=2)"
+    assert message in result.stdout + result.stderr
     for calls in _hook_calls(tmp_path / "hook"):
         assert len(calls) == 3 and calls[2]["digest"] == calls[1]["digest"] != calls[0]["digest"]
     assert not (run_dir / "checkpoints" / "step-2").exists()
@@ -259,7 +260,8 @@ def test_vocabulary_mismatch_names_both_sides(tmp_path, capsys):
     codes = write_corpus(tmp_path / "codes", rows=4, sizes=(256, 512))
     from data.codes import CodeReader
 
-    with pytest.raises(ConfigError, match=r"codebook_sizes: code files \[256, 512\] vs model.codebook_sizes \[256, 256\]"):
+    with pytest.raises(ConfigError,
+                       match=r"codebook_sizes: code files \[256, 512\] vs model.codebook_sizes \[256, 256\]"):
         check_vocabulary(CodeReader(codes), GeneratorConfig(), str(codes))
     assert cli(_train_args(tmp_path / "run", codes, 1)) == 2           # fails before any DeepSpeed set-up
     error = capsys.readouterr().err

@@ -53,7 +53,8 @@ def _constant(values: tuple[int, ...], device: torch.device) -> Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class SequenceSpec:
-    """Vocabulary layout for ``num_levels`` levels over a coarsest ``grain_shape`` grid, ``len(codebook_sizes)`` sub-codes."""
+    """Vocabulary layout for ``num_levels`` levels over a coarsest ``grain_shape`` grid, with
+    ``len(codebook_sizes)`` sub-codes."""
 
     num_levels: int
     grain_shape: tuple[int, int]

@@ -257,7 +257,8 @@ class Generator(nn.Module, PretrainedMixin):
     # --- pieces shared by training and the incremental samplers -------------------------------------------
 
     def embed_inputs(self, position: Tensor, content: Tensor, label: Tensor) -> Tensor:
-        """Position-stack inputs ``[B, T, D]`` from position ids ``[B, T]``, sub-codes ``[B, T, K]``, labels ``[B, T]``."""
+        """Position-stack inputs ``[B, T, D]`` from position ids ``[B, T]``, sub-codes ``[B, T, K]`` and
+        labels ``[B, T]``."""
         x = self.position_embed(position)
         for j, embed in enumerate(self.content_embed):
             x = x + embed(content[..., j])
