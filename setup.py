@@ -32,7 +32,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout>=2"],
+        "dev": ["pytest>=7", "pytest-timeout>=2", "ruff>=0.5"],
         "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["varitok = pipeline.cli:main"]},

@@ -50,7 +50,7 @@ from models.tokenizer.encoder import EncoderConfig  # noqa: E402
 from models.tokenizer.losses import reconstruction_loss  # noqa: E402
 from models.tokenizer.reference import ReferenceVQ, identity_retrieval, psnr_per_image  # noqa: E402
 from pipeline.demo import is_held_out, list_images as _list_images  # noqa: E402
-from pipeline.schedule import warmup_cosine_factor  # noqa: E402
+from pipeline.schedule import warmup_cosine  # noqa: E402
 from pipeline.visual import pyplot, grain_overlay, image_grid, save_png  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -170,14 +170,15 @@ def train_together(specs: Sequence[ModelSpec], models: Sequence[torch.nn.Module]
     ``args.steps`` rounds. AdamW (0.9, 0.95), no weight decay, grad clip 1.0, lr warmup then cosine.
     Returns (wall seconds per model, loss history per model)."""
     optimizers = [torch.optim.AdamW(m.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0) for m in models]
+    # the training stages' schedule (pipeline.schedule), decaying to 0.1 x lr
+    schedulers = [warmup_cosine(optimizer, args.warmup_steps, args.steps, 0.1) for optimizer in optimizers]
     histories: list[list[float]] = [[] for _ in models]
     seconds = [0.0] * len(models)
     for model in models:
         model.train()
     for step in range(args.steps):
         images = training_batch(cache, step, args.batch_size, seed)
-        lr = args.lr * warmup_cosine_factor(step, args.warmup_steps, args.steps, 0.1)
-        for i, (spec, model, optimizer) in enumerate(zip(specs, models, optimizers)):
+        for i, (spec, model, optimizer, scheduler) in enumerate(zip(specs, models, optimizers, schedulers)):
             began = time.perf_counter()
             if spec.router == "entropy":
                 model.set_granularity_ratio([spec.train_ratios[step % len(spec.train_ratios)]])
@@ -188,9 +189,8 @@ def train_together(specs: Sequence[ModelSpec], models: Sequence[torch.nn.Module]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             optimizer.step()
+            scheduler.step()
             histories[i].append(float(loss.detach()))
             seconds[i] += time.perf_counter() - began
         if (step + 1) % 25 == 0:

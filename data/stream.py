@@ -1,37 +1,36 @@
-"""Streaming loader over WebDataset tar shards: rank/worker split, equal steps per rank, exact resume.
+"""Streaming loader over WebDataset tar shards: canonical units, equal steps per rank, exact resume on any layout.
 
 Usage::
 
-    stream = ShardStream("shards/", batch_size=32, image_size=256, num_workers=2, seed=0)
+    stream = ShardStream("shards/", batch_size=32, image_size=256, num_workers=2, seed=0,
+                         canonical_units=64, grad_accum=4)
     for batch in stream:          # one epoch of exactly stream.steps_per_epoch batches
         batch["image"]            # float32 B x 3 x S x S in [-1, 1]
         batch["label"]            # int64 B (-1 when the shard has no .cls)
         batch["key"]              # list[str] of B sample keys
-    state = stream.state_dict()   # small JSON-able dict; load_state_dict(state) resumes exactly here
+    stream.save_state_file(ckpt)  # every rank; load_state_file(ckpt) continues here on any (ranks, workers)
 
 With ``dtype=torch.uint8`` the images stay bytes (``0..255``): convert them where the model runs with
 :func:`data.transforms.to_unit_range` (on a GPU: 4x less host-to-device traffic and no CPU time in the
 training process; this is what ``train-tokenizer`` does).
 
-How an epoch is built (everything is a pure function of seed, epoch, rank, worker and position):
+How an epoch is built (everything is a pure function of seed, epoch, canonical unit and position; the rules
+are the functions of :mod:`data.epoch`):
 
-* A *unit* is one (rank, worker) pair: ``unit = rank * W + worker``, ``units = world_size * W``
-  (``W = max(1, num_workers)``).
-* Shards are permuted by ``(seed, epoch)`` (same on every rank). With at least ``units`` shards, they
-  are dealt greedily to units (each shard, in permuted order, to the unit holding the fewest samples
-  so far). With fewer shards, every unit reads all shards and keeps samples whose running index in the
-  permuted concatenation satisfies ``index % units == unit``. In resampled mode each unit draws shards
-  with replacement from its own ``(seed, epoch, unit, pass)`` generator instead.
-* A unit's stream is its shards read in order through a shuffle buffer seeded by
-  ``(seed, epoch, unit, pass)``; when it runs dry, it starts again from its first shard (``pass + 1``,
-  a freshly seeded buffer). So a unit with fewer samples than its quota repeats its own samples from
-  the start; a unit with more drops the tail of its shuffled order (different samples each epoch).
-* ``steps_per_epoch = total // (world_size * batch_size)`` (``ceil`` when ``drop_last=False``; the
-  last batches are then filled by the repeat rule, so batches always hold ``batch_size`` samples).
-  Rank batch ``b`` comes from worker ``b % W``; worker ``w`` yields exactly
-  ``len(range(w, steps_per_epoch, W))`` batches: every rank yields exactly ``steps_per_epoch``.
-* The crop offset and flip of the sample at raw position ``p`` of a unit's stream are seeded by
-  ``(seed, epoch, unit, p)``. A corrupt sample consumes its position and is replaced by the next one.
+* There are ``C`` *canonical units* (``canonical_units``; default ``world_size * W`` with
+  ``W = max(1, num_workers)``), fixed for a run. Shards are permuted by ``(seed, epoch)`` and dealt greedily
+  to the C units (each shard to the unit holding the fewest samples so far); with fewer shards than units,
+  every unit reads all shards and keeps every C-th sample. In resampled mode each unit draws shards with
+  replacement from its own ``(seed, epoch, unit, pass)`` generator.
+* A unit's stream is its shards read in order through a shuffle buffer seeded by ``(seed, epoch, unit, pass)``;
+  when it runs dry it starts again from its first shard (``pass + 1``). The crop and flip of the sample at raw
+  position ``p`` are seeded by ``(seed, epoch, unit, p)``; a corrupt sample consumes its position.
+* The epoch is a global sequence of ``T = floor(N / B / K) * K`` micro-batch *entries* (``K = world_size *
+  grad_accum``, the micro-batches of one optimizer step; ``ceil`` when ``drop_last=False``, the repeat rule
+  fills): entry ``e`` is the next ``B`` good samples of unit ``e % C``. The entries do not depend on the layout.
+* Layout ``(R, W)`` with ``R * W`` dividing ``C``: rank ``r``'s batch ``t`` of the epoch is entry ``t * R + r``,
+  made by logical worker ``t % W``, which therefore always serves the same ``C / (R * W)`` units (one reader
+  per unit, entries in order). Every rank yields ``steps_per_epoch = T / R`` batches.
 
 Workers live across epochs: one DataLoader serves consecutive epochs (no fork at each epoch start, and
 the next epoch's first batches are prefetched while the current one ends); it restarts only when the
@@ -39,43 +38,45 @@ stream is moved elsewhere (``set_epoch`` to another epoch, ``load_state_dict``).
 the main process through a small ring of shared-memory buffers per worker, reused once the main process
 has converted them (see :class:`_BatchProducer`).
 
-Exact resume: the state holds, per worker, how many raw samples its stream has consumed. Restoring it
-re-reads those samples' tar members and discards them before any decoding, then continues; the DataLoader
-starts at physical worker 0, so physical worker ``w`` takes the role of logical worker ``(N + w) % W``
-after ``N`` consumed batches, which keeps the round-robin order of an uninterrupted run.
+Exact resume: the state holds the global entries consumed and, per unit, how many raw samples its stream has
+consumed. Each rank saves the units it serves; loading merges the files of every saved rank, so a run saved
+with ``(R, W)`` continues on any ``(R', W')`` with ``R' * W'`` dividing ``C``: each unit re-reads its consumed
+tar members without decoding them, then continues exactly where it stopped.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
-import heapq
 import itertools
 import json
 import logging
-import math
 import os
 import random
+import re
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import braceexpand
-import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data.epoch import (batch_unit, check_layout, entries_per_epoch, rank_units, seed_int, unit_pass_shards,
+                        worker_units)
 from data.files import atomic_write
-from data.identity import check_same
-from data.tar import iter_tar_members, name_problem, sample_problem, shard_sizes
-from data.transforms import CROPS, DECODERS, IMAGE_EXTENSIONS, load_image, sample_augmentation, to_unit_range
+from data.identity import check_same, describe_differences, differences
+from data.tar import BadSample, RawSample, expand_shard_spec, read_samples, shard_sizes
+from data.transforms import CROPS, DECODERS, decode_sample, load_image, sample_augmentation, to_unit_range
 from data.world import resolve_world
+
+__all__ = ["ShardStream", "StreamStats", "merge_states", "read_state_files", "STATE_FORMAT"]
 
 log = logging.getLogger("varitok.stream")
 
-STATE_FORMAT = "varitok.stream/1"
+STATE_FORMAT = "varitok.stream/2"
+STATE_FILE = "stream-rank{rank:05d}.json"
+_STATE_FILE_RE = re.compile(r"^stream-rank(\d{5})\.json$")
 # Batch buffers per worker; the DataLoader keeps at most PREFETCH batches per worker in flight, and one
 # more slot covers the batch the main process is converting.
 PREFETCH = 2
@@ -83,56 +84,7 @@ RING_SLOTS = PREFETCH + 1
 IMAGE_DTYPES = (torch.float32, torch.uint8)
 
 
-# ----------------------------------------------------------------------------------------- shard lists
-def expand_shard_spec(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Shard paths named by ``spec``, in order.
-
-    ``spec`` is a directory (its ``*.tar`` files, sorted), a brace pattern
-    (``dir/name-{000000..000099}.tar``), a comma-separated string of those, or a list of those.
-    Raises ``FileNotFoundError`` naming missing files and ``ValueError`` when nothing matches.
-    """
-    if isinstance(spec, (str, os.PathLike)):
-        parts = [p.strip() for p in str(spec).split(",") if p.strip()]
-    else:
-        parts = [str(p) for p in spec]
-    shards: list[str] = []
-    for part in parts:
-        if os.path.isdir(part):
-            found = sorted(glob.glob(os.path.join(part, "*.tar")))
-            if not found:
-                raise ValueError(f"shard directory {part!r} contains no .tar files")
-            shards.extend(found)
-        else:
-            shards.extend(braceexpand.braceexpand(part))
-    if not shards:
-        raise ValueError(f"shard spec {spec!r} names no shards; give a directory, a brace pattern "
-                         "like 'dir/name-{000000..000009}.tar', or a list of tar paths")
-    missing = [s for s in shards if not os.path.isfile(s)]
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise FileNotFoundError(f"{len(missing)} of {len(shards)} shards do not exist: {missing[:5]}{more}")
-    return shards
-
-
 # ----------------------------------------------------------------------------------------- epoch plan
-def _seed_int(*words: int) -> int:
-    """One 64-bit seed mixed from integer words (stable across processes and Python versions)."""
-    return int(np.random.SeedSequence(list(words)).generate_state(2, dtype=np.uint32).view(np.uint64)[0])
-
-
-def deal_shards(order: Sequence[int], sizes: Sequence[int], units: int) -> list[list[int]]:
-    """Shards (indices, visited in ``order``) dealt to ``units`` bins: each to an empty bin if any is
-    left, else to the bin with the fewest samples (ties: lowest bin). With ``len(order) >= units``
-    every bin gets at least one shard, even when some shards are empty."""
-    bins: list[list[int]] = [[] for _ in range(units)]
-    heap = [(0, 0, unit) for unit in range(units)]  # (has a shard, samples, unit)
-    for shard in order:
-        _, load, unit = heapq.heappop(heap)
-        bins[unit].append(int(shard))
-        heapq.heappush(heap, (1, load + sizes[shard], unit))
-    return bins
-
-
 @dataclass(frozen=True)
 class EpochPlan:
     """What the workers of one rank need to produce the rest of one epoch (picklable, immutable)."""
@@ -144,9 +96,10 @@ class EpochPlan:
     rank: int
     world_size: int
     workers: int  # logical workers per rank, >= 1
+    canonical_units: int
     batch_size: int
     image_size: int
-    steps: int
+    steps: int  # batches per rank in the epoch (entries / world_size)
     shuffle: bool
     shuffle_buffer: int
     resampled: bool
@@ -154,23 +107,12 @@ class EpochPlan:
     flip: bool
     decoder: str
     start_batch: int
-    positions: tuple[int, ...]  # raw samples consumed per logical worker at start_batch
-
-    @property
-    def units(self) -> int:
-        return self.world_size * self.workers
+    positions: tuple[int, ...]  # raw samples consumed per canonical unit at start_batch (this rank's units)
 
     def unit_pass_shards(self, unit: int, pass_index: int) -> tuple[list[int], int | None]:
-        """Shard indices a unit reads in one pass, and the modulo filter (``None`` = keep all)."""
-        count = len(self.shards)
-        if self.resampled:
-            rng = np.random.default_rng([self.seed, self.epoch, unit, pass_index, 1])
-            return rng.integers(0, count, size=max(1, count // self.units)).tolist(), None
-        order = (np.random.default_rng([self.seed, self.epoch, 0]).permutation(count) if self.shuffle
-                 else np.arange(count))
-        if count >= self.units:
-            return deal_shards(order, self.sizes, self.units)[unit], None
-        return order.tolist(), unit
+        """Shard indices a unit reads in one pass, and the modulo filter (data.epoch.unit_pass_shards)."""
+        return unit_pass_shards(self.sizes, self.canonical_units, unit, seed=self.seed, epoch=self.epoch,
+                                pass_index=pass_index, shuffle=self.shuffle, resampled=self.resampled)
 
 
 class StreamStats:
@@ -196,44 +138,18 @@ class StreamStats:
                 **plain, "reasons": reasons}
 
 
-def _tar_files(path: str, stats: StreamStats) -> Iterator[dict[str, Any]]:
-    """Members of a tar in the form webdataset's ``group_by_keys`` consumes; members whose name is not
-    valid UTF-8 are skipped and counted (``bad_name``)."""
-    for name, data in iter_tar_members(path):
-        problem = name_problem(name)
-        if problem:
-            stats.bad("bad_name", path, problem)
-            continue
-        yield {"fname": name, "data": data, "__url__": path}
-
-
-def _shard_samples(path: str, stats: StreamStats) -> Iterator[dict[str, Any]]:
-    """Raw samples (``{"__key__", ext: bytes, ...}``) of one tar. A read error (truncated or malformed
-    tar) is counted and ends the shard, dropping the sample being assembled; it is never raised. A sample
-    whose members do not match the digests of its ``.json`` (data.tar.sample_problem) is counted and dropped."""
-    try:
-        for sample in wds.tariterators.group_by_keys(_tar_files(path, stats), handler=wds.handlers.reraise_exception):
-            problem = sample_problem(sample)
-            if problem:
-                stats.bad("damaged_sample", f"{path}:{sample.get('__key__', '?')}", problem)
-                continue
-            yield sample
-    except Exception as exc:  # tarfile, OS and webdataset grouping errors are all "this shard is broken"
-        stats.bad("tar_error", path, repr(exc))
-
-
-def unit_raw_stream(plan: EpochPlan, unit: int, stats: StreamStats) -> Iterator[tuple[int, dict[str, Any]]]:
+def unit_raw_stream(plan: EpochPlan, unit: int) -> Iterator[tuple[int, RawSample]]:
     """Endless ``(pass_index, raw sample)`` stream of one unit: passes over its shards, each through a
-    shuffle buffer seeded by ``(seed, epoch, unit, pass)``. Nothing is decoded here."""
+    shuffle buffer seeded by ``(seed, epoch, unit, pass)``. Nothing is decoded here; unusable samples (a broken
+    tar, bad member names) are in the stream too and fail in :func:`decode_stream_sample`."""
     empty_passes = 0
     for pass_index in itertools.count():
         shard_ids, modulo_unit = plan.unit_pass_shards(unit, pass_index)
-        samples: Iterator[dict[str, Any]] = itertools.chain.from_iterable(
-            _shard_samples(plan.shards[i], stats) for i in shard_ids)
+        samples: Iterator[RawSample] = itertools.chain.from_iterable(read_samples(plan.shards[i]) for i in shard_ids)
         if modulo_unit is not None:
-            samples = (s for j, s in enumerate(samples) if j % plan.units == modulo_unit)
+            samples = (s for j, s in enumerate(samples) if j % plan.canonical_units == modulo_unit)
         if plan.shuffle and plan.shuffle_buffer > 1:
-            rng = random.Random(_seed_int(plan.seed, plan.epoch, unit, pass_index))
+            rng = random.Random(seed_int(plan.seed, plan.epoch, unit, pass_index))
             samples = wds.filters.shuffle(plan.shuffle_buffer, plan.shuffle_buffer, rng=rng)(samples)
         produced = 0
         for sample in samples:
@@ -241,33 +157,53 @@ def unit_raw_stream(plan: EpochPlan, unit: int, stats: StreamStats) -> Iterator[
             yield pass_index, sample
         empty_passes = 0 if produced else empty_passes + 1
         if empty_passes > (100 if plan.resampled else 0):  # a resampled draw may just hit empty shards
-            raise RuntimeError(f"rank {plan.rank} worker {unit % plan.workers} read no sample from its shards "
+            raise RuntimeError(f"canonical unit {unit} (rank {plan.rank}) read no sample from its shards "
                                f"{[plan.shards[i] for i in shard_ids][:5]}: they are empty or unreadable")
 
 
-def decode_sample(plan: EpochPlan, unit: int, position: int, sample: dict[str, Any],
-                  stats: StreamStats) -> tuple[torch.Tensor, int] | None:
-    """uint8 ``3 x S x S`` image and label of a raw sample at ``position``; None (counted) if corrupt."""
-    key = sample.get("__key__", "?")
-    where = f"{sample.get('__url__', '?')}:{key}"
-    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-    if ext is None:
-        stats.bad("missing_image", where, f"members {sorted(k for k in sample if not k.startswith('__'))}")
-        return None
-    label = -1
-    if "cls" in sample:
-        try:
-            label = int(sample["cls"].decode("utf-8").strip())
-        except (UnicodeDecodeError, ValueError) as exc:
-            stats.bad("bad_label", where, exc)
-            return None
+def decode_stream_sample(plan: EpochPlan, unit: int, position: int, sample: RawSample,
+                         stats: StreamStats) -> tuple[torch.Tensor, int] | None:
+    """uint8 ``3 x S x S`` image and label of a raw sample at ``position``; None (counted) if unusable."""
     offset, flipped = sample_augmentation((plan.seed, plan.epoch, unit, position), plan.crop, plan.flip)
     try:
-        image = load_image(sample[ext], plan.image_size, offset, flipped, plan.decoder)
-    except Exception as exc:  # any decoder failure on bad bytes (PIL, libjpeg, libpng, libwebp) is data
-        stats.bad("decode_error", where, repr(exc))
+        return decode_sample(sample, lambda data: load_image(data, plan.image_size, offset, flipped, plan.decoder))
+    except BadSample as exc:
+        stats.bad(exc.reason, f"{sample.shard}:{sample.key}", exc.detail)
         return None
-    return image, label
+
+
+class _UnitReader:
+    """One canonical unit's raw stream inside a worker, positioned ``position`` raw samples in (those are read
+    from the tar and discarded, nothing decoded: the resume skip)."""
+
+    def __init__(self, plan: EpochPlan, unit: int, position: int, stats: StreamStats) -> None:
+        self.plan, self.unit, self.position = plan, unit, position
+        self.stream = unit_raw_stream(plan, unit)
+        stats.counts["resume_skipped"] += sum(1 for _ in itertools.islice(self.stream, position))
+        self.last_good_pass: int | None = None
+
+    def fill(self, images: torch.Tensor, stats: StreamStats) -> tuple[list[int], list[str]]:
+        """Decode the unit's next ``len(images)`` good samples into ``images``; returns (labels, keys)."""
+        plan = self.plan
+        hopeless_gap = 100 if plan.resampled else 2  # a whole pass without a decodable sample: never fills up
+        labels: list[int] = []
+        keys: list[str] = []
+        while len(keys) < len(images):
+            pass_index, sample = next(self.stream)
+            self.last_good_pass = pass_index if self.last_good_pass is None else self.last_good_pass
+            decoded = decode_stream_sample(plan, self.unit, self.position, sample, stats)
+            self.position += 1
+            if decoded is None:
+                if pass_index >= self.last_good_pass + hopeless_gap:
+                    raise RuntimeError(f"canonical unit {self.unit} (rank {plan.rank}): no sample of its shards "
+                                       "could be decoded in a whole pass (see the warnings above); check the shards")
+                continue
+            self.last_good_pass = pass_index
+            stats.counts["repeated"] += int(pass_index > 0)
+            images[len(keys)] = decoded[0]
+            labels.append(decoded[1])
+            keys.append(sample.key)
+        return labels, keys
 
 
 class _BatchProducer(IterableDataset):
@@ -282,8 +218,10 @@ class _BatchProducer(IterableDataset):
     size, that wait never happens in practice; it makes reuse safe rather than merely likely).
 
     Batch ``g`` of the loader (counted from when it started) comes from physical worker ``g % W``
-    (the DataLoader's round robin); the logical worker of the epoch batch it stands for decides the
-    unit whose samples fill it, so an epoch is the same whichever worker produced which batch.
+    (the DataLoader's round robin); it stands for the rank's epoch batch ``t``, which logical worker ``t % W``
+    makes from the next samples of canonical unit ``(t * R + rank) % C``. So physical worker ``w`` takes the
+    role of logical worker ``(t0 + w) % W`` when the loader starts at batch ``t0``, and each logical worker
+    keeps the readers (shuffle buffers) of its ``C / (R * W)`` units for the whole epoch.
     """
 
     def __init__(self, plan: EpochPlan, released: torch.Tensor) -> None:
@@ -303,54 +241,32 @@ class _BatchProducer(IterableDataset):
         while True:
             logical = (physical + plan.start_batch - offset) % plan.workers
             first = plan.start_batch + (logical - plan.start_batch) % plan.workers
-            for images in self._epoch(plan, physical, logical, range(first, plan.steps, plan.workers), ring,
-                                      produced):
+            for images in self._epoch(plan, physical, range(first, plan.steps, plan.workers), ring, produced):
                 yield {**images, "_physical": physical, "_epoch": plan.epoch}
                 produced += 1
             offset += plan.steps - plan.start_batch
-            plan = replace(plan, epoch=plan.epoch + 1, start_batch=0, positions=(0,) * plan.workers)
+            plan = replace(plan, epoch=plan.epoch + 1, start_batch=0, positions=(0,) * plan.canonical_units)
 
-    def _epoch(self, plan: EpochPlan, physical: int, logical: int, my_batches: range, ring: list[torch.Tensor],
+    def _epoch(self, plan: EpochPlan, physical: int, my_batches: range, ring: list[torch.Tensor],
                produced: int) -> Iterator[dict[str, Any]]:
-        """This worker's batches ``my_batches`` of ``plan``'s epoch, as logical worker ``logical``."""
-        if not my_batches:
-            return
-        unit = plan.rank * plan.workers + logical
+        """This worker's batches ``my_batches`` (rank batch indices) of ``plan``'s epoch."""
         parent = os.getppid()
         stats = StreamStats()
-        stream = unit_raw_stream(plan, unit, stats)
-        position = plan.positions[logical]
-        skipped = sum(1 for _ in itertools.islice(stream, position))  # tar members read, nothing decoded
-        stats.counts["resume_skipped"] += skipped
-        # A whole pass without a decodable sample means the unit can never fill its quota.
-        hopeless_gap = 100 if plan.resampled else 2
-        last_good_pass = None
-        for index, _ in enumerate(my_batches):
+        readers: dict[int, _UnitReader] = {}  # one per unit this worker serves, made when first needed
+        for index, batch in enumerate(my_batches):
+            _, unit = batch_unit(batch, plan.rank, plan.world_size, plan.canonical_units)
+            if unit not in readers:
+                readers[unit] = _UnitReader(plan, unit, plan.positions[unit], stats)
             while int(self.released[physical]) <= produced + index - RING_SLOTS:
                 time.sleep(1e-3)  # the main process still holds this slot's previous batch
                 if os.getppid() != parent:  # ... or is gone: do not wait forever
                     raise RuntimeError("the stream's main process exited while this worker waited for a buffer")
             images = ring[(produced + index) % RING_SLOTS]
-            labels, keys = [], []
-            while len(keys) < plan.batch_size:
-                pass_index, sample = next(stream)
-                last_good_pass = pass_index if last_good_pass is None else last_good_pass
-                decoded = decode_sample(plan, unit, position, sample, stats)
-                position += 1
-                if decoded is None:
-                    if pass_index >= last_good_pass + hopeless_gap:
-                        raise RuntimeError(f"rank {plan.rank} worker {logical}: no sample of its shards could "
-                                           "be decoded in a whole pass (see the warnings above); check the shards")
-                    continue
-                last_good_pass = pass_index
-                stats.counts["repeated"] += int(pass_index > 0)
-                images[len(keys)] = decoded[0]
-                labels.append(decoded[1])
-                keys.append(sample["__key__"])
+            labels, keys = readers[unit].fill(images, stats)
             stats.counts["samples"] += len(keys)
             stats.counts["batches"] += 1
-            yield {"image": images, "label": torch.tensor(labels, dtype=torch.int64),
-                   "key": keys, "_worker": logical, "_position": position, "_stats": dict(stats.counts)}
+            yield {"image": images, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
+                   "_unit": unit, "_position": readers[unit].position, "_stats": dict(stats.counts)}
             stats.counts.clear()
 
 
@@ -358,15 +274,88 @@ def _init_worker(_: int) -> None:
     torch.set_num_threads(1)  # each worker decodes on one core; more threads only oversubscribe
 
 
+# ----------------------------------------------------------------------------------------- state files
+def read_state_files(directory: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every ``stream-rank*.json`` in ``directory`` (whatever world size wrote them), in rank order."""
+    directory = Path(directory)
+    paths = sorted(p for p in directory.glob("stream-rank*.json") if _STATE_FILE_RE.match(p.name))
+    if not paths:
+        raise FileNotFoundError(f"no stream state (stream-rank*.json) in {directory}; was the checkpoint written "
+                                "with the stream's save_state_file?")
+    states = []
+    for path in paths:
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"stream state {path} is not readable JSON ({exc}); the checkpoint is damaged: "
+                             "resume from another one") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"stream state {path} is not a JSON object; resume from another checkpoint")
+        states.append({**state, "_file": str(path)})
+    return states
+
+
+def merge_states(states: Sequence[dict[str, Any]], *, complete: bool = True) -> dict[str, Any]:
+    """One state from the per-rank states of one save: they must agree on the format, epoch, entries and
+    identity, and give each canonical unit's position at most once (with ``complete``, exactly once).
+
+    Raises ValueError naming the state (file) that disagrees or the units missing / given twice.
+    """
+    if not states:
+        raise ValueError("no stream state to merge")
+    names = [str(s.get("_file", f"the state of rank {s.get('rank', '?')}")) for s in states]
+    for name, state in zip(names, states):
+        if state.get("format") != STATE_FORMAT:
+            older = state.get("format") == "varitok.stream/1"
+            raise ValueError(f"{name} is not a stream state of this version (format {state.get('format')!r}, "
+                             f"expected {STATE_FORMAT!r})" + (
+                                 ": it was written by an older varitok whose data order depends on the process "
+                                 "layout and cannot be continued exactly; start the next epoch instead "
+                                 "(stream.set_epoch)" if older else ""))
+    first = states[0]
+    shared = tuple(k for k in first if k not in ("positions", "rank", "layout", "_file"))
+    for name, state in zip(names[1:], states[1:]):
+        differing = differences(first, state, only=shared)
+        if differing:
+            raise ValueError(f"stream states of one checkpoint contradict each other ({names[0]} vs {name}: "
+                             f"{describe_differences(differing, saved='first', current='this')}); the checkpoint "
+                             "mixes files of different saves: resume from another checkpoint")
+    positions: dict[int, int] = {}
+    owner: dict[int, str] = {}
+    for name, state in zip(names, states):
+        for unit, position in state["positions"].items():
+            unit = int(unit)
+            if unit in owner:
+                raise ValueError(f"canonical unit {unit} has a position in both {owner[unit]} and {name}: the "
+                                 "checkpoint mixes files of different saves; resume from another checkpoint")
+            if not 0 <= unit < int(first["canonical_units"]) or int(position) < 0:
+                raise ValueError(f"corrupt stream state {name}: unit {unit} position {position}")
+            owner[unit], positions[unit] = name, int(position)
+    missing = [u for u in range(int(first["canonical_units"])) if u not in positions]
+    if complete and missing:
+        raise ValueError(f"the stream states {names} give no position for canonical units {missing[:10]}"
+                         f"{' ...' if len(missing) > 10 else ''}: a stream-rank*.json file of the checkpoint is "
+                         "missing (every rank writes one); restore it or resume from another checkpoint")
+    merged = {k: first[k] for k in shared}
+    return {**merged, "format": STATE_FORMAT, "positions": {str(u): positions[u] for u in sorted(positions)}}
+
+
 # ----------------------------------------------------------------------------------------- the stream
 class ShardStream:
-    """Iterable of image batches from WebDataset shards; see the module docstring for the rules."""
+    """Iterable of image batches from WebDataset shards; see the module docstring for the rules.
+
+    ``canonical_units`` (C, default ``world_size * max(1, num_workers)``) fixes the data order of a run; any
+    later layout with ``ranks x workers`` dividing C continues it exactly. ``grad_accum`` (A) rounds the epoch
+    to whole optimizer steps of ``K = world_size * A`` micro-batches, K being what stays constant when the
+    number of ranks changes (pass ``A' = K / R'``).
+    """
 
     def __init__(self, spec: str | os.PathLike | Sequence[str], batch_size: int, image_size: int = 256, *,
                  rank: int | None = None, world_size: int | None = None, num_workers: int = 0, seed: int = 0,
                  shuffle: bool = True, shuffle_buffer: int = 1000, resampled: bool = False,
                  crop: str = "random", flip: bool = True, decoder: str = "pil", drop_last: bool = True,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, canonical_units: int | None = None,
+                 grad_accum: int = 1) -> None:
         if dtype not in IMAGE_DTYPES:
             raise ValueError(f"dtype must be torch.float32 (images in [-1, 1]) or torch.uint8 (bytes 0..255), "
                              f"got {dtype}")
@@ -374,33 +363,41 @@ class ShardStream:
             raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
-        if batch_size < 1 or image_size < 1 or num_workers < 0 or shuffle_buffer < 0:
-            raise ValueError("batch_size and image_size must be >= 1, num_workers and shuffle_buffer >= 0")
+        if batch_size < 1 or image_size < 1 or num_workers < 0 or shuffle_buffer < 0 or grad_accum < 1:
+            raise ValueError("batch_size, image_size and grad_accum must be >= 1, num_workers and shuffle_buffer "
+                             ">= 0")
         world = resolve_world()
-        default_rank, default_world = world.rank, world.size
-        self.rank = default_rank if rank is None else int(rank)
-        self.world_size = default_world if world_size is None else int(world_size)
+        self.rank = world.rank if rank is None else int(rank)
+        self.world_size = world.size if world_size is None else int(world_size)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
+        workers = max(1, num_workers)
+        self.canonical_units = self.world_size * workers if canonical_units is None else int(canonical_units)
+        check_layout(self.canonical_units, self.world_size, workers)
+        self.grad_accum = int(grad_accum)
+        self.step_entries = self.world_size * self.grad_accum  # K: global micro-batches per optimizer step
         self.shards = expand_shard_spec(spec)
         self.sizes, self.sizes_source = shard_sizes(self.shards)
         self.num_samples = sum(self.sizes)
-        per_step = self.world_size * batch_size
-        steps = self.num_samples // per_step if drop_last else math.ceil(self.num_samples / per_step)
-        if steps < 1:
+        self.entries_per_epoch = entries_per_epoch(self.num_samples, batch_size, self.step_entries, drop_last)
+        if self.entries_per_epoch < 1:
             raise ValueError(f"{self.num_samples} samples in {len(self.shards)} shards give no full batch of "
-                             f"{batch_size} on each of {self.world_size} ranks; lower batch_size or pass "
-                             "drop_last=False")
+                             f"{batch_size} on each of {self.world_size} ranks for one optimizer step of "
+                             f"{self.step_entries} micro-batches (grad_accum {self.grad_accum}); lower batch_size "
+                             "or pass drop_last=False")
         self.num_workers = num_workers
         self.dtype = dtype
+        self.drop_last = drop_last
         self._template = EpochPlan(
             shards=tuple(self.shards), sizes=tuple(self.sizes), seed=int(seed), epoch=0, rank=self.rank,
-            world_size=self.world_size, workers=max(1, num_workers), batch_size=batch_size,
-            image_size=image_size, steps=steps, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
-            resampled=resampled, crop=crop, flip=flip, decoder=decoder, start_batch=0, positions=())
+            world_size=self.world_size, workers=workers, canonical_units=self.canonical_units,
+            batch_size=batch_size, image_size=image_size, steps=self.entries_per_epoch // self.world_size,
+            shuffle=shuffle, shuffle_buffer=shuffle_buffer, resampled=resampled, crop=crop, flip=flip,
+            decoder=decoder, start_batch=0, positions=())
+        self.units = rank_units(self.rank, self.world_size, self.canonical_units)  # the units this rank serves
         self.epoch = 0
         self._batch = 0
-        self._positions = [0] * self._template.workers
+        self._positions = dict.fromkeys(self.units, 0)
         self._stats: Counter[str] = Counter()
         # Producers (DataLoader workers, or a generator when num_workers == 0) live across epochs: a new
         # epoch does not pay for forking workers and refilling their shuffle buffers from scratch.
@@ -411,7 +408,7 @@ class ShardStream:
 
     @property
     def steps_per_epoch(self) -> int:
-        """Batches per epoch; the same on every rank."""
+        """Batches per epoch of this rank (``entries_per_epoch / world_size``); the same on every rank."""
         return self._template.steps
 
     def __len__(self) -> int:
@@ -419,14 +416,23 @@ class ShardStream:
 
     @property
     def batch_in_epoch(self) -> int:
-        """Batches of the current epoch already yielded."""
+        """This rank's batches of the current epoch already done (``entries / world_size``)."""
         return self._batch
+
+    @property
+    def entries(self) -> int:
+        """Global micro-batch entries of the current epoch consumed (all ranks together, layout independent)."""
+        return self._batch * self.world_size
+
+    def worker_units(self, worker: int) -> list[int]:
+        """The canonical units logical worker ``worker`` of this rank serves (one shuffle buffer each)."""
+        return worker_units(self.rank, self.world_size, worker, self._template.workers, self.canonical_units)
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its first batch at the next iteration. The running producers go on when
         that is where they are anyway (the usual ``set_epoch(e)`` at the top of an epoch loop)."""
         self.epoch, self._batch = int(epoch), 0
-        self._positions = [0] * self._template.workers
+        self._positions = dict.fromkeys(self.units, 0)
         if self._live_next != (self.epoch, 0):
             self.close()
 
@@ -452,7 +458,7 @@ class ShardStream:
                                    "batches") from None
             physical, epoch = batch.pop("_physical"), batch.pop("_epoch")
             assert epoch == self.epoch, f"producer sent a batch of epoch {epoch} during epoch {self.epoch}"
-            self._positions[batch.pop("_worker")] = batch.pop("_position")
+            self._positions[batch.pop("_unit")] = batch.pop("_position")
             self._stats.update(batch.pop("_stats"))
             self._batch += 1
             raw = batch["image"]
@@ -468,8 +474,10 @@ class ShardStream:
     def _start_producers(self) -> None:
         """(Re)start the producers at the current epoch, batch and positions; they run on across epochs."""
         self.close()
-        plan = replace(self._template, epoch=self.epoch, start_batch=self._batch,
-                       positions=tuple(self._positions))
+        positions = [0] * self.canonical_units
+        for unit, position in self._positions.items():
+            positions[unit] = position
+        plan = replace(self._template, epoch=self.epoch, start_batch=self._batch, positions=tuple(positions))
         self._released = torch.zeros(plan.workers, dtype=torch.int64)
         self._mapped = [deque(maxlen=RING_SLOTS) for _ in range(plan.workers)]
         if self.num_workers:
@@ -488,53 +496,75 @@ class ShardStream:
 
     # ------------------------------------------------------------------------------------- resume
     def _identity(self) -> dict[str, Any]:
-        """What must match between the run that saved a state and the one that loads it."""
+        """What must match between the run that saved a state and the one that loads it (not the layout)."""
         t = self._template
         digest = hashlib.sha256(json.dumps([[os.path.basename(s) for s in t.shards], list(t.sizes)]).encode())
-        return {"seed": t.seed, "world_size": t.world_size, "workers": t.workers, "batch_size": t.batch_size,
-                "image_size": t.image_size, "shuffle": t.shuffle, "shuffle_buffer": t.shuffle_buffer,
-                "resampled": t.resampled, "crop": t.crop, "flip": t.flip, "decoder": t.decoder,
-                "shards_sha256": digest.hexdigest()[:16]}
+        return {"seed": t.seed, "batch_size": t.batch_size, "image_size": t.image_size,
+                "canonical_units": t.canonical_units, "step_entries": self.step_entries, "drop_last": self.drop_last,
+                "shuffle": t.shuffle, "shuffle_buffer": t.shuffle_buffer, "resampled": t.resampled, "crop": t.crop,
+                "flip": t.flip, "decoder": t.decoder, "shards_sha256": digest.hexdigest()[:16]}
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's position (JSON-able). Each rank saves its own: positions depend on the corrupt
-        samples its workers met. ``load_state_dict`` also accepts ``{"ranks": {rank: state}}``."""
-        return {"format": STATE_FORMAT, "rank": self.rank, "epoch": self.epoch, "batch": self._batch,
-                "positions": list(self._positions), **self._identity()}
+        """This rank's part of the state (JSON-able): epoch, global entries consumed, and the raw position of
+        each unit this rank serves (they depend on the corrupt samples its workers met), plus the identity.
+        ``load_state_dict`` takes the states of all ranks (a list, or ``{"ranks": {rank: state}}``)."""
+        return {"format": STATE_FORMAT, "rank": self.rank,
+                "layout": {"world_size": self.world_size, "workers": self._template.workers,
+                           "grad_accum": self.grad_accum},
+                "epoch": self.epoch, "entries": self.entries,
+                "positions": {str(u): int(p) for u, p in sorted(self._positions.items())}, **self._identity()}
 
     def save_state_file(self, directory: str | os.PathLike) -> Path:
         """Write ``state_dict()`` to ``directory/stream-rank{rank:05d}.json`` atomically (data.files) and
         return the path. Every rank calls it: positions are per rank, and
         ``accelerator.register_for_checkpointing`` would save rank 0's state only (and as a pickle)."""
-        path = Path(directory) / f"stream-rank{self.rank:05d}.json"
+        path = Path(directory) / STATE_FILE.format(rank=self.rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         return atomic_write(path, json.dumps(self.state_dict(), indent=1))
 
-    def load_state_file(self, directory: str | os.PathLike) -> None:
-        """Restore the state this rank wrote with :meth:`save_state_file`."""
-        path = Path(directory) / f"stream-rank{self.rank:05d}.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no stream state for rank {self.rank} at {path}; was the checkpoint "
-                                    f"written by a run with world_size {self.world_size}?")
-        self.load_state_dict(json.loads(path.read_text()))
+    def load_state_file(self, directory: str | os.PathLike, *, allow_new_global_batch: bool = False) -> None:
+        """Continue from the ``stream-rank*.json`` files in ``directory``, written by any number of ranks: all
+        of them are read and merged (see :meth:`load_state_dict`)."""
+        self.load_state_dict(read_state_files(directory), allow_new_global_batch=allow_new_global_batch)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly after the batch at which ``state`` was saved."""
-        if "ranks" in state:
-            ranks = {int(k): v for k, v in state["ranks"].items()}
-            if self.rank not in ranks:
-                raise ValueError(f"stream state has ranks {sorted(ranks)}, not this rank {self.rank}")
-            state = ranks[self.rank]
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a stream state (format {state.get('format')!r}, expected {STATE_FORMAT!r})")
-        if state["rank"] != self.rank:
-            raise ValueError(f"stream state was saved by rank {state['rank']}, this is rank {self.rank}: "
-                             "save one state per rank")
+    def load_state_dict(self, state: dict[str, Any] | Sequence[dict[str, Any]], *,
+                        allow_new_global_batch: bool = False) -> None:
+        """Continue exactly after the entries at which ``state`` was saved.
+
+        ``state``: the states of every saved rank (a list, or ``{"ranks": {rank: state}}``), or this rank's own
+        ``state_dict()`` when the number of ranks is unchanged (each rank then needs its own state only:
+        node-local checkpoints work). Contradicting states, a unit given twice, or a missing rank's state after a
+        change of the number of ranks raise ValueError. ``allow_new_global_batch`` accepts a state saved with
+        another ``world_size x grad_accum`` (the entries consumed must still divide among the ranks).
+        """
+        if isinstance(state, dict) and "ranks" in state:
+            states = list(state["ranks"].values())
+        else:
+            states = [state] if isinstance(state, dict) else list(state)
+        saved_world = {s.get("layout", {}).get("world_size") for s in states if isinstance(s, dict)}
+        merged = merge_states(states, complete=saved_world != {self.world_size})
+        self._load(merged, allow_new_global_batch)
+
+    def _load(self, state: dict[str, Any], allow_new_global_batch: bool = False) -> None:
         expected = self._identity()
+        if allow_new_global_batch:
+            expected.pop("step_entries")
         check_same(state, expected, only=tuple(expected), what="stream state to resume exactly",
-                   hint="use the saved settings or start a new epoch with set_epoch()")
-        if len(state["positions"]) != self._template.workers or not 0 <= state["batch"] <= self.steps_per_epoch:
-            raise ValueError(f"corrupt stream state: batch {state['batch']}, positions {state['positions']}")
+                   hint="use the saved settings (the number of ranks may change when grad_accum keeps "
+                        "ranks x grad_accum) or start a new epoch with set_epoch()")
+        entries, positions = int(state["entries"]), {int(u): int(p) for u, p in state["positions"].items()}
+        if not 0 <= entries <= self.entries_per_epoch:
+            raise ValueError(f"the stream state was saved after {entries} entries of epoch {state['epoch']}, which "
+                             f"has {self.entries_per_epoch} entries with these settings: the state is corrupt or "
+                             "from another global batch")
+        if entries % self.world_size:
+            raise ValueError(f"the stream state was saved after {entries} global batches, which {self.world_size} "
+                             "ranks cannot continue evenly: save states at optimizer-step boundaries")
+        missing = [u for u in self.units if u not in positions]
+        if missing:
+            raise ValueError(f"the stream state has no position for canonical units {missing[:10]} that rank "
+                             f"{self.rank} of {self.world_size} serves: pass the states of every saved rank "
+                             "(load_state_file(dir) reads all stream-rank*.json files)")
         self.close()
-        self.epoch, self._batch = int(state["epoch"]), int(state["batch"])
-        self._positions = [int(p) for p in state["positions"]]
+        self.epoch, self._batch = int(state["epoch"]), entries // self.world_size
+        self._positions = {u: positions[u] for u in self.units}

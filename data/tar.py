@@ -13,9 +13,15 @@ its contents. Member names may hold any bytes: they are decoded as UTF-8 with ``
 ``sizes.json`` (written by ``varitok shard``) maps shard file names to sample counts; :func:`shard_sizes`
 checks its type and each count against what the tar's size can hold, and counts shards it does not list
 (or all of them, ``recount=True``) from their headers.
+
+:func:`read_samples` groups members into samples (:class:`RawSample`) for every consumer (the training stream,
+tokenize, verify); :func:`sample_contents` says what a sample holds (image member, label) or why it is unusable
+(:class:`BadSample`); :func:`expand_shard_spec` turns a directory / brace pattern / list into shard paths.
 """
 from __future__ import annotations
 
+import dataclasses
+import glob
 import hashlib
 import json
 import logging
@@ -25,12 +31,14 @@ import tarfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
+import braceexpand
 
 from data.files import NotRegularFile, open_regular_file
 
 __all__ = ["ShardReadError", "iter_tar_members", "count_tar_samples", "name_problem", "display_name", "sample_problem",
            "read_sizes_file", "shard_sizes", "meta_json", "SIZES_FILE", "MAX_MEMBER_BYTES", "MEMBER_DIGESTS",
-           "META_DIGEST"]
+           "META_DIGEST", "IMAGE_EXTENSIONS", "RawSample", "BadSample", "read_samples", "sample_contents",
+           "shard_keys", "split_key", "expand_shard_spec"]
 
 log = logging.getLogger("varitok.tar")
 
@@ -39,7 +47,9 @@ SIZES_FILE = "sizes.json"
 MAX_MEMBER_BYTES = 1 << 30  # a sample file above 1 GiB is not an image a tokenizer reads
 MAX_HEADER_BYTES = 1 << 20  # pax / GNU long-name headers hold names and a few numbers
 _META_MEMBER = re.compile(r"(.*/)?__[^/]*__$")  # webdataset metadata members, not samples
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's rule: key = up to the first dot of the name
 _DATA_TYPES = (b"0", b"\0", b"7")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _OCTAL_DIGITS = frozenset(b"01234567")
 MEMBER_DIGESTS = "members_sha256"  # key of <key>.json: {extension: sha256 hex of that member's bytes}
 META_DIGEST = "meta_sha256"  # key of <key>.json: sha256 of the rest of the .json (meta_json without this key)
@@ -208,12 +218,10 @@ def count_tar_samples(path: str) -> int:
 
     A damaged tar counts the samples whose headers could be read, with a warning naming it.
     """
-    import webdataset as wds   # imports torch: only where samples are counted (`varitok shard` stays light)
-
     count, previous = 0, None
     try:
         for name, _ in iter_tar_members(path, read_data=False):
-            key, _ = wds.tariterators.base_plus_ext(name)
+            key, _ = split_key(name)
             if key is not None and key != previous:
                 count, previous = count + 1, key
     except (tarfile.ReadError, OSError) as exc:
@@ -271,3 +279,130 @@ def shard_sizes(shards: Sequence[str], recount: bool = False) -> tuple[list[int]
         log.info("no %s entry for %d of %d shards: counted their samples from tar headers",
                  SIZES_FILE, scanned, len(shards))
     return sizes, ("tar headers" if scanned else SIZES_FILE)
+
+
+# ----------------------------------------------------------------------------------------- samples
+def split_key(name: str) -> tuple[Optional[str], Optional[str]]:
+    """``(key, extension)`` of a member name (webdataset's rule: the key ends at the first dot of the base
+    name); ``(None, None)`` for a name without an extension."""
+    match = _KEY_EXT.match(name)
+    return (match.group(1), match.group(2)) if match else (None, None)
+
+
+@dataclasses.dataclass
+class RawSample:
+    """One shard sample: its key, members ({lowercase extension: bytes, or None when read without data}), the
+    shard it came from, and ``error`` ("reason: detail") when the tar broke while (or before) this sample was
+    read, or its member names are unusable (members may then be incomplete)."""
+    key: str
+    members: dict[str, Optional[bytes]]
+    shard: str = ""
+    error: str = ""
+
+
+class BadSample(ValueError):
+    """A sample that cannot be used: ``reason`` (a short word counted in summaries) and ``detail``."""
+
+    def __init__(self, reason: str, detail: Any) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, str(detail)
+
+
+def read_samples(path: str, read_data: bool = True) -> Iterator[RawSample]:
+    """Samples of one tar (adjacent members sharing a key), in file order; never raises on bad data.
+
+    A truncated or garbled tar ends the shard with one RawSample carrying ``error`` (``tar_error``; its key is
+    the sample being assembled, or "" when the damage fell between samples); a key whose member names are not
+    valid UTF-8 gives one RawSample with ``error`` (``bad_name``; key shown with ``\\xNN`` escapes) and reading
+    goes on; a sample with two members of one extension carries ``duplicate_member``. ``read_data=False`` reads
+    only the headers (members map to None).
+    """
+    key, members, error, last_bad = None, {}, "", None
+    try:
+        for name, data in iter_tar_members(path, read_data=read_data):
+            base, ext = split_key(name)
+            if base is None:
+                continue
+            problem = name_problem(name)
+            if problem:  # not a usable key: skip its members, listed once per key
+                if key is not None:
+                    yield RawSample(key, members, path, error)
+                key, members, error = None, {}, ""
+                if display_name(base) != last_bad:
+                    last_bad = display_name(base)
+                    yield RawSample(last_bad, {}, path, f"bad_name: {problem}")
+                continue
+            if base != key and key is not None:
+                yield RawSample(key, members, path, error)
+                members, error = {}, ""
+            key, ext = base, ext.lower()
+            if ext in members and not error:
+                error = f"duplicate_member: two .{ext} members"
+            members[ext] = data
+    except (tarfile.TarError, OSError, ValueError) as exc:  # truncated / garbled archive, unreadable file
+        yield RawSample(key or "", members, path, f"tar_error: {exc!r}")
+        return
+    if key is not None:
+        yield RawSample(key, members, path, error)
+
+
+def shard_keys(path: str) -> list[str]:
+    """The keys of the complete samples of a shard, from its tar headers."""
+    return [s.key for s in read_samples(path, read_data=False) if not s.error]
+
+
+def sample_contents(sample: RawSample) -> tuple[str, int]:
+    """``(image extension, label)`` of a usable sample (label -1 without a ``.cls`` member).
+
+    Raises :class:`BadSample` with reason ``tar_error`` / ``bad_name`` / ``duplicate_member`` (from reading),
+    ``damaged_sample`` (members differ from the digests of its ``.json``), ``missing_image`` or ``bad_label``.
+    """
+    if sample.error:
+        reason, _, detail = sample.error.partition(": ")
+        raise BadSample(reason, detail)
+    problem = sample_problem(sample.members)
+    if problem:
+        raise BadSample("damaged_sample", problem)
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample.members), None)
+    if ext is None:
+        raise BadSample("missing_image", f"members {sorted(sample.members)}")
+    label = -1
+    if "cls" in sample.members:
+        try:
+            label = int(sample.members["cls"].decode("utf-8").strip())
+        except (UnicodeDecodeError, ValueError, AttributeError) as exc:
+            raise BadSample("bad_label", exc) from None
+        if not -1 <= label < 2 ** 31:
+            raise BadSample("bad_label", f"{label} is outside int32")
+    return ext, label
+
+
+# ----------------------------------------------------------------------------------------- shard lists
+def expand_shard_spec(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Shard paths named by ``spec``, in order.
+
+    ``spec`` is a directory (its ``*.tar`` files, sorted), a brace pattern
+    (``dir/name-{000000..000099}.tar``), a comma-separated string of those, or a list of those.
+    Raises ``FileNotFoundError`` naming missing files and ``ValueError`` when nothing matches.
+    """
+    if isinstance(spec, (str, os.PathLike)):
+        parts = [p.strip() for p in str(spec).split(",") if p.strip()]
+    else:
+        parts = [str(p) for p in spec]
+    shards: list[str] = []
+    for part in parts:
+        if os.path.isdir(part):
+            found = sorted(glob.glob(os.path.join(part, "*.tar")))
+            if not found:
+                raise ValueError(f"shard directory {part!r} contains no .tar files")
+            shards.extend(found)
+        else:
+            shards.extend(braceexpand.braceexpand(part))
+    if not shards:
+        raise ValueError(f"shard spec {spec!r} names no shards; give a directory, a brace pattern "
+                         "like 'dir/name-{000000..000009}.tar', or a list of tar paths")
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise FileNotFoundError(f"{len(missing)} of {len(shards)} shards do not exist: {missing[:5]}{more}")
+    return shards

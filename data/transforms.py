@@ -7,22 +7,26 @@ so a resumed stream reproduces the augmentations of an uninterrupted one bit for
 The geometry is "shorter-side resize to S, then an S x S crop", computed in the cheaper order:
 cut the square of side ``min(H, W)`` from the source (offset along the longer axis), then resize that
 square to ``S x S`` with antialiasing. Both decoders share this code path after decoding.
+
+:func:`decode_sample` is the one sample decoder of the training stream and of tokenize: what the sample holds
+(data.tar.sample_contents), then the caller's image decoding, every failure a :class:`data.tar.BadSample`.
 """
 from __future__ import annotations
 
 import io
 import math
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+from data.tar import BadSample, RawSample, sample_contents
+
 DECODERS = ("pil", "torchvision")
 CROPS = ("random", "center")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 # Refuse images whose header declares more pixels than this (decompression bombs), before decoding: PIL's
 # default hard limit (2 x 89.5 Mpx), checked here explicitly because PIL's MAX_IMAGE_PIXELS is a process-wide
@@ -163,3 +167,17 @@ def load_image(data: bytes, size: int, crop_offset: float = 0.5, flipped: bool =
     else:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     return crop_resize_flip(image, size, crop_offset, flipped)
+
+
+def decode_sample(sample: RawSample, decode: Callable[[bytes], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """``(decode(image bytes), label)`` of a shard sample (label -1 without ``.cls``).
+
+    ``decode`` maps the encoded image member to the tensor the caller wants (e.g. :func:`load_image` with the
+    sample's crop and flip). Raises :class:`data.tar.BadSample` for an unusable sample (see
+    ``sample_contents``) and with reason ``decode_error`` when ``decode`` fails on the bytes.
+    """
+    ext, label = sample_contents(sample)
+    try:
+        return decode(sample.members[ext]), label
+    except Exception as exc:  # any decoder failure on bad bytes (PIL, libjpeg, libpng, libwebp) is data
+        raise BadSample("decode_error", repr(exc)) from None

@@ -17,7 +17,7 @@ import json
 import math
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, ClassVar, Iterable, Mapping, Optional, Sequence, TypeVar
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -71,6 +71,8 @@ def _describe(exc: OmegaConfBaseException, schema: type) -> str:
 class ConfigBase:
     """Mixin for config dataclasses: validated construction from dicts, YAML files and dotlists."""
 
+    yaml_section: ClassVar[Optional[str]] = None   # the top-level section from_yaml reads (None: the whole file)
+
     @classmethod
     def from_dict(cls: type[T], values: Mapping[str, Any] | DictConfig | None = None,
                   overrides: Iterable[str] = ()) -> T:
@@ -91,6 +93,11 @@ class ConfigBase:
 
     @classmethod
     def from_yaml(cls: type[T], path: str | Path, overrides: Iterable[str] = ()) -> T:
+        """Build from a YAML file plus ``key.path=value`` overrides.
+
+        A schema with a ``yaml_section`` (the model configs: ``"model"``) reads that section of a stage config,
+        or the whole file when it has no such section; overrides may keep the ``section.`` prefix and errors name
+        the key with it."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
@@ -100,10 +107,18 @@ class ConfigBase:
             raise ConfigError(f"{path}: cannot parse YAML: {exc}") from None
         if not isinstance(values, DictConfig):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(values).__name__}")
+        section = cls.yaml_section
+        if section:
+            values = values[section] if section in values else values
+            prefix = f"{section}."
+            overrides = [o[len(prefix):] if o.startswith(prefix) else o for o in overrides]
         try:
             return cls.from_dict(values, overrides)
         except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+            message = str(exc)
+            if section and not message.startswith(f"{section}."):
+                message = f"{section}.{message}"
+            raise ConfigError(f"{path}: {message}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-serialisable nested dict (round-trips through ``from_dict``)."""

@@ -33,11 +33,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from data.files import atomic_write
 from models.config import ConfigError
 from models.tokenizer.router import (ENTROPY_BINS, ENTROPY_SIGMA, Router, RouterConfig, calibrate_entropy,
                                      region_entropy)
+from pipeline.config import load_config
+from pipeline.stages import TokenizerStageConfig
 
 DEFAULT_MAX_IMAGES = 50_000
 DEFAULT_SAMPLE_REGIONS = 1 << 21
@@ -149,8 +152,8 @@ def sample_region_entropies(shards: str, image_size: int, region_size: int, max_
                             progress: bool = True) -> tuple[RegionSample, int]:
     """Region entropies (nats) of the first ``max_images`` images (all when 0) of the shards, as a
     :class:`RegionSample` of at most ``sample_regions`` values; also returns the number of images read."""
-    from tqdm.auto import tqdm
-
+    # Imported here: the image decoders (torchvision) take seconds to load and `--help` or a stage that only
+    # reads a table (inline_entropy_table) needs none of them.
     from data.stream import ShardStream
 
     try:
@@ -184,9 +187,6 @@ def calibrate(shards: str, config_path: str | os.PathLike, out: str | os.PathLik
               overrides: Sequence[str] = (), *, num_workers: int = 0, sample_regions: int = DEFAULT_SAMPLE_REGIONS,
               seed: int = 0, progress: bool = True) -> dict:
     """Write the calibration table to ``out`` and return it."""
-    from pipeline.config import load_config
-    from pipeline.train_tokenizer import TokenizerStageConfig
-
     cfg = load_config(TokenizerStageConfig, config_path, overrides, kind="tokenizer")
     levels = len(cfg.model.factors)
     ratios = list(cfg.model.router.targets if ratios is None else ratios)

@@ -17,15 +17,15 @@ from pipeline.process_env import apply_process_env_defaults
 # name -> (module, one-line help). Order is the pipeline order shown by `varitok --help`.
 STAGES: dict[str, tuple[str, str]] = {
     "shard": ("pipeline.shard", "stage 0: pack image folders / file lists into WebDataset tar shards"),
-    "calibrate-entropy": ("pipeline.calibrate", "entropy-router thresholds from shards (JSON for the tokenizer config)"),
-    "train-tokenizer": ("pipeline.train_tokenizer", "stage 1: train the DQ x FQ VQ-GAN tokenizer (Accelerate + DeepSpeed)"),
+    "calibrate-entropy": ("pipeline.calibrate", "entropy-router thresholds from shards (JSON for the tokenizer)"),
+    "train-tokenizer": ("pipeline.train_tokenizer", "stage 1: train the DQ x FQ VQ-GAN tokenizer (DeepSpeed)"),
     "export": ("pipeline.export", "consolidate a training run (ZeRO shards, EMA) into a from_pretrained directory"),
     "tokenize": ("pipeline.tokenize", "stage 2: pre-tokenize shards into variable-length Arrow code files"),
     "verify": ("pipeline.verify", "check code files against their manifest and input shards"),
     "stats": ("pipeline.stats", "statistics of code files (lengths, granularity shares, codebook usage)"),
     "decode-codes": ("pipeline.decode_codes", "decode stored codes back to images (PNG grid)"),
     "train-generator": ("pipeline.train_generator", "stage 3: train the coarse-to-fine generator on code files"),
-    "sample": ("pipeline.sample", "generate images with a trained generator + tokenizer"),
+    "sample": ("pipeline.sample_images", "generate images with a trained generator + tokenizer"),
     "eval": ("pipeline.evaluate", "reconstruction / generation metrics and ADM reference batches (PSNR, SSIM, "
                                   "LPIPS, rFID, FID, sFID, IS, KID, precision / recall)"),
     "launch": ("pipeline.launch", "build and run the `accelerate launch` command for a training stage"),

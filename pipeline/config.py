@@ -1,8 +1,9 @@
 """Stage configs: the sections every stage shares, loading with overrides, saving the resolved config.
 
-A stage config is a dataclass with the top-level sections ``run``, ``data``, ``model``, ``loss``,
-``optim``, ``train``, ``logging`` (docs/formats.md, "Configs"). The shared sections live here; ``model`` and
-``loss`` schemas come from the model packages. Load with::
+A stage config is a :class:`StageConfig` with the top-level sections ``run``, ``data``, ``model``, ``loss``,
+``optim``, ``train``, ``logging`` (docs/formats.md, "Configs"). The shared sections and their base live here;
+the stage schemas are in pipeline.stages, their ``model`` and ``loss`` sections come from the model packages.
+Load with::
 
     cfg = load_config(TokenizerStageConfig, "configs/tokenizer/tiny.yaml", ["optim.lr=1e-4"])
 
@@ -13,14 +14,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Iterable, Optional, TypeVar
+from typing import Any, ClassVar, Iterable, Mapping, Optional, TypeVar
 
 from data.files import atomic_write
 from models.config import ConfigBase, ConfigError, check_choice
 from pipeline.precision import PRECISIONS
 
-__all__ = ["ConfigError", "RunConfig", "OptimConfig", "TrainConfig", "LoggingConfig", "load_config",
-           "save_resolved_config", "config_search_path"]
+__all__ = ["ConfigError", "RunConfig", "OptimConfig", "TrainConfig", "LoggingConfig", "StageConfig", "load_config",
+           "save_resolved_config", "config_search_path", "resolve_config_path"]
 
 C = TypeVar("C", bound=ConfigBase)
 
@@ -87,6 +88,51 @@ class LoggingConfig(ConfigBase):
     tensorboard: bool = True
     wandb: bool = False
     project: str = "varitok"
+
+
+# Top-level sections in the order a resolved config.yaml lists them.
+SECTION_ORDER = ("run", "data", "model", "loss", "optim", "train", "logging")
+
+
+@dataclasses.dataclass
+class StageConfig(ConfigBase):
+    """Base of every training stage's schema: the shared ``run``, ``optim``, ``train`` and ``logging`` sections
+    (a stage adds ``data``, ``model`` and maybe ``loss``, and may narrow ``logging`` to a subclass).
+
+    ``RESUMABLE`` declares, per stage, the keys that may change between a checkpoint and the run resuming it
+    (``section.key``, or a whole ``section``). Everything else in the resolved config must match:
+    :meth:`resume_identity`, so a key added to a schema is checked on resume unless it is declared here.
+    """
+
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    RESUMABLE: ClassVar[tuple[str, ...]] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        values = super().to_dict()
+        return {name: values[name] for name in sorted(values, key=_section_rank)}
+
+    def resume_identity(self, facts: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+        """What a resumed run must share with its checkpoint: the resolved config without the ``RESUMABLE``
+        keys, updated with ``facts`` (``{section: {key: value}}``: values resolved from the inputs, such as the
+        number of rows of the data, which replace or extend the configured ones)."""
+        values = self.to_dict()
+        for key in self.RESUMABLE:
+            section, _, name = key.partition(".")
+            if name:
+                values[section].pop(name)
+            else:
+                values.pop(section)
+        for section, more in (facts or {}).items():
+            values.setdefault(section, {}).update(more)
+        return values
+
+
+def _section_rank(name: str) -> tuple[int, str]:
+    return (SECTION_ORDER.index(name), name) if name in SECTION_ORDER else (len(SECTION_ORDER), name)
 
 
 def config_search_path() -> list[Path]:

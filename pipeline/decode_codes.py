@@ -45,8 +45,8 @@ def decode_rows(tok: Tokenizer, reader: CodeReader, rows: Sequence[int]) -> tupl
     return images, torch.stack([c.grain.long() for c in codes])
 
 
-def decode_codes(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, keys: Sequence[str], out: str | os.PathLike,
-                 view: int = 0) -> Path:
+def decode_codes(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, keys: Sequence[str],
+                 out: str | os.PathLike, view: int = 0) -> Path:
     """Write the decoded | granularity-overlay grid of ``keys`` to ``out`` (PNG); returns its path."""
     reader = CodeReader(out_dir)
     expected = reader.manifest.tokenizer_identity.get("weights_sha256")

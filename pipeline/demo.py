@@ -46,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer-steps", type=int, default=200)
     parser.add_argument("--generator-steps", type=int, default=200)
     parser.add_argument("--num-samples", type=int, default=16)
-    parser.add_argument("--clip-weights", default="", help="open_clip ViT-B-16 weights file (default: small random CLIP)")
-    parser.add_argument("--dino-weights", default="", help="timm vit_small_patch14_dinov2 weights (default: small random)")
+    parser.add_argument("--clip-weights", default="", help="open_clip ViT-B-16 weights (default: small random CLIP)")
+    parser.add_argument("--dino-weights", default="", help="timm vit_small_patch14_dinov2 weights (default: random)")
     parser.add_argument("--lpips-weights", default="", help="LPIPS-VGG weights file (enables LPIPS loss and metric)")
     parser.add_argument("--inception-weights", default="", help="Inception weights file (enables rFID)")
     parser.add_argument("--smoke", action="store_true", help="smallest run (a few steps per stage), for tests")
@@ -217,7 +217,7 @@ def compare_with_reference(args: argparse.Namespace, work: Path, train_folder: P
     from models.tokenizer.reference import ReferenceVQ, identity_retrieval, psnr_per_image
     from pipeline.config import load_config
     from pipeline.schedule import warmup_cosine_factor
-    from pipeline.train_tokenizer import TokenizerStageConfig
+    from pipeline.stages import TokenizerStageConfig
     from pipeline.visual import image_grid, save_png
 
     cfg = load_config(TokenizerStageConfig, str(tok_config), [], kind="tokenizer")
@@ -455,7 +455,8 @@ def build_report(args, work: Path, pipe: Pipeline, image_note: str, teacher_note
 
     ev = report.section("Evaluation: reconstruction")
     metrics_eval = _read_json(work / "eval" / "metrics.json")
-    flat = {k: v for k, v in metrics_eval.items() if not isinstance(v, (dict, list)) and k not in ("tokenizer", "shards")}
+    flat = {k: v for k, v in metrics_eval.items()
+            if not isinstance(v, (dict, list)) and k not in ("tokenizer", "shards")}
     flat["region share per level (coarse -> fine)"] = _fmt_list(metrics_eval.get("region_share_per_level", []))
     for j, book in enumerate(metrics_eval.get("codebooks", [])):
         flat[f"sub-codebook {j} usage / perplexity"] = f"{book['usage']:.3f} / {book['perplexity']:.1f}"

@@ -2,8 +2,8 @@
 
 ``shadow <- d_n * shadow + (1 - d_n) * weight`` after the n-th optimizer step (n = 1, 2, ...): ``d_n = decay``,
 or with ``warmup=True`` ``d_n = min(decay, (1 + n) / (10 + n))`` (timm / LDM): without the warmup, at decay
-0.999 a third (0.999^1000) of a 1000-step run's export is still its random initial weights. One ``torch._foreach_lerp_`` over all
-tensors on the weights' device: no host synchronisation per step.
+0.999 a third (0.999^1000) of a 1000-step run's export is still its random initial weights. One
+``torch._foreach_lerp_`` over all tensors on the weights' device: no host synchronisation per step.
 
 Under ZeRO-3 each rank owns a flat slice (``param.ds_tensor``) of every parameter; the EMA shadows exactly
 that slice, so the per-step cost is 4 bytes per parameter / world size of memory and no communication.

@@ -1,26 +1,25 @@
 """The Accelerator every training stage runs under: one code path from 1 CPU process to N GPU nodes.
 
 Always DeepSpeed (ZeRO stage 0 is plain data parallel: the engine all-reduces gradients, nothing is
-partitioned), so a stage loop never branches on the launch. Canonical loop (see tests/toy_train.py)::
+partitioned), so a stage loop never branches on the launch. Every training stage (pipeline.train_tokenizer,
+pipeline.train_generator) is ``prepare(cfg, resume)`` (every check, before any process group) then
+``train(cfg, prepared, resume)``, which runs::
 
     accelerator = build_accelerator(cfg.train, cfg.run.dir, grad_clip=cfg.optim.grad_clip,
                                     micro_batch_size=cfg.data.batch_size, seed=cfg.run.seed)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, warmup_cosine(optimizer, ...))
     ema = EMA(accelerator.unwrap_model(model), cfg.train.ema_decay)        # after prepare (ZeRO-3)
-    ckpt = CheckpointManager(cfg.run.dir, accelerator, cfg.train.keep_last, identity, stage="tokenizer")
-    step = ckpt.resume(args.resume, ema=ema, extra={"stream": stream})
-    while step < cfg.train.max_steps:
-        for _ in range(cfg.train.grad_accum):
-            with accelerator.accumulate(model):
-                loss = model(next(stream))
-                accelerator.backward(loss)     # DeepSpeed steps the optimizer at the boundary
-                optimizer.step(); optimizer.zero_grad()
-        scheduler.step()                       # once per optimizer step
-        step += 1
-        ema.update()
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
-            ckpt.save(step, ema=ema, extra={"stream": stream})
-    finish_training(accelerator)
+    ckpt = CheckpointManager(cfg.run.dir, accelerator, cfg.train.keep_last, prepared.identity, stage="tokenizer")
+    step = start = ckpt.resume(resume, ema=ema, extra={"stream": stream})
+    with stage_watchdog(accelerator, cfg.run.dir, cfg.train, "train-tokenizer") as watchdog:
+        while step < cfg.train.max_steps:
+            ...                                # one guarded optimizer step (pipeline.training), watchdog.beat(...)
+            if not update.stepped:             # NaN/Inf: skipped on every rank
+                continue
+            scheduler.step(); step += 1; ema.update()       # once per optimizer step
+            if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
+                ckpt.save(step, ema=ema, extra={"stream": stream})
+    return finish_run(accelerator, cfg.run.dir, step, start, summary, raw=ema is None)   # export, summary.json
 
 Launchers: plain ``python`` (this module fills RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* for a world of 1),
 ``accelerate launch`` (its DeepSpeed config and ZeRO stage are respected when it passes one),
@@ -32,7 +31,7 @@ import os
 import socket
 import warnings
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -46,9 +45,13 @@ from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectCon
 
 from data.world import resolve_world  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
+from pipeline.export import export_run  # noqa: E402
 from pipeline.precision import check_launcher_precision, deepspeed_precision_config, resolve_precision  # noqa: E402
+from pipeline.training import finished_run_summary, write_summary  # noqa: E402
+from pipeline.watchdog import Watchdog, shared_token  # noqa: E402
 
-__all__ = ["build_accelerator", "finish_training", "launched_with_deepspeed_config", "free_port"]
+__all__ = ["build_accelerator", "finish_training", "finish_run", "stage_watchdog", "launched_with_deepspeed_config",
+           "free_port"]
 
 # Read before any Accelerator exists: Accelerate sets this variable itself once a DeepSpeed plugin is used.
 _LAUNCHER_GAVE_DEEPSPEED = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
@@ -212,3 +215,34 @@ def finish_training(accelerator: Accelerator) -> None:
     for tracker in accelerator.trackers:
         tracker.finish()
     accelerator.wait_for_everyone()
+
+
+def stage_watchdog(accelerator: Accelerator, run_dir: str | os.PathLike, train: TrainConfig, name: str) -> Watchdog:
+    """The watchdog of a stage loop (``with ... as watchdog``; ``watchdog.beat(...)`` once per optimizer step): a
+    rank that makes no step for ``train.watchdog_s`` (a hung collective, a stuck read) makes every rank exit
+    with an error (code 124); 0 disables it."""
+    return Watchdog(run_dir, train.watchdog_s, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                    token=shared_token(), name=name)
+
+
+def finish_run(accelerator: Accelerator, run_dir: str | os.PathLike, step: int, start_step: int,
+               summary: dict[str, Any], *, raw: bool) -> dict[str, Any]:
+    """End of a stage run, on every rank: rank 0 exports the newest checkpoint to ``RUN/export`` (its raw weights
+    when ``raw``, else its EMA weights) and writes ``RUN/summary.json`` (``summary`` plus ``export`` and
+    ``export_weights``); then the trackers are flushed and every rank waits (:func:`finish_training`).
+
+    A call that trained nothing on an already exported run keeps its export and summary untouched (stage 2 keys
+    code files on the export's weights hash) and returns the saved summary. Returns the summary on rank 0,
+    ``{}`` on the other ranks.
+    """
+    run_dir = Path(run_dir)
+    result: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        result = finished_run_summary(run_dir, step, start_step)
+        if result is None:
+            export_dir = export_run(run_dir, run_dir / "export", raw=raw)
+            result = {**summary, "export": str(export_dir), "export_weights": "raw" if raw else "ema"}
+            write_summary(run_dir, result)
+    accelerator.wait_for_everyone()
+    finish_training(accelerator)
+    return result

@@ -27,11 +27,9 @@ of them finishes no batch for that long, instead of leaving the others waiting a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -39,14 +37,12 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.codes import CodeManifest, CodeWriter, ManifestMismatchError, part_file_name
 from data.files import atomic_write, make_folder, temp_files_of
-from data.stream import expand_shard_spec
-from data.tar import display_name, iter_tar_members, name_problem, sample_problem, shard_sizes
-from data.transforms import IMAGE_EXTENSIONS, crop_resize_flip, decode_pil, to_unit_range
+from data.tar import BadSample, RawSample, expand_shard_spec, read_samples, shard_sizes
+from data.transforms import crop_resize_flip, decode_pil, decode_sample, to_unit_range
 from data.world import resolve_world
 from models.hub import WEIGHTS_NAME, config_hash, file_sha256
 from models.tokenizer import ImageCodes, Tokenizer
@@ -83,81 +79,14 @@ def decode_min_side(mode: str, size: int) -> int:
     return tencrop_resize(size) if mode == "tencrop" else size
 
 
+def decode_views(sample: RawSample, mode: str, size: int) -> tuple[torch.Tensor, int]:
+    """(uint8 ``V x 3 x size x size`` views of ``mode``, label) of a shard sample; raises data.tar.BadSample
+    (reason: detail) when it is unusable (data.transforms.decode_sample)."""
+    min_side = decode_min_side(mode, size)
+    return decode_sample(sample, lambda data: make_views(decode_pil(data, min_side=min_side), mode, size))
+
+
 # ----------------------------------------------------------------------------------------- shards
-@dataclasses.dataclass
-class RawSample:
-    """One shard sample: its key and members ({extension: bytes}); ``error`` set when the tar broke
-    while (or before) this sample was read (members may then be incomplete)."""
-    key: str
-    members: dict[str, Optional[bytes]]
-    error: str = ""
-
-
-def read_shard(path: str, read_data: bool = True) -> Iterator[RawSample]:
-    """Samples of one tar (adjacent members sharing a key), in file order; never raises on bad data.
-
-    A truncated or garbled tar ends the shard with one RawSample carrying ``error`` (its key is the
-    sample being assembled, or "" when the damage fell between samples); a sample whose member names are
-    not valid UTF-8 gives one RawSample with ``error`` (key shown with ``\\xNN`` escapes) and reading goes
-    on. ``read_data=False`` reads only the headers (members map to None).
-    """
-    key, members, last_bad = None, {}, None
-    try:
-        for name, data in iter_tar_members(path, read_data=read_data):
-            base, ext = wds.tariterators.base_plus_ext(name)
-            if base is None:
-                continue
-            problem = name_problem(name)
-            if problem:  # not a usable key: skip its members, listed once per key
-                if key is not None:
-                    yield RawSample(key, members)
-                key, members = None, {}
-                if display_name(base) != last_bad:
-                    last_bad = display_name(base)
-                    yield RawSample(last_bad, {}, f"bad_name: {problem}")
-                continue
-            if base != key and key is not None:
-                yield RawSample(key, members)
-                members = {}
-            key = base
-            members[ext.lower()] = data
-    except (tarfile.TarError, OSError, ValueError) as exc:  # truncated / garbled archive, unreadable file
-        yield RawSample(key or "", members, f"tar_error: {exc!r}")
-        return
-    if key is not None:
-        yield RawSample(key, members)
-
-
-def shard_keys(path: str) -> list[str]:
-    """The keys of the complete samples of a shard, from its tar headers."""
-    return [s.key for s in read_shard(path, read_data=False) if not s.error]
-
-
-def decode_sample(sample: RawSample, mode: str, size: int) -> tuple[torch.Tensor, int] | tuple[None, str]:
-    """(uint8 ``V x 3 x S x S`` views, label) of a sample, or (None, reason: detail) when it is unusable."""
-    if sample.error:
-        return None, sample.error
-    problem = sample_problem(sample.members)
-    if problem:
-        return None, f"damaged_sample: {problem}"
-    ext = next((e for e in IMAGE_EXTENSIONS if e in sample.members), None)
-    if ext is None:
-        return None, f"missing_image: members {sorted(sample.members)}"
-    label = -1
-    if "cls" in sample.members:
-        try:
-            label = int(sample.members["cls"].decode("utf-8").strip())
-        except (UnicodeDecodeError, ValueError) as exc:
-            return None, f"bad_label: {exc}"
-        if not -1 <= label < 2 ** 31:
-            return None, f"bad_label: {label} is outside int32"
-    try:
-        image = decode_pil(sample.members[ext], min_side=decode_min_side(mode, size))
-        return make_views(image, mode, size), label
-    except Exception as exc:  # any decoder failure on bad bytes (PIL, libjpeg, libpng, libwebp) is data
-        return None, f"decode_error: {exc!r}"
-
-
 class PartBatches(IterableDataset):
     """Row batches of the parts ``(part index, shard path)`` in ``parts``; worker w of W reads parts w::W.
 
@@ -193,10 +122,11 @@ class PartBatches(IterableDataset):
             skipped, images_read = [], 0
             return out
 
-        for sample in read_shard(shard):
-            views, label = decode_sample(sample, self.mode, self.size)
-            if views is None:
-                skipped.append({"key": sample.key, "reason": label})
+        for sample in read_samples(shard):
+            try:
+                views, label = decode_views(sample, self.mode, self.size)
+            except BadSample as exc:
+                skipped.append({"key": sample.key, "reason": str(exc)})
                 continue
             images_read += 1
             rows.extend((sample.key, label, v, view) for v, view in enumerate(views))

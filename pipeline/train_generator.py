@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -38,54 +37,24 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from data.codes import CodeReader, TokenBudgetBatcher
-from models.config import ConfigBase, ConfigError, check_choice
-from models.generator import Generator, GeneratorConfig, PackedBatch, SequenceSpec, encode_sequences, pack
-from pipeline.config import LoggingConfig, OptimConfig, RunConfig, TrainConfig, load_config, save_resolved_config
+from data.world import resolve_world
+from models.config import ConfigError
+from models.generator import Generator, GeneratorConfig, PackedBatch, SequenceSpec, encode_sequences, pack, sample
+from models.tokenizer import ImageCodes, Tokenizer
+from pipeline.checkpoint import CheckpointManager, check_compatible, find_checkpoint, read_meta
+from pipeline.config import load_config, save_resolved_config
+from pipeline.ema import EMA
 from pipeline.precision import autocast, resolve_precision
+from pipeline.runtime import build_accelerator, finish_run, stage_watchdog
+from pipeline.schedule import warmup_cosine
+from pipeline.stages import GeneratorDataConfig, GeneratorLoggingConfig, GeneratorStageConfig
 from pipeline.training import (GuardedStep, MetricsLog, MetricWindow, NonFiniteGuard, add_stage_arguments,
-                               finished_run_summary, peak_memory_bytes, tracker_names, write_summary)
-from pipeline.watchdog import Watchdog, shared_token
+                               peak_memory_bytes, tracker_names)
+from pipeline.visual import grain_overlay, save_png, tile
 
 __all__ = ["GeneratorStageConfig", "GeneratorDataConfig", "GeneratorLoggingConfig", "PackedCodeStream",
-           "check_vocabulary", "check_labels_and_lengths", "optimizer_groups", "train", "add_arguments", "run"]
-
-VIEW_MODES = ("random", "all")
-
-
-@dataclasses.dataclass
-class GeneratorDataConfig(ConfigBase):
-    codes: str = ""              # directory written by `varitok tokenize` (manifest.json + part-*.arrow)
-    max_tokens: int = 512        # token budget (incl. BOS / level markers) of one packed micro batch per rank
-    row_length: int = 0          # slots per packed row (0 = max_tokens); ceil(max_tokens / row_length) rows or more
-    num_workers: int = 2         # DataLoader worker processes packing micro batches ahead of the step
-    views: str = "random"        # random: one view per image per epoch; all: every stored view
-
-    def __post_init__(self) -> None:
-        check_choice("data", "views", self.views, VIEW_MODES)
-        if self.max_tokens < 1 or self.num_workers < 0 or self.row_length < 0:
-            raise ConfigError(f"data.max_tokens must be >= 1, data.row_length >= 0 and data.num_workers >= 0, got "
-                              f"{self.max_tokens}, {self.row_length}, {self.num_workers}")
-
-    @property
-    def slots_per_row(self) -> int:
-        return self.row_length or self.max_tokens
-
-
-@dataclasses.dataclass
-class GeneratorLoggingConfig(LoggingConfig):
-    tokenizer: str = ""          # Tokenizer export dir for sample grids every train.image_every steps ("" = none)
-    grid_classes: list[int] = dataclasses.field(default_factory=list)  # classes of the grid ([] = 0..7)
-    grid_cfg: float = 1.5        # classifier-free guidance scale of the grid samples (1 = none)
-
-
-@dataclasses.dataclass
-class GeneratorStageConfig(ConfigBase):
-    run: RunConfig = dataclasses.field(default_factory=RunConfig)
-    data: GeneratorDataConfig = dataclasses.field(default_factory=GeneratorDataConfig)
-    model: GeneratorConfig = dataclasses.field(default_factory=GeneratorConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    logging: GeneratorLoggingConfig = dataclasses.field(default_factory=GeneratorLoggingConfig)
+           "check_vocabulary", "check_labels_and_lengths", "optimizer_groups", "resume_identity", "Prepared",
+           "prepare", "train", "add_arguments", "run"]
 
 
 def check_vocabulary(reader: CodeReader, model: GeneratorConfig, codes_dir: str) -> None:
@@ -210,14 +179,12 @@ def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
             {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
 
 
-def config_identity(cfg: GeneratorStageConfig, reader: CodeReader) -> dict[str, Any]:
-    """What a checkpoint must share with the run resuming it (logging / checkpoint cadence may change)."""
-    train = cfg.train
-    return {"model": cfg.model.to_dict(), "optim": cfg.optim.to_dict(), "seed": cfg.run.seed,
-            "data": {"max_tokens": cfg.data.max_tokens, "row_length": cfg.data.slots_per_row, "views": cfg.data.views,
-                     "rows": len(reader),
-                     "tokenizer": reader.manifest.tokenizer_identity},
-            "train": {"max_steps": train.max_steps, "grad_accum": train.grad_accum, "ema_decay": train.ema_decay}}
+def resume_identity(cfg: GeneratorStageConfig, reader: CodeReader) -> dict[str, Any]:
+    """What a checkpoint must share with the run resuming it: the resolved config without the stage's
+    ``RESUMABLE`` keys, with the code files' identity (rows, tokenizer) in place of their path and the
+    resolved row length."""
+    return cfg.resume_identity({"data": {"row_length": cfg.data.slots_per_row, "rows": len(reader),
+                                         "tokenizer": reader.manifest.tokenizer_identity}})
 
 
 def _log_values(window: MetricWindow, accelerator, max_tokens: int) -> dict[str, float]:
@@ -236,10 +203,6 @@ def _sample_grid(accelerator, model, ema, cfg: GeneratorStageConfig, tokenizer, 
     The consolidated weights are gathered on every rank (a collective under ZeRO-3); rank 0 samples with
     a plain copy of the generator on its own device, under the run's autocast.
     """
-    from models.generator import sample
-    from models.tokenizer import ImageCodes
-    from pipeline.visual import grain_overlay, save_png, tile
-
     state = ema.state_dict_for() if ema is not None else accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return
@@ -259,20 +222,34 @@ def _sample_grid(accelerator, model, ema, cfg: GeneratorStageConfig, tokenizer, 
     save_png(tile(grid, ncol=len(maps)), run_dir / "images" / f"samples-step-{step}.png")
 
 
-def train(cfg: GeneratorStageConfig, resume: Optional[str] = "auto") -> dict[str, Any]:
-    """Run (or continue) training; returns the summary written to ``RUN/summary.json``."""
-    from pipeline.checkpoint import CheckpointManager
-    from pipeline.ema import EMA
-    from pipeline.export import export_run
-    from pipeline.runtime import build_accelerator, finish_training
-    from pipeline.schedule import warmup_cosine
+@dataclasses.dataclass
+class Prepared:
+    """What is checked (and read) before the first collective."""
 
+    reader: CodeReader
+    identity: dict
+
+
+def prepare(cfg: GeneratorStageConfig, resume: Optional[str]) -> Prepared:
+    """Check the code files against the model and a checkpoint to resume against this run, raising ConfigError
+    (or ResumeError) on anything bad. Runs on every rank before any process group or DeepSpeed engine exists."""
     if not cfg.data.codes:
         raise ConfigError("data.codes is empty: pass data.codes=DIR (a directory written by `varitok tokenize`)")
-    # Fail on a vocabulary, label or length mismatch before any process group or DeepSpeed engine exists.
     reader = CodeReader(cfg.data.codes)
     check_vocabulary(reader, cfg.model, cfg.data.codes)
     check_labels_and_lengths(reader, cfg.model, cfg.data.slots_per_row, cfg.data.codes)
+    identity = resume_identity(cfg, reader)
+    checkpoint = find_checkpoint(cfg.run.dir, resume)
+    if checkpoint is not None:
+        meta = read_meta(checkpoint)
+        # The ZeRO stage is only known once the accelerator exists: CheckpointManager.resume checks it.
+        check_compatible(meta, resolve_world().size, meta["zero_stage"], identity)
+    return Prepared(reader, identity)
+
+
+def train(cfg: GeneratorStageConfig, prepared: Prepared, resume: Optional[str] = "auto") -> dict[str, Any]:
+    """Run (or continue) training and export; returns the summary written to ``RUN/summary.json`` (rank 0;
+    ``{}`` on the other ranks)."""
     run_dir = Path(cfg.run.dir)
     accelerator = build_accelerator(cfg.train, run_dir, grad_clip=cfg.optim.grad_clip, micro_batch_size=1,
                                     seed=cfg.run.seed, log_with=tracker_names(cfg.logging),
@@ -284,8 +261,6 @@ def train(cfg: GeneratorStageConfig, resume: Optional[str] = "auto") -> dict[str
         save_resolved_config(cfg, run_dir)
     tokenizer = None
     if cfg.logging.tokenizer and accelerator.is_main_process:
-        from models.tokenizer import Tokenizer
-
         tokenizer = Tokenizer.from_pretrained(cfg.logging.tokenizer).eval()
 
     model = Generator(cfg.model)
@@ -295,18 +270,14 @@ def train(cfg: GeneratorStageConfig, resume: Optional[str] = "auto") -> dict[str
     num_parameters = model.num_parameters()
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ema = EMA(accelerator.unwrap_model(model), cfg.train.ema_decay, warmup=True) if cfg.train.ema_decay > 0 else None
-    ckpt = CheckpointManager(run_dir, accelerator, cfg.train.keep_last, config_identity(cfg, stream.reader),
-                             stage="generator")
+    ckpt = CheckpointManager(run_dir, accelerator, cfg.train.keep_last, prepared.identity, stage="generator")
     step = start = ckpt.resume(resume, ema=ema, extra={"stream": stream})
     log = MetricsLog(accelerator, run_dir)
     guard, window, last = NonFiniteGuard(cfg.train.max_bad_steps), MetricWindow(), {}
     model.train()
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_main_process,
                desc="train-generator", unit="step")
-    # A rank that stops making steps (a hung collective, a stuck read) makes every rank exit with an error.
-    watchdog = Watchdog(run_dir, cfg.train.watchdog_s, rank=accelerator.process_index,
-                        world_size=accelerator.num_processes, token=shared_token(), name="train-generator")
-    with watchdog:
+    with stage_watchdog(accelerator, run_dir, cfg.train, "train-generator") as watchdog:
         while step < cfg.train.max_steps:
             update = GuardedStep(accelerator, model, cfg.train.grad_accum)
             for _ in range(cfg.train.grad_accum):
@@ -315,7 +286,7 @@ def train(cfg: GeneratorStageConfig, resume: Optional[str] = "auto") -> dict[str
                 batch = batch.to(accelerator.device)
                 with accelerator.accumulate(model):
                     metrics = model(batch)
-                    window.add(metrics, keep=update.backward(metrics["loss"]))
+                    window.add(metrics, keep=update.backward_and_step(metrics["loss"]))
             guard.record(update.bad, step + 1)
             watchdog.beat(f"optimizer step {step + 1}")
             if not update.stepped:  # NaN/Inf loss or gradient: the optimizer step was skipped on every rank
@@ -339,15 +310,7 @@ def train(cfg: GeneratorStageConfig, resume: Optional[str] = "auto") -> dict[str
     summary = {"steps": step, "resumed_from": start, "world_size": accelerator.num_processes,
                "zero_stage": ckpt.zero_stage, "parameters": num_parameters,
                "steps_per_epoch": stream.steps_per_epoch, "bad_steps": guard.total, "final": last}
-    previous = finished_run_summary(run_dir, step, start) if accelerator.is_main_process else None
-    if previous is not None:
-        summary = previous
-    elif accelerator.is_main_process:
-        export_run(run_dir, run_dir / "export", raw=ema is None)
-        write_summary(run_dir, summary)
-    accelerator.wait_for_everyone()
-    finish_training(accelerator)
-    return summary
+    return finish_run(accelerator, run_dir, step, start, summary, raw=ema is None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -356,11 +319,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(GeneratorStageConfig, args.config, args.overrides, kind="generator")
-    summary = train(cfg, args.resume)
+    prepared = prepare(cfg, args.resume)
+    summary = train(cfg, prepared, args.resume)
+    if not summary:  # one summary line per run, on rank 0
+        return 0
     final = summary["final"]
     loss = final.get("loss", math.nan)
-    if int(os.environ.get("RANK", "0")) != 0:  # one summary line per run, not per rank
-        return 0
     print(f"train-generator: {summary['steps']} steps (from {summary['resumed_from']}), loss {loss:.4f}, "
           f"{final.get('tokens_per_s', 0.0):.0f} tokens/s -> {Path(cfg.run.dir) / 'export'}")
     return 0

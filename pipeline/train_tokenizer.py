@@ -22,73 +22,38 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
 
+from data.stream import ShardStream
 from data.transforms import to_unit_range
-from models.config import ConfigBase, ConfigError
-from models.tokenizer import Tokenizer, TokenizerConfig, build_teachers
-from models.tokenizer.losses import LossConfig, TokenizerGANLoss
+from data.world import resolve_world
+from models.config import ConfigError
+from models.tokenizer import Tokenizer, build_teachers
+from models.tokenizer.losses import TokenizerGANLoss
 from models.tokenizer.training import GroupClippedAdamW, TokenizerTrainingModule
-from pipeline.config import LoggingConfig, OptimConfig, RunConfig, TrainConfig, load_config, save_resolved_config
+from pipeline.calibrate import inline_entropy_table
+from pipeline.checkpoint import CheckpointManager, check_compatible, find_checkpoint, read_meta
+from pipeline.config import load_config, save_resolved_config
+from pipeline.ema import EMA
+from pipeline.runtime import build_accelerator, finish_run, stage_watchdog
+from pipeline.schedule import warmup_cosine
+from pipeline.stages import TokenizerDataConfig, TokenizerStageConfig
 from pipeline.training import (GuardedStep, MetricsLog, MetricWindow, NonFiniteGuard, add_stage_arguments,
-                               finished_run_summary, peak_memory_bytes, state_digest, to_device, tracker_names,
-                               write_summary, zero_stage)
-from pipeline.watchdog import Watchdog, shared_token
+                               peak_memory_bytes, state_digest, to_device, tracker_names, zero_stage)
+from pipeline.visual import grain_overlay, image_grid, save_png
 
-__all__ = ["TokenizerDataConfig", "TokenizerStageConfig", "config_identity", "prepare", "train",
-           "add_arguments", "run"]
+__all__ = ["TokenizerDataConfig", "TokenizerStageConfig", "Prepared", "prepare", "train", "add_arguments", "run"]
 
-# Keys that may change between a checkpoint and its resume (everything else must match).
-RESUMABLE_CHANGES = ("run.dir", "train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_last",
-                     "train.image_every", "train.max_bad_steps", "train.zero_stage", "train.watchdog_s", "logging")
 GRID_IMAGES = 4
 
 
-@dataclasses.dataclass
-class TokenizerDataConfig(ConfigBase):
-    shards: str = ""             # directory, brace pattern or comma list of WebDataset .tar shards
-    batch_size: int = 32         # images per rank per micro-step
-    num_workers: int = 2         # decoding processes per rank
-    image_size: int = 256        # square crop side, pixels
-    shuffle_buffer: int = 1000
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "image_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0 or self.shuffle_buffer < 0:
-            raise ConfigError("data.num_workers and data.shuffle_buffer must be >= 0")
-
-
-@dataclasses.dataclass
-class TokenizerStageConfig(ConfigBase):
-    run: RunConfig = dataclasses.field(default_factory=RunConfig)
-    data: TokenizerDataConfig = dataclasses.field(default_factory=TokenizerDataConfig)
-    model: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
-    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
-
-
 # ------------------------------------------------------------------------------------------ helpers
-def config_identity(cfg: TokenizerStageConfig) -> dict[str, Any]:
-    """What a resumed run must share with the checkpoint (the resolved config without RESUMABLE_CHANGES)."""
-    values = cfg.to_dict()
-    for key in RESUMABLE_CHANGES:
-        section, _, name = key.partition(".")
-        if name:
-            values[section].pop(name, None)
-        else:
-            values.pop(section, None)
-    return values
-
-
 def optimizer_state_bytes(optimizer) -> int:
     """Bytes of the optimizer state tensors this rank holds (ZeRO partitions them), wrappers unwrapped."""
     inner = optimizer
@@ -130,10 +95,6 @@ def prepare(cfg: TokenizerStageConfig, resume: Optional[str]) -> Prepared:
 
     Runs on every rank before any process group exists, so a bad input fails fast on every rank alike.
     """
-    from data.stream import ShardStream
-    from pipeline.calibrate import inline_entropy_table
-    from pipeline.checkpoint import check_compatible, find_checkpoint, read_meta
-
     if not str(cfg.data.shards).strip():
         raise ConfigError("data.shards is empty: set data.shards=DIR (or a brace pattern / comma list of .tar "
                           "shards written by `varitok shard`)")
@@ -154,28 +115,19 @@ def prepare(cfg: TokenizerStageConfig, resume: Optional[str]) -> Prepared:
     except FileNotFoundError as exc:       # teacher / LPIPS weights; the message names the config key
         raise ConfigError(str(exc)) from None
     tokenizer.attach_teachers(teachers)
-    identity = config_identity(cfg)
+    identity = cfg.resume_identity()
     checkpoint = find_checkpoint(cfg.run.dir, resume)
     if checkpoint is not None:
         meta = read_meta(checkpoint)
         # The ZeRO stage is only known once the accelerator exists: CheckpointManager.resume checks it.
-        check_compatible(meta, int(os.environ.get("WORLD_SIZE", "1")), meta["zero_stage"], identity)
+        check_compatible(meta, resolve_world().size, meta["zero_stage"], identity)
     return Prepared(TokenizerTrainingModule(tokenizer, gan_loss), teachers, stream, identity)
 
 
 # ------------------------------------------------------------------------------------------ training
 def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] = "auto") -> dict:
-    """Train to ``train.max_steps`` (resuming per ``resume``), export, and return the summary (rank 0)."""
-    from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
-
-    from pipeline.checkpoint import CheckpointManager
-    from pipeline.ema import EMA
-    from pipeline.export import export_run
-    from pipeline.runtime import build_accelerator, finish_training
-    from pipeline.schedule import warmup_cosine
-    from pipeline.visual import grain_overlay, image_grid, save_png
-
+    """Train to ``train.max_steps`` (resuming per ``resume``), export, and return the summary (rank 0; ``{}``
+    on the other ranks)."""
     run_dir = Path(cfg.run.dir)
     # DeepSpeed's own clip is global over tokenizer + discriminator: GroupClippedAdamW clips each model instead.
     accelerator = build_accelerator(cfg.train, run_dir, grad_clip=0.0,
@@ -224,10 +176,7 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not main, desc="train-tokenizer", unit="step")
     started = time.perf_counter()
     model.train()
-    # A rank that stops making steps (a hung collective, a stuck read) makes every rank exit with an error.
-    watchdog = Watchdog(run_dir, cfg.train.watchdog_s, rank=accelerator.process_index,
-                        world_size=accelerator.num_processes, token=shared_token(), name="train-tokenizer")
-    with watchdog:
+    with stage_watchdog(accelerator, run_dir, cfg.train, "train-tokenizer") as watchdog:
         while step < cfg.train.max_steps:
             update = GuardedStep(accelerator, model, cfg.train.grad_accum)
             for _ in range(cfg.train.grad_accum):
@@ -236,7 +185,7 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
                 images = to_unit_range(to_device(next(batches)["image"], accelerator.device))
                 with accelerator.accumulate(model):
                     loss, logs, rec, grain = model(images, step)
-                    window.add(logs, keep=update.backward(loss))
+                    window.add(logs, keep=update.backward_and_step(loss))
             guard.record(update.bad, step + 1)
             watchdog.beat(f"optimizer step {step + 1}")
             window.count(images=cfg.data.batch_size * cfg.train.grad_accum)
@@ -278,21 +227,11 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
                                "digest_discriminator": state_digest(unwrapped.gan_loss.state_dict()),
                                "peak_memory_bytes": peak_memory_bytes(accelerator.device),
                                "optimizer_state_bytes": optimizer_state_bytes(optimizer)}])
-    summary: dict[str, Any] = {}
-    previous = finished_run_summary(run_dir, step, start_step) if main else None
-    if previous is not None:
-        summary = previous
-    elif main:
-        export_dir = export_run(run_dir, run_dir / "export", raw=ema is None)
-        summary = {"steps": step, "resumed_from": start_step, "seconds": seconds,
-                   "images_per_s": (step - start_step) * images_per_step / max(seconds, 1e-9),
-                   "world_size": accelerator.num_processes, "zero_stage": zero_stage(accelerator),
-                   "bad_steps": guard.total, "final_metrics": metrics, "ranks": per_rank,
-                   "stream": stream.stats, "export": str(export_dir), "export_weights": "raw" if ema is None else "ema"}
-        write_summary(run_dir, summary)
-    accelerator.wait_for_everyone()
-    finish_training(accelerator)
-    return summary
+    summary = {"steps": step, "resumed_from": start_step, "seconds": seconds,
+               "images_per_s": (step - start_step) * images_per_step / max(seconds, 1e-9),
+               "world_size": accelerator.num_processes, "zero_stage": zero_stage(accelerator),
+               "bad_steps": guard.total, "final_metrics": metrics, "ranks": per_rank, "stream": stream.stats}
+    return finish_run(accelerator, run_dir, step, start_step, summary, raw=ema is None)
 
 
 # ------------------------------------------------------------------------------------------ command

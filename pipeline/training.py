@@ -1,16 +1,17 @@
 """Pieces every training stage loop shares: the NaN/Inf guard, metric windows, logs, memory, command line.
 
-The guarded update, inside a stage loop (one optimizer step of ``train.grad_accum`` micro-batches)::
+One optimizer step of ``train.grad_accum`` micro-batches, inside a stage loop (the loop around it: pipeline.runtime)::
 
     update = GuardedStep(accelerator, model, cfg.train.grad_accum)
     for _ in range(cfg.train.grad_accum):
         with accelerator.accumulate(model):
             loss, logs = model(next(batches))
-            window.add(logs, keep=update.backward(loss))   # DeepSpeed steps the optimizer at the last one
+            window.add(logs, keep=update.backward_and_step(loss))   # the optimizer steps at the last micro-batch
     guard.record(update.bad, step + 1)           # raises after train.max_bad_steps bad steps in a row
+    watchdog.beat(f"optimizer step {step + 1}")
     if not update.stepped:                       # NaN/Inf: the optimizer step was skipped on every rank
         continue
-    scheduler.step(); step += 1
+    scheduler.step(); step += 1; ema.update()
 """
 from __future__ import annotations
 
@@ -55,13 +56,14 @@ class GuardedStep:
     """One optimizer step over ``grad_accum`` micro-batches with ONE host synchronisation, skipped on every
     rank when a loss or the gradient is NaN/Inf on any rank.
 
-    Every micro-batch is back-propagated (DeepSpeed reduces gradients and steps at the last one). Whether each
-    loss is finite stays on the device; at the last micro-batch one all-reduce gives the step's count of NaN/Inf
-    losses, read on the host once. ZeRO-1/2/3 optimizers skip a non-finite gradient themselves and the count is
-    read after the backward; under ZeRO-0 the plain optimizer reads it inside its ``step`` (with its own gradient
-    check where it has one, :func:`_skip_flagged_steps`) and skips. No rank's weights or optimizer state see a bad
-    step. After the last ``backward``: ``stepped`` (the optimizer changed the weights) and ``bad`` (a NaN/Inf
-    loss, or a skipped step).
+    Every micro-batch is back-propagated; at the last one the engine reduces the gradients and steps the
+    optimizer (or skips the step), so :meth:`backward_and_step` is the whole update: there is no separate
+    ``optimizer.step()``. Whether each loss is finite stays on the device; at the last micro-batch one all-reduce
+    gives the step's count of NaN/Inf losses, read on the host once. ZeRO-1/2/3 optimizers skip a non-finite
+    gradient themselves and the count is read after the backward; under ZeRO-0 the plain optimizer reads it
+    inside its ``step`` (with its own gradient check where it has one, :func:`_skip_flagged_steps`) and skips.
+    No rank's weights or optimizer state see a bad step. After the last :meth:`backward_and_step`: ``stepped``
+    (the optimizer changed the weights) and ``bad`` (a NaN/Inf loss, or a skipped step).
     """
 
     def __init__(self, accelerator, model, grad_accum: int) -> None:
@@ -74,9 +76,10 @@ class GuardedStep:
         if self.flag_skips:
             _skip_flagged_steps(model.optimizer)
 
-    def backward(self, loss: torch.Tensor) -> torch.Tensor:
-        """Inside ``accelerator.accumulate(model)``, once per micro-batch; returns whether ``loss`` is finite
-        (a device bool, for :meth:`MetricWindow.add`)."""
+    def backward_and_step(self, loss: torch.Tensor) -> torch.Tensor:
+        """Inside ``accelerator.accumulate(model)``, once per micro-batch: back-propagate ``loss``; at the last
+        micro-batch the optimizer steps (skipped on every rank when a loss or gradient was NaN/Inf). Returns
+        whether ``loss`` is finite (a device bool, for :meth:`MetricWindow.add`)."""
         finite = torch.isfinite(loss.detach())
         self.nonfinite = self.nonfinite + (~finite).float()
         self.remaining -= 1
@@ -144,7 +147,7 @@ class MetricWindow:
         self.started = time.perf_counter()
 
     def add(self, logs: dict[str, torch.Tensor], keep: Optional[torch.Tensor] = None) -> None:
-        """``keep``: a device bool (e.g. :meth:`GuardedStep.backward`'s); a micro-batch with ``keep`` false
+        """``keep``: a device bool (e.g. :meth:`GuardedStep.backward_and_step`'s); a micro-batch with ``keep`` false
         adds nothing (its NaN/Inf values are masked on the device, not read back)."""
         for name, value in logs.items():
             value = value.detach().float()

@@ -16,8 +16,9 @@ from typing import Optional
 
 from data.codes import CodeManifest, VerifyReport, verify_codes
 from data.codes.reader import listed
-from data.stream import expand_shard_spec
-from pipeline.tokenize import VIEW_COUNTS, read_skipped, shard_keys
+from data.tar import expand_shard_spec, shard_keys
+from pipeline.tokenize import VIEW_COUNTS, read_skipped
+
 
 def verify_code_dir(out_dir: str | os.PathLike, shards: Optional[str] = None,
                     views: Optional[int] = None) -> VerifyReport:

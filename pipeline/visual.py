@@ -20,7 +20,8 @@ LEVEL_TINTS = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.65, 0.0], [1.0, 0.1, 0.1]])
 
 def to_uint8(images: Tensor) -> np.ndarray:
     """``B x 3 x H x W`` in [-1, 1] -> ``B x H x W x 3`` uint8."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def grain_overlay(images: Tensor, grain: Tensor, alpha: float = 0.45) -> Tensor:

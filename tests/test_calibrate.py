@@ -67,3 +67,17 @@ def test_calibrate_cli_samples_with_workers_and_shows_progress(tmp_path, image_f
     captured = capsys.readouterr()
     assert "calibrate-entropy" in captured.err and "12/12" in captured.err and "img/s" in captured.err
     assert "(40 sampled)" in captured.out
+
+
+def test_calibrate_reads_the_stage_schema_without_importing_the_training_stage():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, pipeline.calibrate; "
+            "print(sorted(m for m in ('pipeline.train_tokenizer', 'pipeline.runtime', 'data.stream') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"

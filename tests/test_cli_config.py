@@ -135,3 +135,47 @@ def test_stages_refuse_non_finite_config_before_any_process_group(stage, overrid
     assert main([stage, "--config", "tiny", override]) == 2
     assert "must be a finite number" in capsys.readouterr().err
     assert not torch.distributed.is_initialized()
+
+
+def test_stage_schemas_share_the_base_sections_and_save_them_in_the_documented_order(tmp_path):
+    from pipeline.config import SECTION_ORDER, LoggingConfig, StageConfig
+    from pipeline.stages import GeneratorStageConfig, TokenizerStageConfig
+
+    for schema in (TokenizerStageConfig, GeneratorStageConfig):
+        cfg = schema.from_dict({})
+        assert isinstance(cfg, StageConfig) and isinstance(cfg.logging, LoggingConfig)
+        assert list(cfg.to_dict()) == [s for s in SECTION_ORDER if hasattr(cfg, s)]
+        assert load_config(schema, save_resolved_config(cfg, tmp_path / schema.__name__)) == cfg
+    assert GeneratorStageConfig.from_dict({}, ["logging.grid_cfg=2.0"]).logging.grid_cfg == 2.0
+    with pytest.raises(ConfigError, match="logging.grid_cfg"):
+        TokenizerStageConfig.from_dict({}, ["logging.grid_cfg=2.0"])   # the generator's logging keys only
+
+
+def test_model_configs_read_the_model_section_with_one_from_yaml(tmp_path):
+    from models.generator import GeneratorConfig
+    from models.tokenizer import TokenizerConfig
+
+    stage = tmp_path / "stage.yaml"
+    stage.write_text("run: {dir: x}\nmodel:\n  z_channels: 32\n  dim: 64\n")
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("dim: 96\n")
+    assert GeneratorConfig.from_yaml(bare).dim == 96                       # a bare model config
+    # overrides with or without the section prefix; errors name the key with it, for both model configs
+    assert GeneratorConfig.from_yaml(bare, ["model.heads=8"]).heads == 8
+    assert GeneratorConfig.from_yaml(bare, ["heads=8"]).heads == 8
+    for schema, bad in ((GeneratorConfig, "z_channels"), (TokenizerConfig, "dim")):
+        with pytest.raises(ConfigError, match=rf"{stage}: model\.{bad}: unknown key"):
+            schema.from_yaml(stage)
+    tokenizer_stage = _write(tmp_path / "tok.yaml", "model:\n  z_channels: 32\n")
+    assert TokenizerConfig.from_yaml(tokenizer_stage).z_channels == 32
+    assert TokenizerConfig.from_yaml(tokenizer_stage, ["model.z_channels=48"]).z_channels == 48
+    for text, message in (("- a\n- b\n", "top level must be a mapping"), ("model: [unclosed\n", "cannot parse YAML")):
+        with pytest.raises(ConfigError, match=message):
+            TokenizerConfig.from_yaml(_write(tmp_path / "broken.yaml", text))
+    with pytest.raises(ConfigError, match="config file not found"):
+        GeneratorConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def _write(path, text: str):
+    path.write_text(text)
+    return path

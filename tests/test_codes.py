@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from data.codes import (CodeManifest, CodeReader, CodeWriter, ManifestMismatchError, TokenBudgetBatcher,
+from data.codes import (CodeIterator, CodeManifest, CodeReader, CodeWriter, ManifestMismatchError, TokenBudgetBatcher,
                         code_schema, code_stats, pack_by_token_budget, rank_positions, verify_codes)
 
 IDENTITY = {"config_hash": "cfg-1", "weights_sha256": "w-1"}
@@ -290,34 +290,214 @@ def test_rank_positions_rule():
     assert rank_positions(2, 2, 3, drop_last=False).tolist() == [0]
 
 
+def test_rank_positions_continue_at_a_global_position():
+    # 7 items, 4 consumed, 2 ranks: the remaining 4, 5, 6 padded with item 0 (or truncated to 4, 5)
+    assert rank_positions(7, 0, 2, drop_last=False, start=4).tolist() == [4, 6]
+    assert rank_positions(7, 1, 2, drop_last=False, start=4).tolist() == [5, 0]
+    assert rank_positions(7, 1, 2, drop_last=True, start=4).tolist() == [5]
+    assert rank_positions(7, 2, 3, drop_last=False, start=3).tolist() == [5, 1]   # 3..8 over 3 ranks, 7 -> 0, 8 -> 1
+    assert rank_positions(7, 0, 3, drop_last=False, start=7).tolist() == []
+
+
+def run_ranks(make, world: int, saved: list | None, steps: int | None, tmp_path: Path):
+    """``world`` iterators ``make(rank, world)``, loaded from the saved ranks' states (any saved world size), each
+    taking ``steps`` items (None: the rest of the epoch). Returns (items in global order, states as saved and
+    read back the way checkpoints store them: one torch file per rank, weights_only)."""
+    import torch
+
+    ranks = [make(rank, world) for rank in range(world)]
+    for it in ranks:
+        if saved is not None:
+            it.load_state_dict(saved)
+    per_rank = [list(itertools.islice(iter(it), steps)) for it in ranks]
+    assert len({len(items) for items in per_rank}) == 1                 # equal counts per rank
+    order = [item for step in zip(*per_rank) for item in step]          # rank r's t-th item: position S + t*R + r
+    folder = tmp_path / f"states-{len(list(tmp_path.glob('states-*')))}"
+    folder.mkdir()
+    for rank, it in enumerate(ranks):
+        torch.save(it.state_dict(), folder / f"rank{rank}.pt")
+    return order, [torch.load(path, weights_only=True) for path in sorted(folder.glob("rank*.pt"))]
+
+
+def epoch_positions(num_items: int, segments: list[tuple[int, int | None]], drop_last: bool) -> list[int]:
+    """Global positions an epoch hands out in segments of (world, steps per rank; None = to the end)."""
+    positions, start = [], 0
+    for world, steps in segments:
+        remaining = max(0, num_items - start)
+        per_rank = remaining // world if drop_last else -(-remaining // world)
+        taken = world * (per_rank if steps is None else steps)
+        positions += [p % num_items for p in range(start, start + taken)]
+        start = min(start + taken, num_items)
+    return positions
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_iterator_resumes_on_another_world_size(tmp_path, drop_last):
+    write_corpus(tmp_path / "codes")                                    # 95 rows
+    reader = CodeReader(tmp_path / "codes")
+    keys = reader.keys()
+
+    def make(rank, world):
+        return CodeIterator(reader, rank, world, seed=7, drop_last=drop_last)
+
+    epoch = keys[make(0, 1).indices()].tolist()                         # the global list: one rank, no padding
+    uninterrupted, _ = run_ranks(make, 2, None, None, tmp_path)
+    first, states = run_ranks(make, 2, None, 10, tmp_path)              # 2 ranks: 20 rows
+    assert states[0] == states[1] and states[0]["consumed"] == 20
+    second, states = run_ranks(make, 1, states, 16, tmp_path)           # 1 rank: 16 more
+    assert states[0]["consumed"] == 36
+    third, states = run_ranks(make, 2, states, None, tmp_path)          # 2 ranks: the 59 left, 30 each
+    resumed = [r.key for r in first + second + third]
+    expected = epoch_positions(95, [(2, 10), (1, 16), (2, None)], drop_last)
+    assert resumed == [epoch[p] for p in expected]
+    if drop_last:   # the last row of the epoch dropped (59 left on 2 ranks), every other row exactly once
+        assert resumed == epoch[:94]
+    else:           # every row once, plus the epoch's first row as the one padding item; as an uninterrupted run
+        assert resumed == epoch + epoch[:1] == [r.key for r in uninterrupted]
+    assert states[0] == states[1] and states[0]["consumed"] == 95
+    next_epoch, _ = run_ranks(make, 2, states, None, tmp_path)          # the next epoch, as any 2-rank run has it
+    fresh = [make(rank, 2) for rank in range(2)]
+    for it in fresh:
+        it.set_epoch(1)
+    assert [r.key for r in next_epoch] == [r.key for step in zip(*fresh) for r in step]
+
+
+def test_token_budget_batches_resume_on_another_world_size(tmp_path):
+    write_corpus(tmp_path / "codes", part_rows=(20, 24), views=3)
+    reader = CodeReader(tmp_path / "codes")
+    max_tokens, extra = int(reader.lengths.max()) * 3, 3
+    tokens = reader.lengths.astype(np.int64) + extra
+
+    def make(rank, world):
+        return TokenBudgetBatcher(reader, max_tokens, rank, world, seed=4, extra_tokens=extra)
+
+    batches = [list(b) for b in make(0, 1).global_items()]
+    assert batches == list(make(0, 1)) == [b.tolist() for b in make(0, 3).global_items()]   # layout independent
+    num_batches = len(batches)
+    assert num_batches > 12 and num_batches % 2 == 0                   # 2 ranks: no padding; after 9 (odd): one
+    first, states = run_ranks(make, 2, None, 3, tmp_path)
+    second, states = run_ranks(make, 1, states, 3, tmp_path)
+    third, states = run_ranks(make, 2, states, None, tmp_path)
+    resumed = first + second + third
+    assert resumed == batches + batches[:1]                             # every batch once + the padding batch
+    assert all(tokens[b].sum() <= max_tokens for b in resumed)
+    assert resumed[:-1] == run_ranks(make, 2, None, None, tmp_path)[0]  # as an uninterrupted run (even count)
+    assert states[0]["consumed"] == num_batches
+
+
+@pytest.mark.slow
+def test_packed_code_stream_resumes_on_another_world_size(tmp_path):
+    """The stage-3 stream (DataLoader workers prefetching packed micro batches): 2 ranks x 2 workers -> 1 rank
+    in-process -> 2 ranks x 1 worker reproduce the one-rank epoch, plus one padding batch."""
+    import torch
+
+    from data.codes import write_corpus as write_synthetic
+    from models.generator import GeneratorConfig
+    from pipeline.train_generator import PackedCodeStream
+
+    codes = write_synthetic(tmp_path / "codes", rows=48, max_rows_per_batch=16)
+    repo = Path(__file__).resolve().parents[1]
+    config = GeneratorConfig.from_yaml(repo / "configs" / "generator" / "tiny.yaml", [
+        "dim=32", "heads=2", "position_depth=1", "content_depth=1", "head_dim=16", "head_heads=1", "num_classes=4"])
+
+    def segment(world, workers, steps, saved):
+        streams = [PackedCodeStream(str(codes), config, 160, rank, world, seed=5, num_workers=workers)
+                   for rank in range(world)]
+        for stream in streams:
+            if saved is not None:
+                stream.load_state_dict(saved)
+        steps = len(streams[0].batcher) if steps is None else steps
+        per_rank = [[next(stream) for _ in range(steps)] for stream in streams]
+        return [b for step in zip(*per_rank) for b in step], [stream.state_dict() for stream in streams]
+
+    whole, _ = segment(1, 0, None, None)
+    first, states = segment(2, 2, 2, None)
+    second, states = segment(1, 0, 3, states)
+    third, states = segment(2, 1, None, states)
+    resumed = first + second + third
+    assert (len(whole) - 7) % 2 == 1 and len(resumed) == len(whole) + 1 and states[0] == states[1]   # 9 left: 1 pad
+    for got, want in zip(resumed, whole + whole[:1]):
+        assert all(torch.equal(getattr(got, name), getattr(want, name)) for name in ("position", "content", "label"))
+        assert got.num_tokens <= 160
+
+
+def test_bad_code_order_state_is_refused(tmp_path):
+    write_corpus(tmp_path / "codes", part_rows=(20, 24), views=3)
+    write_corpus(tmp_path / "other", part_rows=(20, 24), views=3, codebook_sizes=(16384, 4095))  # same rows, lengths
+    reader, other = CodeReader(tmp_path / "codes"), CodeReader(tmp_path / "other")
+    budget = int(reader.lengths.max()) * 3
+    batcher = TokenBudgetBatcher(reader, budget, seed=4)
+    list(itertools.islice(batcher, 4))
+    state = batcher.state_dict()
+    assert state == {"format": "varitok.code-order/2", "epoch": 0, "consumed": 4, "seed": 4, "num_rows": 132,
+                     "corpus": state["corpus"], "drop_last": False, "max_tokens": budget, "views": "random",
+                     "extra_tokens": 0}
+    refusals = {"seed: saved 4, now 5": TokenBudgetBatcher(reader, budget, seed=5),
+                f"max_tokens: saved {budget}, now {budget + 1}": TokenBudgetBatcher(reader, budget + 1, seed=4),
+                "corpus: saved": TokenBudgetBatcher(other, budget, seed=4),
+                "views: saved 'random', now 'all'": TokenBudgetBatcher(reader, budget, seed=4, views="all")}
+    for message, fresh in refusals.items():
+        with pytest.raises(ValueError, match=f"cannot use the saved code order position.*{message}"):
+            fresh.load_state_dict(state)
+    num_batches = len(batcher.global_items())
+    garbage = {"need counts >= 0": [{**state, "consumed": -1}, {**state, "consumed": "4"}, {**state, "epoch": 1.5},
+                                    {**state, "epoch": True}, {k: v for k, v in state.items() if k != "consumed"}],
+               f"has only {num_batches} items": [{**state, "consumed": num_batches + 1}],
+               "format: saved 'varitok.code-order/9'": [{**state, "format": "varitok.code-order/9"}],
+               "expected a state dict": ["garbage", [], [state, 3]],
+               "the ranks' states disagree": [[state, {**state, "consumed": 5}]]}
+    for message, states in garbage.items():
+        for bad in states:
+            with pytest.raises(ValueError, match=message):
+                TokenBudgetBatcher(reader, budget, seed=4).load_state_dict(bad)
+    again = TokenBudgetBatcher(reader, budget, seed=4)
+    again.load_state_dict([state, dict(state)])                         # the saved ranks agree: fine
+    assert list(again) == [b.tolist() for b in batcher.global_items()[4:]]
+
+
+def test_format_1_state_continues_at_its_global_position(tmp_path):
+    write_corpus(tmp_path / "codes")
+    reader = CodeReader(tmp_path / "codes")
+    epoch = CodeIterator(reader, seed=3).indices()
+    legacy = {"epoch": 0, "position": 30, "seed": 3, "rank": 1, "world_size": 2, "num_rows": 95, "drop_last": False,
+              "shuffle": True}                                          # rank 1 of 2 after 30 rows each
+    resumed = CodeIterator(reader, 0, 3, seed=3)
+    resumed.load_state_dict(legacy)
+    assert resumed.indices() == [epoch[p] for p in range(60, 95, 3)]
+    with pytest.raises(ValueError, match="seed: saved 3, now 4"):
+        CodeIterator(reader, seed=4).load_state_dict(legacy)
+    done = CodeIterator(reader, seed=3)
+    done.load_state_dict({**legacy, "position": 48})                    # the padded end of the epoch: 96 > 95
+    assert done.consumed == 95 and len(done) == 0
+
+
 def test_iterator_covers_shards_and_resumes(tmp_path):
     write_corpus(tmp_path)
     reader = CodeReader(tmp_path)
-    single = reader.iterate(seed=3)
+    single = CodeIterator(reader, seed=3)
     epoch0 = [r.key for r in single]
     epoch1 = [r.key for r in single]
     assert sorted(epoch0) == sorted(epoch1) == sorted(reader.keys().tolist()) and len(set(epoch0)) == 95
     assert epoch0 != epoch1 and single.epoch == 1
     for world in (2, 3):
-        shards = [reader.iterate(rank, world, seed=3).indices() for rank in range(world)]
+        shards = [CodeIterator(reader, rank, world, seed=3).indices() for rank in range(world)]
         assert {len(s) for s in shards} == {-(-95 // world)}
         assert set().union(*shards) == set(range(95))
-        dropped = [reader.iterate(rank, world, seed=3, drop_last=True).indices() for rank in range(world)]
+        dropped = [CodeIterator(reader, rank, world, seed=3, drop_last=True).indices() for rank in range(world)]
         assert {len(s) for s in dropped} == {95 // world} and len(set().union(*dropped)) == 95 // world * world
-    full = reader.iterate(1, 2, seed=5)
+    full = CodeIterator(reader, 1, 2, seed=5)
     expected = [r.key for _ in range(3) for r in full]              # 3 epochs of 48
-    resumed_keys, it = [], reader.iterate(1, 2, seed=5)
+    resumed_keys, it = [], CodeIterator(reader, 1, 2, seed=5)
     for record in it:
         resumed_keys.append(record.key)
         if len(resumed_keys) == 30:
             break
     state = it.state_dict()
-    fresh = reader.iterate(1, 2, seed=5)
+    fresh = CodeIterator(reader, 1, 2, seed=5)
     fresh.load_state_dict(state)
     resumed_keys += [r.key for r in fresh] + [r.key for _ in range(2) for r in fresh]
     assert resumed_keys == expected
-    with pytest.raises(ValueError, match="world_size: saved 2, now 3"):
-        reader.iterate(1, 3, seed=5).load_state_dict(state)
+    assert state["consumed"] == 60 and "world_size" not in state and "rank" not in state
 
 
 def test_pack_by_token_budget_hand_computed():

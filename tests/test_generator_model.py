@@ -7,7 +7,7 @@ import torch
 
 from models.config import ConfigError
 from models.generator import (Generator, GeneratorConfig, IGNORE, encode_sequences, next_token_targets, pack)
-from models.generator.sampling import CachedDecoder, RecomputeDecoder
+from models.generator.decoding import CachedDecoder, RecomputeDecoder
 from models.layout import num_codes
 
 REPO = Path(__file__).resolve().parent.parent

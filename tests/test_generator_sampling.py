@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from models.generator import Generator, GeneratorConfig, SequenceSpec, TokenFilter, ValidityRule, generate_tokens, sample
+from models.generator import (Generator, GeneratorConfig, SequenceSpec, TokenFilter, ValidityRule, generate_tokens,
+                              sample)
 from models.generator.layers import KVCache
-from models.generator.sampling import filter_logits
+from models.generator.decoding import filter_logits
 from models.layout import codes_to_level_maps, level_maps_to_codes, num_codes
 
 

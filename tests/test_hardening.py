@@ -25,9 +25,10 @@ from data.codes.reader import CodeFileError
 from data.demo_images import write_image_folder
 from data.files import AtomicFile, atomic_write, temp_files_of
 from data.shards import ShardOptions, discover_inputs, shard_images
-from data.stream import ShardStream, StreamStats, _shard_samples
-from data.tar import ShardReadError, count_tar_samples, iter_tar_members, shard_sizes
-from pipeline.tokenize import read_shard
+from data.stream import ShardStream
+from data.tar import (BadSample, ShardReadError, count_tar_samples, iter_tar_members, read_samples, sample_contents,
+                      shard_sizes)
+from pipeline.tokenize import decode_views
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCK = 512
@@ -78,11 +79,11 @@ def test_bad_pax_records_are_an_error_not_a_hang(tmp_path, record):
     with pytest.raises(ShardReadError, match=r"pax\.tar.*pax record"):
         list(iter_tar_members(str(path)))
     assert count_tar_samples(str(path)) == 2  # the samples before the damage, with a warning
-    stats = StreamStats()  # the sample being assembled when the damage came ("a2") is dropped
-    assert [s["__key__"] for s in _shard_samples(str(path), stats)] == ["a"]
-    assert stats.counts["reason:tar_error"] == 1
-    samples = list(read_shard(str(path)))
+    samples = list(read_samples(str(path)))  # the sample being assembled when the damage came ("a2") is unusable
     assert [(s.key, "pax record" in s.error) for s in samples] == [("a", False), ("a2", True)]
+    with pytest.raises(BadSample, match="tar_error") as caught:
+        sample_contents(samples[1])
+    assert caught.value.reason == "tar_error" and sample_contents(samples[0]) == ("png", 1)
 
 
 @pytest.mark.timeout(30)
@@ -107,12 +108,12 @@ def test_non_utf8_member_names_are_skipped_with_a_reason(tmp_path):
     path = tmp_path / "names.tar"
     path.write_bytes(tar_bytes(good_sample("a", 0), tar_member(b"b\xff\xfe.png", png_bytes(1)),
                                tar_member(b"b\xff\xfe.cls", b"2"), good_sample("c", 2)))
-    stats = StreamStats()
-    assert [s["__key__"] for s in _shard_samples(str(path), stats)] == ["a", "c"]
-    assert stats.counts["reason:bad_name"] == 2
-    samples = list(read_shard(str(path)))
+    samples = list(read_samples(str(path)))  # one entry per unusable key, not per member
     assert [(s.key, bool(s.error)) for s in samples] == [("a", False), ("b\\xff\\xfe", True), ("c", False)]
-    assert "not valid UTF-8" in samples[1].error
+    assert samples[1].error.startswith("bad_name: ") and "not valid UTF-8" in samples[1].error
+    stream = ShardStream(path, batch_size=2, image_size=16, rank=0, world_size=1, shuffle=False)
+    assert sorted(k for batch in stream for k in batch["key"]) == ["a", "c"]
+    assert stream.stats["reasons"] == {"bad_name": 1}
     json.dumps([s.key for s in samples])  # the skipped list and the code file can hold every key
 
 
@@ -157,7 +158,11 @@ def test_one_bad_shard_does_not_stop_the_stream(hostile_shards, caplog):
     assert stream.sizes == [4, 4, 0, 2] and "shard-000002.tar" in caplog.text  # header counts: an upper bound
     keys = [key for batch in stream for key in batch["key"]]
     assert len(keys) == 9 and "z1" in keys
-    assert stream.stats["reasons"].get("tar_error", 0) >= 1 and stream.stats["reasons"].get("bad_name", 0) >= 1
+    assert stream.stats["reasons"].get("tar_error", 0) >= 1
+    # 4 batches: the unit's stream goes past the non-UTF-8 key (counted) and repeats from its start
+    stream = ShardStream(hostile_shards, batch_size=3, image_size=32, num_workers=0, shuffle=False, drop_last=False)
+    keys = [key for batch in stream for key in batch["key"]]
+    assert len(keys) == 12 and stream.stats["reasons"] == {"tar_error": 1, "bad_name": 1}
 
 
 @pytest.mark.timeout(300)
@@ -194,14 +199,19 @@ def test_damaged_sample_bytes_are_caught_by_the_member_digests(tmp_path):
     cls_name = next(n for n in members if n.endswith(".cls"))
     data[members[cls_name]] ^= 0x01  # the label "0" becomes "1": a decodable, silently wrong sample
     path.write_bytes(bytes(data))
-    stats = StreamStats()
-    keys = [s["__key__"] for s in _shard_samples(str(path), stats)]
-    assert len(keys) == 1 and stats.counts["reason:damaged_sample"] == 1
-    errors = [s.error for s in read_shard(str(path)) if s.error]
-    from pipeline.tokenize import decode_sample
-
-    reasons = [decode_sample(s, "center", 32)[1] for s in read_shard(str(path))]
-    assert not errors and sum(isinstance(r, str) and r.startswith("damaged_sample") for r in reasons) == 1
+    samples = list(read_samples(str(path)))
+    assert len(samples) == 2 and not [s.error for s in samples if s.error]  # the tar itself is fine
+    reasons = []
+    for sample in samples:
+        try:
+            decode_views(sample, "center", 32)
+            reasons.append("ok")
+        except BadSample as exc:
+            reasons.append(exc.reason)
+    assert sorted(reasons) == ["damaged_sample", "ok"]
+    stream = ShardStream(path, batch_size=1, image_size=32, rank=0, world_size=1)
+    keys = {k for batch in stream for k in batch["key"]}
+    assert len(keys) == 1 and stream.stats["reasons"]["damaged_sample"] >= 1  # the stream decodes the same way
 
 
 def _member_offsets(data: bytes):
@@ -375,9 +385,8 @@ import hashlib, json, os, random, shutil, signal, sys, tempfile
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
 import numpy as np
-from data.tar import ShardReadError, count_tar_samples, iter_tar_members
-from data.stream import StreamStats, _shard_samples
-from pipeline.tokenize import decode_sample, read_shard
+from data.tar import BadSample, ShardReadError, count_tar_samples, iter_tar_members, read_samples, sample_contents
+from pipeline.tokenize import decode_views
 from data.codes import CodeReader
 from data.codes.reader import CodeFileError
 
@@ -402,8 +411,14 @@ def alarm(*_):
     raise TimeoutError("a reader took more than 10 s")
 signal.signal(signal.SIGALRM, alarm)
 
+def decoded(sample):
+    try:
+        return decode_views(sample, "center", 32)
+    except BadSample as exc:
+        return None, str(exc)
+
 def original_samples(path):
-    return {s.key: (s.members, decode_sample(s, "center", 32)) for s in read_shard(str(path))}
+    return {s.key: (s.members, decoded(s)) for s in read_samples(str(path))}
 
 reference = original_samples(shard)
 outcomes, violations = {}, []
@@ -419,13 +434,16 @@ for kind, blob in mutants(shard.read_bytes()):
             assert str(path) in str(exc), exc
             outcome = "error"
         count_tar_samples(str(path))
-        for sample in _shard_samples(str(path), StreamStats()):
-            original = reference.get(sample["__key__"])
-            good = {k: v for k, v in sample.items() if not k.startswith("__")}
-            if original is None or any(original[0].get(k) != v for k, v in good.items()):
-                violations.append(f"stream passed on a changed sample {sample['__key__']!r} ({kind})")
-        for sample in read_shard(str(path)):
-            views, label = decode_sample(sample, "center", 32)
+        for sample in read_samples(str(path)):
+            try:
+                sample_contents(sample)  # what the stream and tokenize accept before decoding
+            except BadSample:
+                continue
+            original = reference.get(sample.key)
+            if original is None or any(original[0].get(k) != v for k, v in sample.members.items()):
+                violations.append(f"reader passed on a changed sample {sample.key!r} ({kind})")
+        for sample in read_samples(str(path)):
+            views, label = decoded(sample)
             if views is None:
                 continue  # skipped with a reason
             original = reference.get(sample.key)

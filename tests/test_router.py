@@ -64,7 +64,8 @@ def test_region_entropy_matches_numpy_formula():
 def textured_images(n, size, seed):
     """Images whose regions range from flat to noisy, so region entropies spread out."""
     gen = torch.Generator().manual_seed(seed)
-    amplitude = torch.rand(n, 1, size // 16, size // 16, generator=gen).repeat_interleave(16, 2).repeat_interleave(16, 3)
+    amplitude = torch.rand(n, 1, size // 16, size // 16, generator=gen)
+    amplitude = amplitude.repeat_interleave(16, 2).repeat_interleave(16, 3)
     base = torch.rand(n, 3, 1, 1, generator=gen) * 1.6 - 0.8
     return (base + amplitude * (torch.rand(n, 3, size, size, generator=gen) * 2 - 1)).clamp(-1, 1)
 

@@ -45,7 +45,8 @@ def test_warmup_cosine_hand_values_and_group_lrs():
         optimizer.step()
         scheduler.step()
     # warmup 1/3, 2/3, then cosine over 4 steps from 1 to 0.2: 1, 0.2 + 0.8 * (1 + cos(pi/4)) / 2, 0.6, ..., 0.2
-    expected = [1 / 3, 2 / 3, 1.0, 0.2 + 0.4 * (1 + math.cos(math.pi / 4)), 0.6, 0.2 + 0.4 * (1 - math.cos(math.pi / 4)), 0.2]
+    expected = [1 / 3, 2 / 3, 1.0, 0.2 + 0.4 * (1 + math.cos(math.pi / 4)), 0.6,
+                0.2 + 0.4 * (1 - math.cos(math.pi / 4)), 0.2]
     assert [s[0] for s in seen] == pytest.approx(expected)
     assert [s[1] for s in seen] == pytest.approx([10 * e for e in expected])
     assert warmup_cosine_factor(100, 2, 6, 0.2) == pytest.approx(0.2)
@@ -284,7 +285,8 @@ def test_zero2_two_processes_sync_schedule_checkpoints_export(runs, tmp_path):
     expected = [[LR * warmup_cosine_factor(s, 2, STEPS, 0.1), 10 * LR * warmup_cosine_factor(s, 2, STEPS, 0.1)]
                 for s in range(1, STEPS + 1)]
     assert [lr for pair in rank0["lrs"] for lr in pair] == pytest.approx([lr for pair in expected for lr in pair])
-    assert rank0["lrs"][0] == pytest.approx([LR * 2 / 3, 10 * LR * 2 / 3]) and rank0["lrs"][4][0] == pytest.approx(0.0055)
+    assert rank0["lrs"][0] == pytest.approx([LR * 2 / 3, 10 * LR * 2 / 3])
+    assert rank0["lrs"][4][0] == pytest.approx(0.0055)
 
     assert list((run_dir / "logs").rglob("events.out.tfevents*"))  # TensorBoard tracker wrote on rank 0
     assert [s for s, _ in complete_checkpoints(run_dir)] == [6, 8]  # keep_last=2
@@ -299,7 +301,8 @@ def test_zero2_two_processes_sync_schedule_checkpoints_export(runs, tmp_path):
     assert main(["export", str(run_dir), "--out", str(tmp_path / "ema")]) == 0
     assert main(["export", str(run_dir), "--out", str(tmp_path / "raw"), "--raw", "--step", "6"]) == 0
     ema_net, raw_net = ToyNet.from_pretrained(tmp_path / "ema"), ToyNet.from_pretrained(tmp_path / "raw")
-    ema_weights, raw_weights = load_file(str(last / "ema.safetensors")), load_file(str(run_dir / "checkpoints/step-6/model.safetensors"))
+    ema_weights = load_file(str(last / "ema.safetensors"))
+    raw_weights = load_file(str(run_dir / "checkpoints/step-6/model.safetensors"))
     assert all(torch.equal(ema_net.state_dict()[k], v) for k, v in ema_weights.items())
     assert all(torch.equal(raw_net.state_dict()[k], v) for k, v in raw_weights.items())
     assert main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2

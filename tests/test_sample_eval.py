@@ -24,7 +24,7 @@ from pipeline.evaluate import Extremes, ReconstructionAccumulator
 from inception_helpers import save_random_fid_inception
 from pipeline.metrics import (GaussianStats, InceptionFeatures, codebook_usage, frechet_distance, precision_recall,
                               psnr)
-from pipeline.sample import sample_labels
+from pipeline.sample_images import sample_labels
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 64
@@ -110,7 +110,7 @@ def test_two_process_sampling_gives_each_rank_its_slice_and_merges_in_order(tmp_
     rank 0 merges the parts back into sample order."""
     from conftest import free_port, start_process
 
-    from pipeline.sample import generate_images
+    from pipeline.sample_images import generate_images
 
     out, seed, num = tmp_path / "samples", 3, 5
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 
 from data.demo_images import procedural_image
 import data.stream as stream_module
-from data.stream import ShardStream, deal_shards, expand_shard_spec
-from data.tar import iter_tar_members
+from data.stream import ShardStream
+from data.tar import expand_shard_spec, iter_tar_members
 from data.transforms import (crop_resize_flip, decode_pil, decode_torchvision, load_image, sample_augmentation,
                              to_unit_range)
 
@@ -98,12 +98,6 @@ def test_expand_shard_spec_forms_and_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no .tar files"):
         expand_shard_spec(tmp_path / "empty")
-
-
-def test_deal_shards_balances_and_gives_every_unit_a_shard():
-    bins = deal_shards([0, 1, 2, 3, 4], sizes=[10, 0, 3, 4, 5], units=3)
-    assert sorted(i for b in bins for i in b) == [0, 1, 2, 3, 4]
-    assert all(bins) and bins == [[0], [1, 3], [2, 4]]  # empty shard 1 still fills a bin first
 
 
 @pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
@@ -394,8 +388,142 @@ def test_decoders_refuse_decompression_bombs_without_touching_pil_globals():
 
     limit_before = Image.MAX_IMAGE_PIXELS
     side = int(MAX_PIXELS ** 0.5) + 1  # header-only PNG declaring just over the limit
-    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+    bomb = b"\x89PNG\r\n\x1a\n" + header + chunk(b"IEND", b"")
     for decode in (decode_pil, decode_torchvision):
         with pytest.raises(ValueError, match="pixels"):
             decode(bomb)
     assert Image.MAX_IMAGE_PIXELS == limit_before
+
+
+# ----------------------------------------------------------------------------------------- elastic resume
+def run_layout(root: Path, world_size: int, workers: int, batches: int | None = None, *, load: Path | None = None,
+               save: Path | None = None, **settings) -> dict[int, dict]:
+    """Every rank of a ``world_size x workers`` layout (one ShardStream per rank, ``workers`` real DataLoader
+    workers each) runs ``batches`` batches (default: the rest of the epoch), after loading the states in
+    ``load``; saves the states to ``save``. Returns {global entry: batch}: rank r's batch t is entry t * R + r."""
+    streams = [ShardStream(root, rank=rank, world_size=world_size, num_workers=workers, **settings)
+               for rank in range(world_size)]
+    by_entry: dict[int, dict] = {}
+    counts = []
+    for rank, stream in enumerate(streams):
+        if load is not None:
+            stream.load_state_file(load)
+        start = stream.batch_in_epoch
+        got = run_batches(stream, batches)
+        counts.append(len(got))
+        by_entry.update({(start + index) * world_size + rank: batch for index, batch in enumerate(got)})
+        if save is not None:
+            stream.save_state_file(save)
+        stream.close()
+    assert len(set(counts)) == 1, f"ranks yielded different batch counts {counts}"
+    return by_entry
+
+
+def same_batches(got: dict[int, dict], want: dict[int, dict]) -> bool:
+    return sorted(got) == sorted(want) and all(
+        got[e]["key"] == want[e]["key"] and torch.equal(got[e]["image"], want[e]["image"])
+        and torch.equal(got[e]["label"], want[e]["label"]) for e in got)
+
+
+ELASTIC = dict(batch_size=2, image_size=8, seed=7, shuffle_buffer=4, canonical_units=4)
+
+
+@pytest.mark.slow
+def test_epoch_resumed_on_other_layouts_sees_every_sample_once(tmp_path):
+    """2 ranks x 2 workers (grad_accum 1: K = 2 micro-batches per optimizer step) run 2 steps, resume as
+    1 rank x 1 worker (grad_accum 2) for 2 steps, then as 2 ranks x 1 worker to the end of the epoch. 4 units
+    with 6 samples each, 3 batches of 2 per unit: the epoch uses every sample exactly once. Every entry equals
+    the uninterrupted run's, and two resumes from the same state give identical batches."""
+    expected = write_shards(tmp_path / "shards", [6, 6, 6, 6], width=12, height=10)
+    shards = tmp_path / "shards"
+    reference = run_layout(shards, 2, 2, **ELASTIC)
+    assert sorted(reference) == list(range(12)) and sorted(keys_of(list(reference.values()))) == sorted(expected)
+
+    part1 = run_layout(shards, 2, 2, 2, save=tmp_path / "a", **ELASTIC)
+    part2 = run_layout(shards, 1, 1, 4, load=tmp_path / "a", save=tmp_path / "b", grad_accum=2, **ELASTIC)
+    again = run_layout(shards, 1, 1, 4, load=tmp_path / "a", grad_accum=2, **ELASTIC)
+    part3 = run_layout(shards, 2, 1, load=tmp_path / "b", **ELASTIC)
+    assert sorted(part1) == [0, 1, 2, 3] and sorted(part2) == [4, 5, 6, 7] and sorted(part3) == [8, 9, 10, 11]
+    assert same_batches(part2, again)  # deterministic in the saved state and the new layout
+    epoch = {**part1, **part2, **part3}
+    keys = keys_of([epoch[e] for e in sorted(epoch)])
+    assert len(keys) == len(expected) and set(keys) == set(expected)  # every sample exactly once
+    assert same_batches(epoch, reference)  # and each entry as in the uninterrupted run
+    state = json.loads((tmp_path / "b" / "stream-rank00000.json").read_text())
+    assert state["format"] == "varitok.stream/2" and state["entries"] == 8 and len(state["positions"]) == 4
+    assert "world_size" not in state and state["layout"] == {"world_size": 1, "workers": 1, "grad_accum": 2}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("counts", [[5, 9, 2, 7, 4, 6, 3, 8], [23]], ids=["8shards", "1shard"])
+def test_entries_do_not_depend_on_the_layout(tmp_path, counts):
+    """With 8 canonical units a fresh epoch is the same sequence of entries on 1 x 1, 2 x 2 and 4 x 2 (one
+    worker serving 8 units, shuffle buffers per unit), also with more units than shards (modulo split)."""
+    write_shards(tmp_path, counts)
+    settings = dict(ELASTIC, canonical_units=8)
+    one = run_layout(tmp_path, 1, 1, grad_accum=4, **settings)
+    assert len(one) == ShardStream(tmp_path, rank=0, world_size=4, **settings).entries_per_epoch
+    assert same_batches(run_layout(tmp_path, 2, 2, grad_accum=2, **settings), one)
+    assert same_batches(run_layout(tmp_path, 4, 2, **settings), one)
+
+
+@pytest.mark.slow
+def test_equal_steps_per_rank_after_a_layout_change(tmp_path):
+    """T = 12 entries (K = 4: 25 samples, 2 x 4 = 8 per step, 3 steps). 1 rank (grad_accum 4) stops after one
+    step; 2 ranks (grad_accum 2) and 4 ranks each yield the same number of batches, (12 - 4) / R."""
+    write_shards(tmp_path, [7, 6, 5, 7])
+    settings = dict(ELASTIC)
+    first = run_layout(tmp_path, 1, 1, 4, save=tmp_path / "s", grad_accum=4, **settings)
+    assert sorted(first) == [0, 1, 2, 3]
+    for world_size, accum in ((2, 2), (4, 1)):
+        streams = [ShardStream(tmp_path, rank=r, world_size=world_size, grad_accum=accum, **settings)
+                   for r in range(world_size)]
+        assert {s.entries_per_epoch for s in streams} == {12}
+        for stream in streams:
+            stream.load_state_file(tmp_path / "s")
+            assert stream.entries == 4 and stream.steps_per_epoch - stream.batch_in_epoch == 8 // world_size
+        assert [len(run_batches(s)) for s in streams] == [8 // world_size] * world_size
+
+
+def test_canonical_unit_and_state_file_errors(tmp_path):
+    write_shards(tmp_path / "shards", [6, 6, 6, 6])
+    shards = tmp_path / "shards"
+    with pytest.raises(ValueError, match=r"4 canonical units cannot be served by 2 ranks x 4 workers = 8 readers"):
+        ShardStream(shards, rank=0, world_size=2, num_workers=4, **ELASTIC)
+    with pytest.raises(ValueError, match=r"6 canonical units .* 2 ranks x 2 workers .*\(one of \[1, 2, 3, 6\]\)"):
+        ShardStream(shards, rank=0, world_size=2, num_workers=2, **dict(ELASTIC, canonical_units=6))
+    run_layout(shards, 2, 1, 1, save=tmp_path / "s", **ELASTIC)  # K = 2
+    with pytest.raises(ValueError, match="step_entries: saved 2, now 1"):  # the global batch changed
+        ShardStream(shards, rank=0, world_size=1, **ELASTIC).load_state_file(tmp_path / "s")
+    single = ShardStream(shards, rank=0, world_size=1, grad_accum=2, **ELASTIC)
+    single.load_state_file(tmp_path / "s")
+    assert single.entries == 2
+    states = [json.loads(f.read_text()) for f in sorted((tmp_path / "s").glob("stream-rank*.json"))]
+    new_batch = ShardStream(shards, rank=0, world_size=1, **ELASTIC)  # K = 1: accepted only when asked
+    new_batch.load_state_dict(states, allow_new_global_batch=True)
+    assert new_batch.entries == 2 and len(run_batches(new_batch)) == new_batch.entries_per_epoch - 2 == 10
+    with pytest.raises(ValueError, match=r"no position for canonical units \[1, 3\]"):  # rank 1's state missing
+        ShardStream(shards, rank=0, world_size=1, grad_accum=2, **ELASTIC).load_state_dict(states[:1])
+
+    (tmp_path / "s" / "stream-rank00001.json").rename(tmp_path / "rank1.json")
+    with pytest.raises(ValueError, match=r"no position for canonical units \[1, 3\].*stream-rank\*\.json file"):
+        ShardStream(shards, rank=0, world_size=1, grad_accum=2, **ELASTIC).load_state_file(tmp_path / "s")
+    same_layout = ShardStream(shards, rank=0, world_size=2, **ELASTIC)
+    same_layout.load_state_file(tmp_path / "s")  # node-local checkpoints: each rank needs its own file only
+    with pytest.raises(ValueError, match=r"no position for canonical units \[1, 3\] that rank 1 of 2 serves"):
+        ShardStream(shards, rank=1, world_size=2, **ELASTIC).load_state_file(tmp_path / "s")
+    other = json.loads((tmp_path / "rank1.json").read_text())
+    other["entries"] = 4  # a file of another save
+    (tmp_path / "s" / "stream-rank00001.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=r"contradict each other .*stream-rank00001.json: entries: first 2, this 4"):
+        ShardStream(shards, rank=0, world_size=1, grad_accum=2, **ELASTIC).load_state_file(tmp_path / "s")
+    other["entries"], other["positions"] = 2, {"0": 3, "1": 3}
+    (tmp_path / "s" / "stream-rank00001.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="canonical unit 0 has a position in both"):
+        ShardStream(shards, rank=0, world_size=1, grad_accum=2, **ELASTIC).load_state_file(tmp_path / "s")
+    with pytest.raises(FileNotFoundError, match="no stream state"):
+        ShardStream(shards, rank=0, world_size=1, **ELASTIC).load_state_file(tmp_path / "empty")
+    old = {**other, "format": "varitok.stream/1"}
+    with pytest.raises(ValueError, match="older varitok whose data order depends on the process layout"):
+        ShardStream(shards, rank=0, world_size=1, **ELASTIC).load_state_dict(old)

@@ -107,7 +107,8 @@ def test_round_trip_matches_the_tokenizer_on_the_same_images(corpus):
         for record, codes in zip(stored, expected):
             assert np.array_equal(record.grain, codes.grain.numpy())
             assert np.array_equal(record.codes, codes.codes.numpy())
-        decoded = tok.decode([ImageCodes(torch.from_numpy(np.array(r.grain)), torch.from_numpy(r.codes.astype(np.int64)))
+        decoded = tok.decode([ImageCodes(torch.from_numpy(np.array(r.grain)),
+                                         torch.from_numpy(r.codes.astype(np.int64)))
                               for r in stored])
         assert torch.equal(decoded, tok.decode(expected))
     grains = np.stack([r.grain for r in rows.values()])
@@ -221,7 +222,8 @@ def test_verify_catches_damage(corpus, tmp_path, capsys):
     values = codes.values.to_numpy().copy()
     values[0] = 256  # tiny.yaml codebooks have 256 entries
     bad = pa.ListArray.from_arrays(codes.offsets, pa.array(values), type=codes.type)
-    _rewrite_part(out_of_range, 2, table.set_column(table.schema.get_field_index("codes"), table.schema.field("codes"), bad))
+    column = table.schema.get_field_index("codes")
+    _rewrite_part(out_of_range, 2, table.set_column(column, table.schema.field("codes"), bad))
     code, report = _verify(out_of_range, shards, capsys)
     assert code == 1 and "part-000002.arrow: codes outside the codebook sizes [256, 256]" in report
 
@@ -324,3 +326,29 @@ def test_stats_and_decode_codes_write_pngs(corpus, tmp_path, capsys):
     assert grid.shape == (3 * 68, 2 * 68, 3)  # 3 keys x (decoded | overlay), 2 px padding
     assert cli(["decode-codes", str(ref), "--tokenizer", str(tok_dir), "--keys", "nokey",
                 "--out", str(tmp_path / "x.png")]) == 2
+
+
+def test_parts_of_any_rank_layout_are_reused(corpus, tmp_path):
+    """Parts finished under one rank layout are reused, not rewritten, under another: rank 0 of 2 writes the
+    even parts; rank 1 of 3 owns parts 1, 4, 7, 10, reuses 4 and 10, writes 1 and 7; one rank finishes the rest."""
+    shards, tok_dir, ref = corpus
+    out = tmp_path / "codes"
+
+    def part_files() -> dict[int, tuple[int, str]]:
+        parts = json.loads((out / "manifest.json").read_text())["parts"]
+        return {p["index"]: ((out / f"part-{p['index']:06d}.arrow").stat().st_mtime_ns, p["sha256"]) for p in parts}
+
+    first = tokenize(tok_dir, str(shards), out, batch_size=4, rank=0, world_size=2, progress=False)
+    assert (first["parts_mine"], first["parts_already_complete"], first["parts_written"]) == (6, 0, 6)
+    written = part_files()
+    assert sorted(written) == [0, 2, 4, 6, 8, 10]
+    second = tokenize(tok_dir, str(shards), out, batch_size=4, rank=1, world_size=3, progress=False)
+    assert (second["parts_mine"], second["parts_already_complete"], second["parts_written"]) == (4, 2, 2)
+    assert sorted(part_files()) == [0, 1, 2, 4, 6, 7, 8, 10]
+    last = tokenize(tok_dir, str(shards), out, batch_size=4, rank=0, world_size=1, progress=False)
+    assert (last["parts_mine"], last["parts_already_complete"], last["parts_written"]) == (NUM_SHARDS, 8, 4)
+    after = part_files()
+    assert sorted(after) == list(range(NUM_SHARDS))
+    assert all(after[i] == written[i] for i in written)  # the 2-rank run's files are untouched
+    assert _rows(out) == _rows(ref)
+    assert cli(["verify", "codes", str(out), "--shards", str(shards)]) == 0

@@ -3,7 +3,9 @@ skipped on every rank (ZeRO-3) and stopping the run after train.max_bad_steps, e
 packed data stream and optimiser groups."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -19,8 +21,9 @@ from data.codes import write_corpus
 from models.config import ConfigError
 from models.generator import Generator, GeneratorConfig, unpack
 from pipeline.cli import main as cli
-from pipeline.train_generator import (GeneratorStageConfig, PackedCodeStream, check_labels_and_lengths,
-                                      check_vocabulary, optimizer_groups)
+from pipeline.config import TrainConfig
+from pipeline.stages import GeneratorStageConfig
+from pipeline.train_generator import PackedCodeStream, check_labels_and_lengths, check_vocabulary, optimizer_groups
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "generator" / "tiny.yaml"
@@ -154,13 +157,14 @@ def test_non_finite_losses_in_a_row_stop_zero3_training_with_a_clear_error(tmp_p
     run_dir = tmp_path / "run"
     result = _launch(_train_args(run_dir, corpus, steps=4, extra=["train.max_bad_steps=2"]), nproc=2, zero=3,
                      poison=(0, "2,3", tmp_path / "hook"), ok=False)
-    assert "loss or gradient was NaN/Inf for 2 steps in a row (at step 2; train.max_bad_steps=2)" in result.stdout + result.stderr
+    message = "loss or gradient was NaN/Inf for 2 steps in a row (at step 2; train.max_bad_steps=2)"
+    assert message in result.stdout + result.stderr
     for calls in _hook_calls(tmp_path / "hook"):
         assert len(calls) == 3 and calls[2]["digest"] == calls[1]["digest"] != calls[0]["digest"]
     assert not (run_dir / "checkpoints" / "step-2").exists()
 
 
-def test_resume_after_kill_equals_straight_run(tmp_path, corpus):
+def test_resume_after_kill_equals_straight_run(tmp_path, corpus, capsys):
     straight = tmp_path / "straight"
     _launch(_train_args(straight, corpus, steps=4), nproc=1, zero=0)
     # Simulate kill -9 right after step 2: only step-2 on disk, plus a half-written checkpoint directory.
@@ -180,14 +184,82 @@ def test_resume_after_kill_equals_straight_run(tmp_path, corpus):
             assert torch.equal(a[key], b[key]), (name, key)
     assert [r["loss"] for r in _metrics(killed)] == [r["loss"] for r in _metrics(straight)][2:]
     saved = torch.load(straight / "checkpoints" / "step-2" / "extra-rank00000.pt", weights_only=True)["stream"]
-    assert saved["position"] == 2 and saved["views"] == "random"
+    assert saved["consumed"] == 2 and saved["views"] == "random"
+    # A changed key that is not declared resumable is refused before any process group (prepare);
+    # declared ones (log cadence, loader workers, where the code files live) resume to the same weights.
+    capsys.readouterr()
+    assert cli(_train_args(killed, corpus, steps=4, extra=["optim.weight_decay=0.05"])) == 2
+    assert "config differs (optim.weight_decay: checkpoint" in capsys.readouterr().err
+    moved = tmp_path / "moved-codes"
+    shutil.copytree(corpus, moved)
+    result = _launch(_train_args(killed, moved, steps=4, extra=["train.log_every=2", "data.num_workers=1", "--resume",
+                                                                 str(killed / "checkpoints" / "step-2")]),
+                     nproc=1, zero=0)
+    assert "(from 2)" in result.stdout
+    a = load_file(str(straight / "checkpoints" / "step-4" / "model.safetensors"))
+    b = load_file(str(killed / "checkpoints" / "step-4" / "model.safetensors"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+@dataclasses.dataclass
+class NewTrainConfig(TrainConfig):
+    new_knob: int = 0                       # a key added to the schema after the resume rule was written
+
+
+@dataclasses.dataclass
+class NewStageConfig(GeneratorStageConfig):
+    train: NewTrainConfig = dataclasses.field(default_factory=NewTrainConfig)
+
+
+def test_resume_identity_is_the_resolved_config_minus_the_declared_resumable_keys(tmp_path, corpus):
+    from data.codes import CodeReader
+    from pipeline.checkpoint import ResumeError, check_compatible
+    from pipeline.train_generator import resume_identity
+
+    reader = CodeReader(corpus)
+
+    def compatible(before: list[str], now: list[str], schema=GeneratorStageConfig) -> None:
+        saved = resume_identity(schema.from_dict({}, before), reader)
+        check_compatible({"world_size": 1, "zero_stage": 2, "config_identity": saved}, 1, 2,
+                         resume_identity(schema.from_dict({}, now), reader))
+
+    with pytest.raises(ResumeError, match=r"train\.new_knob: checkpoint 1, this run 2"):
+        compatible(["train.new_knob=1"], ["train.new_knob=2"], NewStageConfig)
+    for key, value in [("model.dropout", "0.2"), ("data.views", "all"), ("run.seed", "3"), ("optim.lr", "0.5"),
+                       ("train.max_steps", "7"), ("train.grad_accum", "2"), ("data.max_tokens", "99")]:
+        with pytest.raises(ResumeError, match=re.escape(f"{key}: checkpoint")):
+            compatible([], [f"{key}={value}"])
+    resumable = {"run.dir": "elsewhere", "data.codes": str(tmp_path), "data.num_workers": "7", "train.log_every": "3",
+                 "train.ckpt_every": "5", "train.keep_last": "9", "train.image_every": "11", "train.precision": "fp32",
+                 "train.zero_stage": "3", "train.max_bad_steps": "4", "train.watchdog_s": "0",
+                 "logging.grid_cfg": "3.0", "logging.tensorboard": "false"}
+    compatible([], [f"{key}={value}" for key, value in resumable.items()])
+    compatible(["data.row_length=0", "data.max_tokens=160"], ["data.row_length=160", "data.max_tokens=160"])
+    identity = resume_identity(GeneratorStageConfig.from_dict({}), reader)
+    assert identity["data"]["rows"] == len(reader) and "tokenizer" in identity["data"]
+    assert "codes" not in identity["data"] and "logging" not in identity and "dir" not in identity["run"]
+
+
+@pytest.mark.parametrize("schema_name", ["TokenizerStageConfig", "GeneratorStageConfig"])
+def test_every_declared_resumable_key_is_a_key_of_its_stage_schema(schema_name):
+    import pipeline.stages
+    from data.identity import flatten
+
+    schema = getattr(pipeline.stages, schema_name)
+    values = schema.from_dict({}).to_dict()
+    keys = set(flatten(values)) | set(values)
+    assert set(schema.RESUMABLE) <= keys, set(schema.RESUMABLE) - keys
+    declared = lambda key: any(key == r or key.startswith(r + ".") for r in schema.RESUMABLE)  # noqa: E731
+    # the identity is exactly the resolved config's keys that are not declared resumable
+    assert set(flatten(schema.from_dict({}).resume_identity())) == {k for k in flatten(values) if not declared(k)}
 
 
 def test_vocabulary_mismatch_names_both_sides(tmp_path, capsys):
     codes = write_corpus(tmp_path / "codes", rows=4, sizes=(256, 512))
     from data.codes import CodeReader
 
-    with pytest.raises(ConfigError, match=r"codebook_sizes: code files \[256, 512\] vs model.codebook_sizes \[256, 256\]"):
+    with pytest.raises(ConfigError,
+                       match=r"codebook_sizes: code files \[256, 512\] vs model.codebook_sizes \[256, 256\]"):
         check_vocabulary(CodeReader(codes), GeneratorConfig(), str(codes))
     assert cli(_train_args(tmp_path / "run", codes, 1)) == 2           # fails before any DeepSpeed set-up
     error = capsys.readouterr().err

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import ACCELERATE, free_port, start_process
+from conftest import ACCELERATE, free_port, launch_env, start_process
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 6
@@ -126,7 +127,8 @@ def _metrics(run_dir: Path) -> list[dict]:
 def _initial_digests(shards: Path, overrides: list[str]) -> dict[str, str]:
     """Digests of the weights a run starts from (prepare() seeds and builds exactly as the stage does)."""
     from pipeline.config import load_config
-    from pipeline.train_tokenizer import TokenizerStageConfig, prepare
+    from pipeline.stages import TokenizerStageConfig
+    from pipeline.train_tokenizer import prepare
     from pipeline.training import state_digest
 
     cfg = load_config(TokenizerStageConfig, "tiny", [f"data.shards={shards}", *overrides], kind="tokenizer")
@@ -241,6 +243,12 @@ def test_resume_with_other_config_or_world_size_fails_before_training(runs, caps
     assert main(["train-tokenizer", "--config", "tiny", *pair, "train.max_steps=12"]) == 2  # only the world size
     err = capsys.readouterr().err
     assert "world size" in err and "config differs" not in err
+    # An `srun -n 2` task without torchrun is one of 2 (data.world): only the config differs.
+    env = {**launch_env(), "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "0"}
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "train-tokenizer", "--config", "tiny", *pair,
+                             "optim.lr=5e-4"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "config differs (optim.lr" in result.stderr, result.stderr[-3000:]
+    assert "world size" not in result.stderr
 
 
 # ------------------------------------------------------------------------------------------ in-process

@@ -27,7 +27,8 @@ def test_grid_layout_and_uint8_conversion():
 def test_report_writes_markdown_and_html(tmp_path):
     save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / "img" / "x.png")
     report = Report("demo")
-    report.section("stage").command("varitok shard --input x").figures({"PSNR": 21.234567}).image(tmp_path / "img" / "x.png", "cap")
+    section = report.section("stage").command("varitok shard --input x").figures({"PSNR": 21.234567})
+    section.image(tmp_path / "img" / "x.png", "cap")
     md, html = report.write(tmp_path)
     text = md.read_text()
     assert "varitok shard --input x" in text and "21.23" in text and "img/x.png" in text

@@ -5,16 +5,13 @@ import bisect
 import hashlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from data.codes.format import code_schema, sequence_lengths
 from data.codes.manifest import CodeManifest
-
-if TYPE_CHECKING:
-    from data.codes.sampling import CodeIterator
 
 MAX_LISTED = 5
 
@@ -312,11 +309,3 @@ class CodeReader:
     def length_histogram(self, bins: int | np.ndarray = 50) -> tuple[np.ndarray, np.ndarray]:
         """Histogram of L: (counts int64 [bins], edges float64 [bins + 1]) as np.histogram returns them."""
         return np.histogram(self.lengths, bins=bins)
-
-    def iterate(self, rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0, shuffle: bool = True,
-                drop_last: bool = False) -> "CodeIterator":
-        """A resumable, rank-sharded iterator of CodeRecords (see data.codes.sampling.CodeIterator)."""
-        from data.codes.sampling import CodeIterator
-
-        return CodeIterator(self, rank=rank, world_size=world_size, seed=seed, epoch=epoch, shuffle=shuffle,
-                            drop_last=drop_last)

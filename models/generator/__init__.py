@@ -11,7 +11,7 @@ maps = sample(model, [3, 7], cfg_scale=2.0)  # [(grain uint8 [Hs, Ws], codes int
 ```
 """
 from models.generator.attention import DocumentMask
-from models.generator.sampling import SampledTokens, TokenFilter, ValidityRule, generate_tokens, sample
+from models.generator.decoding import SampledTokens, TokenFilter, ValidityRule, generate_tokens, sample
 from models.generator.sequence import (IGNORE, FlatSequences, PackedBatch, SequenceSpec, Targets, decode_sequences,
                                        encode_sequences, next_token_targets, pack, unpack, valid_choices)
 from models.generator.stacked import (FactorizedHead, Generator, GeneratorCache, GeneratorConfig, GeneratorOutput,
@@ -19,5 +19,5 @@ from models.generator.stacked import (FactorizedHead, Generator, GeneratorCache,
 
 __all__ = ["Generator", "GeneratorConfig", "GeneratorCache", "GeneratorOutput", "FactorizedHead", "SequenceSpec",
            "FlatSequences", "PackedBatch", "Targets", "IGNORE", "encode_sequences", "decode_sequences", "pack",
-           "unpack", "next_token_targets", "valid_choices", "DocumentMask", "TokenScores", "TokenFilter", "ValidityRule",
-           "SampledTokens", "generate_tokens", "sample"]
+           "unpack", "next_token_targets", "valid_choices", "DocumentMask", "TokenScores", "TokenFilter",
+           "ValidityRule", "SampledTokens", "generate_tokens", "sample"]

@@ -53,7 +53,8 @@ def _constant(values: tuple[int, ...], device: torch.device) -> Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class SequenceSpec:
-    """Vocabulary layout for ``num_levels`` levels over a coarsest ``grain_shape`` grid, ``len(codebook_sizes)`` sub-codes."""
+    """Vocabulary layout for ``num_levels`` levels over a coarsest ``grain_shape`` grid, with
+    ``len(codebook_sizes)`` sub-codes."""
 
     num_levels: int
     grain_shape: tuple[int, int]
@@ -439,7 +440,7 @@ def next_token_targets(spec: SequenceSpec, batch: PackedBatch) -> Targets:
 def valid_choices(spec: SequenceSpec, batch: PackedBatch) -> Tensor:
     """bool ``[R, S, R_c]``: the coarsest regions whose opening the sampler allows as the next position.
 
-    The sampler's validity rule (:mod:`models.generator.sampling`) evaluated for every token at once: a
+    The sampler's validity rule (:mod:`models.generator.decoding`) evaluated for every token at once: a
     region is a candidate when no earlier token of the sequence opened it (at any level) and it comes after
     the last region opened at the current level; EOL of the level is always allowed besides. Computed with
     one running max per (sequence, level) segment and one cumulative count of opened regions per row.

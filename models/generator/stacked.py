@@ -28,12 +28,10 @@ the head's sub-code outputs reuse its sub-code input tables.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from models.config import ConfigBase, ConfigError
@@ -46,6 +44,8 @@ from models.hub import PretrainedMixin
 @dataclasses.dataclass
 class GeneratorConfig(ConfigBase):
     """Architecture of the stacked generator (the ``model:`` section of a generator stage config)."""
+
+    yaml_section = "model"   # from_yaml reads the model section of a stage config
 
     num_levels: int = 2                    # granularities G of the tokenizer (0 = coarsest)
     num_subcodes: int = 2                  # K
@@ -98,21 +98,6 @@ class GeneratorConfig(ConfigBase):
         for name in ("dropout", "class_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: Iterable[str] = ()) -> "GeneratorConfig":
-        """Read the ``model:`` section of a stage config (or a bare model config) plus ``key=value`` overrides."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        values = OmegaConf.load(path)
-        if isinstance(values, DictConfig) and "model" in values:
-            values = values.model
-        try:
-            return cls.from_dict(values, overrides)
-        except ConfigError as exc:
-            message = str(exc) if str(exc).startswith("model.") else f"model.{exc}"
-            raise ConfigError(f"{path}: {message}") from None
 
     @property
     def spec(self) -> SequenceSpec:
@@ -272,7 +257,8 @@ class Generator(nn.Module, PretrainedMixin):
     # --- pieces shared by training and the incremental samplers -------------------------------------------
 
     def embed_inputs(self, position: Tensor, content: Tensor, label: Tensor) -> Tensor:
-        """Position-stack inputs ``[B, T, D]`` from position ids ``[B, T]``, sub-codes ``[B, T, K]``, labels ``[B, T]``."""
+        """Position-stack inputs ``[B, T, D]`` from position ids ``[B, T]``, sub-codes ``[B, T, K]`` and
+        labels ``[B, T]``."""
         x = self.position_embed(position)
         for j, embed in enumerate(self.content_embed):
             x = x + embed(content[..., j])

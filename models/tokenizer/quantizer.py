@@ -321,7 +321,8 @@ def disentanglement_loss(vectors: list[torch.Tensor], weights: torch.Tensor) -> 
 def _split_levels(tokens: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
     """Inverse of the per-level flattening: tokens (sum_g B*Hg*Wg) x C -> per level B x C x Hg x Wg."""
     sizes = [s[0] * s[2] * s[3] for s in shapes]
-    return [part.view(s[0], s[2], s[3], -1).permute(0, 3, 1, 2).contiguous() for part, s in zip(tokens.split(sizes), shapes)]
+    return [part.view(s[0], s[2], s[3], -1).permute(0, 3, 1, 2).contiguous()
+            for part, s in zip(tokens.split(sizes), shapes)]
 
 
 def _perplexity(indices: torch.Tensor, weights: torch.Tensor, size: int) -> torch.Tensor:

@@ -132,7 +132,8 @@ class Router(nn.Module):
         if self.num_levels == 1 and config.mode != "fixed":
             raise ConfigError("model.router.mode must be 'fixed' with a single granularity (len(model.factors) == 1)")
         if config.mode == "fixed" and not 0 <= config.fixed_level < self.num_levels:
-            raise ConfigError(f"model.router.fixed_level must be in [0, {self.num_levels - 1}], got {config.fixed_level}")
+            raise ConfigError(f"model.router.fixed_level must be in [0, {self.num_levels - 1}], "
+                              f"got {config.fixed_level}")
         if config.mode != "fixed" and len(config.targets) != self.num_levels - 1:
             raise ConfigError(f"model.router.targets needs one share per finer level ({self.num_levels - 1}), "
                               f"got {config.targets}")

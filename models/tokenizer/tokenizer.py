@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from pathlib import Path
-from typing import Iterable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from models.config import ConfigBase, ConfigError
@@ -43,6 +41,8 @@ class SemanticConfig(ConfigBase):
 
 @dataclasses.dataclass
 class TokenizerConfig(ConfigBase):
+    yaml_section = "model"   # from_yaml reads the model section of a stage config
+
     factors: list[int] = dataclasses.field(default_factory=lambda: [8, 16])  # downsampling factors, any order
     z_channels: int = 256
     encoder: EncoderConfig = dataclasses.field(default_factory=EncoderConfig)
@@ -65,24 +65,6 @@ class TokenizerConfig(ConfigBase):
             if codebook.align and codebook.align not in names:
                 raise ConfigError(f"model.quantizer.codebooks[{k}].align: teacher {codebook.align!r} is not in "
                                   f"model.teachers (names: {names})")
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: Iterable[str] = ()) -> "TokenizerConfig":
-        """Load a model config, or the ``model:`` section of a stage config (overrides may keep the
-        ``model.`` prefix)."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        values = OmegaConf.load(path)
-        if not isinstance(values, DictConfig):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        if "model" in values:
-            values = values.model
-        overrides = [o[len("model."):] if o.startswith("model.") else o for o in overrides]
-        try:
-            return cls.from_dict(values, overrides)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
 
 
 class ImageCodes(NamedTuple):

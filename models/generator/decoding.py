@@ -251,7 +251,8 @@ def generate_tokens(model: Generator, labels: Tensor, *, position: TokenFilter =
     device = model.position_embed.weight.device
     labels = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
     if labels.numel() == 0 or labels.min() < 0 or labels.max() > config.num_classes:
-        raise ValueError(f"labels must lie in 0..{config.num_classes} (the last is the null class), got {labels.tolist()}")
+        raise ValueError(f"labels must lie in 0..{config.num_classes} (the last is the null class), "
+                         f"got {labels.tolist()}")
     guided = cfg_scale is not None
     if guided and config.num_classes == 0:
         raise ValueError("cfg_scale needs a class-conditional model (num_classes > 0)")
