@@ -122,8 +122,7 @@ def test_parquet_rows_labels_captions_rejections_and_workers(tmp_path):
 TORCH_PROBE = """
 import json, sys
 from data.shards import ShardOptions, shard_images
-summary = shard_images(sys.argv[1:-1], sys.argv[-1], ShardOptions(image_size=32, shard_size=4), node_rank=0,
-                       num_nodes=1, progress=False)
+summary = shard_images(sys.argv[1:-1], sys.argv[-1], ShardOptions(image_size=32, shard_size=4), progress=False)
 print(json.dumps({"written": summary["written"], "heavy": sorted(m for m in ("torch", "torchvision", "webdataset")
                                                                  if m in sys.modules)}))
 """
