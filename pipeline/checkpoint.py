@@ -5,12 +5,21 @@ written as ``.tmp-step-N`` and renamed by rank 0 after every rank finished; a ki
 at worst a ``.tmp-*`` directory, removed by the next save)::
 
     pytorch_model/ ...            accelerator.save_state: DeepSpeed model + per-rank ZeRO optimizer shards
+    universal/ ...                ZeRO-1/2/3: the same state world-size independent (DeepSpeed universal checkpoint:
+                                  universal/zero/<param name>/{fp32,exp_avg,exp_avg_sq,step}.pt + optimizer_state.pt)
+    latest_universal              (written by DeepSpeed's converter: the name "universal")
     random_states_R.pkl, ...      (RNG per rank, scheduler, objects registered with register_for_checkpointing)
     extra-rankRRRRR.pt            per-rank state of the ``extra`` objects (data stream position, ...)
     model.safetensors             consolidated exportable weights (rank 0; gathered from ZeRO-3 shards)
     ema.safetensors               consolidated fp32 EMA weights (rank 0), metadata: decay, num_updates
-    meta.json                     {step, world_size, zero_stage, config_identity, time, stage, model_class}
+    meta.json                     {step, world_size, zero_stage, config_identity, time, stage, model_class,
+                                  layout, layouts, universal, world_size_independent, format: 2}
     checksums.json                written last: {relative path: {bytes, sha256}} of every other file
+
+Resuming on another world size: ZeRO-0 states are whole on every rank (nothing is partitioned) and ZeRO-1/2/3
+checkpoints carry ``universal/``, which :meth:`CheckpointManager.resume` re-partitions over the new ranks
+(``meta.json`` ``world_size_independent``). ``layout`` is the saved {world_size, grad_accum, num_workers};
+:func:`saved_layout` reads it before the engine is built (``data.epoch.grad_accum_for`` keeps the global batch).
 
 Rolling back (``resume`` from a checkpoint older than the newest, or saving step N while a ``step-M``,
 M > N, exists, e.g. after ``--resume none``) abandons the newer checkpoints: they are renamed to
@@ -32,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import io
 import json
 import logging
 import os
@@ -49,6 +59,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
+from data.epoch import grad_accum_for
 from data.files import AtomicFile, atomic_write
 from data.identity import describe_differences, differences
 from models.config import ConfigError
@@ -57,13 +68,16 @@ from pipeline.training import zero_stage
 
 __all__ = ["CheckpointManager", "ResumeError", "MODEL_CLASSES", "complete_checkpoints", "find_checkpoint",
            "read_meta", "check_compatible", "import_class", "export_pretrained", "checkpoint_problem",
-           "write_checksums", "no_pickled_code", "newest_intact_checkpoint"]
+           "write_checksums", "no_pickled_code", "newest_intact_checkpoint", "saved_layout", "layout_of",
+           "write_universal", "global_batch_problem"]
 
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
 CHECKSUMS = "checksums.json"
 MODEL_WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
+DEEPSPEED_TAG = "pytorch_model"    # Accelerate's directory of the DeepSpeed engine's files
+UNIVERSAL = "universal"            # the world-size-independent copy of it (ZeRO-1/2/3)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 log = logging.getLogger("varitok.checkpoint")
@@ -235,14 +249,106 @@ def no_pickled_code() -> Iterator[None]:
         torch.load = original
 
 
+def write_universal(checkpoint: str | os.PathLike) -> Path:
+    """Convert ``checkpoint/pytorch_model`` (ZeRO-1/2/3 shards of any world size) into ``checkpoint/universal``
+    with DeepSpeed's ``ds_to_universal``, in this process (call on one rank, after every rank saved).
+
+    The result holds, per parameter name, the full fp32 master weight and the optimizer's ``exp_avg``,
+    ``exp_avg_sq`` and ``step``, plus the param groups' hyperparameters; any world size can load it. The
+    converter's own output (progress bars, prints) goes to the debug log.
+    """
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+    checkpoint = Path(checkpoint)
+    started = time.perf_counter()
+    args = argparse.Namespace(input_folder=str(checkpoint / DEEPSPEED_TAG), output_folder=str(checkpoint / UNIVERSAL),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              # our module sets no Megatron-style universal_checkpoint_info: the default one fits
+                              inject_missing_state=True)
+    output = io.StringIO()
+    try:
+        with no_pickled_code(), contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            to_universal(args)
+    except Exception:
+        log.error("DeepSpeed's universal checkpoint conversion of %s failed; its output:\n%s", checkpoint,
+                  output.getvalue()[-4000:])
+        raise
+    log.debug("ds_to_universal output:\n%s", output.getvalue())
+    for copy in (checkpoint / UNIVERSAL).glob("*model_states.pt"):   # the converter copies them unchanged
+        original = checkpoint / DEEPSPEED_TAG / copy.name
+        if original.stat().st_size != copy.stat().st_size:
+            continue
+        with contextlib.suppress(OSError):                            # no hard links here: keep the copy
+            os.link(original, copy.with_name(f".{copy.name}"))
+            os.replace(copy.with_name(f".{copy.name}"), copy)
+    log.info("world-size-independent state written to %s in %.1f s", checkpoint / UNIVERSAL,
+             time.perf_counter() - started)
+    return checkpoint / UNIVERSAL
+
+
+@contextlib.contextmanager
+def _universal_load(accelerator, universal: Path) -> Iterator[None]:
+    """Inside: ``accelerator.load_state`` loads the DeepSpeed engine from ``universal`` (DeepSpeed's
+    ``checkpoint.load_universal`` mode, which re-partitions it over this run's ranks) and everything else
+    (scheduler, RNG) from the checkpoint directory as usual.
+
+    Accelerate always passes the tag ``pytorch_model``: the engine's ``load_checkpoint`` is redirected to the
+    universal directory for the duration.
+    """
+    engines = [model for model in accelerator._models if hasattr(model, "load_checkpoint")]
+    if len(engines) != 1:
+        raise ResumeError(f"a universal checkpoint holds one DeepSpeed engine, {len(engines)} were prepared")
+    engine = engines[0]
+    load_checkpoint = engine.load_checkpoint
+
+    def load_universal(load_dir, tag=None, **kwargs):
+        return load_checkpoint(str(universal.parent), universal.name, **kwargs)
+
+    engine._config.load_universal_checkpoint = True
+    engine.load_checkpoint = load_universal
+    try:
+        yield
+    finally:
+        del engine.load_checkpoint
+        engine._config.load_universal_checkpoint = False
+
+
+def _restore_group_hyperparameters(accelerator, universal: Path) -> None:
+    """ZeRO-3's universal loader gives every param group the hyperparameters of group 0 (DeepSpeed 0.19:
+    the decay and no-decay groups would share one weight decay, two models one learning rate): set each
+    group's own saved values again (lr, weight_decay, betas, ...; not the parameters)."""
+    saved_path = universal / "zero" / "optimizer_state.pt"
+    saved = torch.load(saved_path, map_location="cpu", weights_only=True)["optimizer_state_dict"]["param_groups"]
+    groups = accelerator._models[0].optimizer.optimizer.param_groups
+    if len(saved) != len(groups):
+        raise ResumeError(f"{saved_path} holds {len(saved)} param groups, this run's optimizer {len(groups)}: "
+                          f"the optimizer's param groups changed since the checkpoint")
+    for group, saved_group in zip(groups, saved):
+        group.update({key: value for key, value in saved_group.items() if key != "params"})
+
+
 def check_compatible(meta: Mapping[str, Any], world_size: int, zero_stage: int,
-                     config_identity: Mapping[str, Any]) -> None:
-    """Raise :class:`ResumeError` naming every difference between a checkpoint and this run."""
+                     config_identity: Mapping[str, Any], *, grad_accum: Optional[int] = None,
+                     allow_new_global_batch: bool = False) -> None:
+    """Raise :class:`ResumeError` naming every difference between a checkpoint and this run.
+
+    Another world size is accepted when the checkpoint is world-size independent (``meta.json``
+    ``world_size_independent``: ZeRO-0, or ZeRO-1/2/3 with its universal copy); a ZeRO stage change never.
+    With ``grad_accum``, this run's global batch (world size x grad_accum) must be the checkpoint's too,
+    unless ``allow_new_global_batch``.
+    """
     problems = []
-    if meta["world_size"] != world_size:
+    batch = None if grad_accum is None or allow_new_global_batch else global_batch_problem(
+        layout_of(meta), world_size, grad_accum)
+    if batch:
+        problems.append(batch)
+    if meta["world_size"] != world_size and not meta.get("world_size_independent", False):
         problems.append(f"world size: checkpoint {meta['world_size']} processes, this run {world_size}. "
-                        f"ZeRO checkpoints are per rank: relaunch with {meta['world_size']} processes in total "
-                        f"(or start a new run.dir)")
+                        f"The checkpoint holds per-rank ZeRO shards only (no world-size-independent "
+                        f"{UNIVERSAL}/ state: written by an older version): relaunch with {meta['world_size']} "
+                        f"processes in total (or start a new run.dir)")
     if meta["zero_stage"] != zero_stage:
         problems.append(f"ZeRO stage: checkpoint {meta['zero_stage']}, this run {zero_stage}: relaunch with "
                         f"--zero {meta['zero_stage']} (train.zero_stage={meta['zero_stage']})")
@@ -253,6 +359,42 @@ def check_compatible(meta: Mapping[str, Any], world_size: int, zero_stage: int,
                         f"a new run.dir")
     if problems:
         raise ResumeError("cannot resume from this checkpoint:\n  - " + "\n  - ".join(problems))
+
+
+def layout_of(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The saved layout {world_size, grad_accum, num_workers} of a checkpoint's meta.json (a checkpoint of
+    format 1 records only its world size: grad_accum and num_workers are None)."""
+    layout = meta.get("layout") or {}
+    return {"world_size": int(meta["world_size"]), "grad_accum": layout.get("grad_accum"),
+            "num_workers": layout.get("num_workers")}
+
+
+def global_batch_problem(saved: Mapping[str, Any], world_size: int, grad_accum: int) -> Optional[str]:
+    """Why ``world_size`` x ``grad_accum`` micro-batches per optimizer step differ from the checkpoint's
+    ``saved`` layout (:func:`layout_of`), and the grad_accum that keeps it (``data.epoch.grad_accum_for``);
+    None when they agree or the checkpoint does not record its grad_accum."""
+    if saved.get("grad_accum") is None:
+        return None
+    global_batch = int(saved["world_size"]) * int(saved["grad_accum"])
+    if global_batch == world_size * grad_accum:
+        return None
+    try:
+        keep = f"grad_accum {grad_accum_for(global_batch, world_size)} keeps it on {world_size} processes"
+    except ValueError as exc:
+        keep = str(exc)
+    return (f"global batch: the checkpoint made optimizer steps of {saved['world_size']} processes x grad_accum "
+            f"{saved['grad_accum']} micro-batches, this run {world_size} x {grad_accum} ({keep}); or set "
+            f"train.allow_new_global_batch=true to continue with another global batch")
+
+
+def saved_layout(run_dir: str | os.PathLike, spec: Optional[str] = "auto") -> Optional[dict[str, Any]]:
+    """The layout of the checkpoint ``resume(spec)`` will load (None when it starts fresh), read before the
+    accelerator exists so that the stage can choose ``grad_accum`` (``data.epoch.grad_accum_for``).
+
+    Every rank may call it (it reads files only). "auto" picks the newest intact checkpoint, as resume does.
+    """
+    path = newest_intact_checkpoint(run_dir) if str(spec) == "auto" else find_checkpoint(run_dir, spec)
+    return None if path is None else layout_of(read_meta(path))
 
 
 def _fsync_tree(root: Path) -> None:
@@ -273,11 +415,16 @@ class CheckpointManager:
 
     ``config_identity`` is what must match to resume (e.g. the model / loss / data config sections);
     ``stage`` and ``model_class`` ("module:Class", default from :data:`MODEL_CLASSES`) tell
-    ``varitok export`` how to rebuild the model.
+    ``varitok export`` how to rebuild the model. ``num_workers`` (loader workers per process) is recorded
+    in the layout. ``universal`` writes the world-size-independent copy of ZeRO-1/2/3 states beside each
+    checkpoint (rank 0, after the shards). ``allow_new_global_batch``: resume even when this run's
+    world size x grad_accum differs from the checkpoint's (otherwise a :class:`ResumeError`).
+    After :meth:`resume`, :attr:`resumed_layout` is the loaded checkpoint's layout (None: fresh start).
     """
 
     def __init__(self, run_dir: str | os.PathLike, accelerator, keep_last: int, config_identity: Mapping[str, Any],
-                 *, stage: Optional[str] = None, model_class: Optional[str] = None):
+                 *, stage: Optional[str] = None, model_class: Optional[str] = None,
+                 num_workers: Optional[int] = None, universal: bool = True, allow_new_global_batch: bool = False):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.run_dir = Path(run_dir)
@@ -287,6 +434,11 @@ class CheckpointManager:
         self.config_identity = json.loads(json.dumps(dict(config_identity)))  # plain JSON types, compared as saved
         self.stage = stage
         self.model_class = model_class or MODEL_CLASSES.get(stage or "")
+        self.num_workers = num_workers
+        self.universal = universal
+        self.allow_new_global_batch = allow_new_global_batch
+        self.resumed_layout: Optional[dict[str, Any]] = None
+        self._layouts: Optional[list[dict[str, Any]]] = None   # history, from the resumed checkpoint on
         self._check_shared_filesystem()
 
     @property
@@ -296,6 +448,17 @@ class CheckpointManager:
     @property
     def zero_stage(self) -> int:
         return zero_stage(self.accelerator)
+
+    @property
+    def layout(self) -> dict[str, Any]:
+        """This run's {world_size, grad_accum, num_workers} (grad_accum None for an accelerator without one)."""
+        accum = getattr(self.accelerator, "gradient_accumulation_steps", None)
+        return {"world_size": self.world_size, "grad_accum": None if accum is None else int(accum),
+                "num_workers": self.num_workers}
+
+    def _writes_universal(self) -> bool:
+        """ZeRO-1/2/3 partition the optimizer state: a universal copy makes it world-size independent."""
+        return self.universal and self.zero_stage > 0 and len(getattr(self.accelerator, "_models", ())) == 1
 
     def _check_shared_filesystem(self) -> None:
         """Every rank must see rank 0's files: checkpoints are written by all ranks into one directory."""
@@ -349,7 +512,10 @@ class CheckpointManager:
                     "step": str(step), "decay": repr(ema.decay), "num_updates": str(ema.num_updates)})
         acc.wait_for_everyone()
         if acc.is_main_process:
-            self._publish(step, tmp, final)
+            universal = self._writes_universal()
+            if universal:
+                write_universal(tmp)
+            self._publish(step, tmp, final, universal)
         acc.wait_for_everyone()
         return final
 
@@ -377,10 +543,13 @@ class CheckpointManager:
             raise ValueError(f"{len(models)} models were prepared: pass save(export_state=...) to say what to export")
         return self.accelerator.get_state_dict(models[0])
 
-    def _publish(self, step: int, tmp: Path, final: Path) -> None:
+    def _publish(self, step: int, tmp: Path, final: Path, universal: bool) -> None:
+        layouts = self._layouts if self._layouts is not None else [{"step": 0, **self.layout}]
         meta = {"step": step, "world_size": self.world_size, "zero_stage": self.zero_stage,
                 "config_identity": self.config_identity, "time": time.time(), "stage": self.stage,
-                "model_class": self.model_class, "format": 1}
+                "model_class": self.model_class, "format": 2, "layout": self.layout, "layouts": layouts,
+                "universal": UNIVERSAL if universal else None,
+                "world_size_independent": universal or self.zero_stage == 0}
         atomic_write(tmp / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
         _fsync_tree(tmp)
         write_checksums(tmp)  # last: its presence and contents vouch for every other file
@@ -405,40 +574,69 @@ class CheckpointManager:
 
         ``spec``: "auto" (newest intact checkpoint of this run, 0 when there is none; damaged newer ones are
         skipped with a warning), a checkpoint directory (must be intact), or None. Raises
-        :class:`ResumeError` before loading anything when the checkpoint's world size, ZeRO stage or config
-        identity differ from this run, or when one of its pickles holds more than plain state. After a
-        successful load from an older checkpoint than this run's newest, the newer ones are moved aside
+        :class:`ResumeError` before loading anything when the checkpoint's ZeRO stage or config identity
+        differ from this run, its world size differs and it is not world-size independent, this run's
+        global batch (world size x grad_accum) differs from the checkpoint's (unless
+        ``allow_new_global_batch``), or one of its pickles holds more than plain state. After a successful
+        load from an older checkpoint than this run's newest, the newer ones are moved aside
         (``abandoned-step-M-<time>``).
+
+        On another world size the model and optimizer come from the universal copy, re-partitioned over
+        this run's ranks (ZeRO-0: from the whole state every rank loads anyway); each ``extra`` object then
+        receives ``{"ranks": {saved rank: its state}}`` of every saved rank; the RNG state of a rank the
+        checkpoint did not have stays as seeded.
         """
         path = self._select(spec)
         if path is None:
             return 0
         meta = read_meta(path)
-        check_compatible(meta, self.world_size, self.zero_stage, self.config_identity)
+        check_compatible(meta, self.world_size, self.zero_stage, self.config_identity,
+                         grad_accum=self.layout["grad_accum"], allow_new_global_batch=self.allow_new_global_batch)
+        saved = layout_of(meta)
+        regrouped = saved["world_size"] != self.world_size
         acc = self.accelerator
         try:
             with no_pickled_code():
-                acc.load_state(str(path))
-                saved = self._load_extra(path, sorted(extra)) if extra else {}
+                if regrouped and meta.get("universal"):
+                    with _universal_load(acc, path / meta["universal"]):
+                        acc.load_state(str(path))
+                    if self.zero_stage == 3:
+                        _restore_group_hyperparameters(acc, path / meta["universal"])
+                else:
+                    acc.load_state(str(path))
+                names = sorted(extra) if extra else []
+                states = self._load_extra(path, names, saved["world_size"] if regrouped else None) if names else {}
         except pickle.UnpicklingError as exc:
             raise ResumeError(f"refusing to load {path}: one of its files holds pickled objects other than plain "
                               f"state, which could run code ({str(exc).splitlines()[0]}); it was not written by this "
                               f"training code, or was tampered with. Move it aside and resume from another "
                               f"checkpoint") from None
         for name, obj in (extra or {}).items():
-            obj.load_state_dict(saved[name])
+            obj.load_state_dict(states[name])
         if ema is not None:
             ema.load_state_dict(read_ema_state(path))
         step = int(meta["step"])
+        self.resumed_layout = saved
+        self._layouts = [dict(entry) for entry in meta.get("layouts") or [{"step": 0, **saved}]]
+        if {k: self._layouts[-1].get(k) for k in saved} != self.layout:
+            self._layouts.append({"step": step, **self.layout})
+            log.info("resuming step %d with layout %s (checkpoint: %s)", step, self.layout, saved)
         acc.wait_for_everyone()  # every rank has loaded before rank 0 renames anything
         if acc.is_main_process:
             self._abandon_newer_than(step, f"resumed from {path} (step {step})")
         acc.wait_for_everyone()
         return step
 
+    def _load_extra(self, path: Path, names: list[str], saved_world: Optional[int] = None) -> dict:
+        """This rank's saved ``extra`` states; with ``saved_world`` (another world size) ``{"ranks": {rank:
+        state}}`` of every rank of that run instead."""
+        if saved_world is None:
+            return self._read_extra(path / f"extra-rank{self.accelerator.process_index:05d}.pt", names)
+        per_rank = {rank: self._read_extra(path / f"extra-rank{rank:05d}.pt", names) for rank in range(saved_world)}
+        return {name: {"ranks": {rank: state[name] for rank, state in per_rank.items()}} for name in names}
 
-    def _load_extra(self, path: Path, names: list[str]) -> dict:
-        own = path / f"extra-rank{self.accelerator.process_index:05d}.pt"
+    @staticmethod
+    def _read_extra(own: Path, names: list[str]) -> dict:
         if not own.is_file():
             raise ResumeError(f"{own} missing: the checkpoint was saved without the extra state {names}")
         saved = torch.load(own, map_location="cpu", weights_only=True)

@@ -120,7 +120,7 @@ def prepare(cfg: TokenizerStageConfig, resume: Optional[str]) -> Prepared:
     if checkpoint is not None:
         meta = read_meta(checkpoint)
         # The ZeRO stage is only known once the accelerator exists: CheckpointManager.resume checks it.
-        check_compatible(meta, resolve_world().size, meta["zero_stage"], identity)
+        check_compatible(meta, resolve_world().size, meta["zero_stage"], identity, grad_accum=cfg.train.grad_accum)
     return Prepared(TokenizerTrainingModule(tokenizer, gan_loss), teachers, stream, identity)
 
 

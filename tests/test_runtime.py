@@ -352,7 +352,7 @@ def test_one_process_run_then_resume_with_other_world_size_and_config_fails_befo
     assert one["zero_stage"] == 0 and one["steps"] == 2 and one["net_change"] > 1e-3 and one["critic_change"] > 1e-3
     log = runs["logs"]["mismatch"].read_text()
     assert runs["codes"]["mismatch"] != 0
-    assert "world size: checkpoint 2 processes, this run 1" in log
+    assert "world size:" not in log  # a ZeRO-2 checkpoint carries its universal state: any world size resumes
     assert f"config differs (lr: checkpoint {LR}, this run {2 * LR})" in log
     run_dir = runs["dirs"]["mismatch"]
     # no training happened: the results are still the copied ones of the ZeRO-2 run

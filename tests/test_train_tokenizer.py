@@ -239,10 +239,11 @@ def test_resume_with_other_config_or_world_size_fails_before_training(runs, caps
     assert main(["train-tokenizer", "--config", "tiny", *pair, "optim.lr=5e-4"]) == 2
     err = capsys.readouterr().err
     assert "config differs (optim.lr: checkpoint 0.001, this run 0.0005)" in err
-    assert "world size: checkpoint 2 processes, this run 1" in err
-    assert main(["train-tokenizer", "--config", "tiny", *pair, "train.max_steps=12"]) == 2  # only the world size
+    # The checkpoint resumes on any world size, with the same images per step: 1 x grad_accum 2 halves them.
+    assert "world size" not in err and "global batch: the checkpoint made optimizer steps of 2 processes" in err
+    assert main(["train-tokenizer", "--config", "tiny", *pair, "train.max_steps=12"]) == 2  # only the global batch
     err = capsys.readouterr().err
-    assert "world size" in err and "config differs" not in err
+    assert "global batch" in err and "grad_accum 4 keeps it on 1 processes" in err and "config differs" not in err
     # An `srun -n 2` task without torchrun is one of 2 (data.world): only the config differs.
     env = {**launch_env(), "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "0"}
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "train-tokenizer", "--config", "tiny", *pair,
