@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from data.files import open_regular_file
-from data.tar import ShardReadError, count_tar_samples, iter_tar_members, sample_problem
+from data.tar import ShardReadError, count_tar_samples, iter_tar_members, sample_problem, split_key
 
 __all__ = ["SOURCE_EXTENSIONS", "Columns", "Row", "pick_column", "is_image_table", "arrow_files_of",
            "count_rows", "read_labels", "iter_rows", "SourceError", "LABEL_COLUMNS", "CAPTION_COLUMNS"]
@@ -245,12 +245,10 @@ def _table_rows(path: str, columns: Columns, start: int, stop: int) -> Iterator[
 
 def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """``(key, {extension: bytes})`` of each sample (adjacent members sharing a key), in file order."""
-    import webdataset as wds
-
     key, members = None, {}
     try:
         for name, data in iter_tar_members(path):  # the same member limit as the count (--max-input-bytes: per row)
-            base, ext = wds.tariterators.base_plus_ext(name)
+            base, ext = split_key(name)
             if base is None:
                 continue
             if base != key:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Mapping, Optional
 
 __all__ = ["World", "resolve_world"]
@@ -51,9 +52,9 @@ def _integer(environ: Mapping[str, str], name: str) -> int:
 def resolve_world(environ: Optional[Mapping[str, str]] = None) -> World:
     """This process's place in the job (see the module docstring); raises ValueError on inconsistent values."""
     environ = os.environ if environ is None else environ
-    import torch.distributed as dist
-
-    if environ is os.environ and dist.is_available() and dist.is_initialized():
+    # A process group exists only where torch.distributed was imported: do not import torch (~450 MB) to ask.
+    dist = sys.modules.get("torch.distributed")
+    if environ is os.environ and dist is not None and dist.is_available() and dist.is_initialized():
         rank, size = dist.get_rank(), dist.get_world_size()
         local = _integer(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else rank
         local_size = _integer(environ, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in environ else size

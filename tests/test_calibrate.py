@@ -69,6 +69,7 @@ def test_calibrate_cli_samples_with_workers_and_shows_progress(tmp_path, image_f
     assert "(40 sampled)" in captured.out
 
 
+@pytest.mark.slow
 def test_calibrate_reads_the_stage_schema_without_importing_the_training_stage():
     import subprocess
     import sys

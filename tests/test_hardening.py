@@ -245,6 +245,7 @@ def test_symlink_loops_give_each_image_once_and_finish(tmp_path):
     assert "symlink_loop" in reasons and "duplicate_link" in reasons
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_folder_tree_deeper_than_the_recursion_limit_is_walked(tmp_path):
     deep = tmp_path / "in"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -18,6 +19,7 @@ save_state_dict(state, sys.argv[1], metadata={"format": "pt", "class": "Tokenize
 """
 
 
+@pytest.mark.slow
 def test_same_weights_saved_by_different_processes_are_byte_identical(tmp_path):
     # safetensors orders the metadata from a per-process random HashMap: several processes would disagree
     paths = [tmp_path / f"w{i}.safetensors" for i in range(4)]

@@ -55,6 +55,7 @@ def _images(n: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, height, width), dtype=torch.uint8, generator=generator)
 
 
+@pytest.mark.slow
 def test_features_equal_torch_fidelity_on_the_same_file(weights):
     """varitok's one forward = torch-fidelity's extractor reading the same file (pool3, unbiased logits), and the
     sFID features = mixed_6/conv's first 7 channels in TF's channels-last order."""
@@ -186,6 +187,7 @@ def _write_shards(root, count: int, size: int = 48):
     return root
 
 
+@pytest.mark.slow
 def test_eval_reference_writes_adm_batch_and_generation_uses_its_statistics(tmp_path, weights, small_input, capsys):
     """``varitok eval reference`` writes ADM's keys with the statistics of ALL images and a subset in arr_0;
     ``eval generation`` then uses the stored mu / sigma (FID of the same images ~ 0), not the 4-image arr_0."""
@@ -225,6 +227,7 @@ def test_eval_reference_writes_adm_batch_and_generation_uses_its_statistics(tmp_
     assert "| fid |" in (tmp_path / "gen" / "metrics.md").read_text()
 
 
+@pytest.mark.slow
 def test_adm_npz_with_stored_statistics_and_10_image_arr_0(tmp_path, weights, small_input):
     """An ADM-format batch (mu / sigma / mu_s / sigma_s + a 10-image arr_0, no varitok keys): FID is taken
     against the stored statistics; here they are the samples' own, so FID ~ 0 although arr_0 is unrelated noise
@@ -258,6 +261,7 @@ def no_forward(monkeypatch):
     monkeypatch.setattr(InceptionFeatures, "forward", refuse)
 
 
+@pytest.mark.slow
 def test_bad_npz_and_too_few_images_are_clear_errors_before_any_forward(tmp_path, weights, no_forward, capsys):
     good = _images(4, 16, 16).permute(0, 2, 3, 1).numpy()
     np.savez(tmp_path / "good.npz", arr_0=good)
@@ -286,6 +290,7 @@ def test_bad_npz_and_too_few_images_are_clear_errors_before_any_forward(tmp_path
     assert "needs more than 3 images" in error("good.npz", num="3")
 
 
+@pytest.mark.slow
 def test_weights_of_another_architecture_or_with_objects_are_refused(tmp_path, weights):
     from torchvision.models import inception_v3
 

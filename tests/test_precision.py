@@ -3,7 +3,8 @@
 Launches (subprocesses started together to share the start-up cost), each under PROBE, which records what the
 training forward computed in (parameter and activation dtypes) and every host sync made by varitok's own code
 inside a training step (``.item()``, ``.tolist()``, ``.cpu()``, ``float()`` ... of a tensor):
-``tok1`` (train-tokenizer bf16, 1 process, ZeRO-0), ``tok2`` (bf16, 2 processes, ZeRO-2, grad_accum 2),
+``tok1`` (train-tokenizer bf16, 1 process, ZeRO-0, long enough at a high LR for its codes to become decisive),
+``tok2`` (bf16, 2 processes, ZeRO-2, grad_accum 2),
 ``gen2`` / ``gen3`` (train-generator bf16, 2 processes, ZeRO-2 / ZeRO-3 with the sample grid),
 ``sync1`` (train-tokenizer fp32, 1 process, 2 micro-batches per step, no logging inside the counted steps).
 """
@@ -13,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -23,6 +25,7 @@ from pipeline.precision import autocast, check_launcher_precision, deepspeed_pre
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 32
+TOK1_STEPS = 30
 TOKENIZER = ["-m", "pipeline.cli", "train-tokenizer", "--config", "tiny", f"data.image_size={SIZE}",
              f"model.encoder.resolution={SIZE}", f"model.decoder.resolution={SIZE}", "data.batch_size=2",
              "data.num_workers=0", "loss.disc_ndf=16", "train.zero_stage=0", "logging.tensorboard=false"]
@@ -161,11 +164,15 @@ def runs(tmp_path_factory):
     two = lambda zero: ACCELERATE + ["--num_processes", "2", "--use_deepspeed", "--zero_stage", str(zero),  # noqa
                                      "--main_process_port", str(free_port())]
     probe = [sys.executable, "-c", PROBE]
-    bf16_tokenizer = [*TOKENIZER, f"data.shards={shards}", "train.precision=bf16", "train.max_steps=3",
-                      "train.log_every=1", "train.ckpt_every=3", "train.image_every=3", "loss.disc_start=1"]
+    bf16_tokenizer = [*TOKENIZER, f"data.shards={shards}", "train.precision=bf16", "train.log_every=1",
+                      "loss.disc_start=1"]
+    steps = lambda n: [f"train.max_steps={n}", f"train.ckpt_every={n}", f"train.image_every={n}"]  # noqa
     launches = {
-        "tok1": probe + [str(root / "tok1"), *bf16_tokenizer[2:], f"run.dir={root / 'run-tok1'}"],
-        "tok2": two(2) + ["--no_python", *probe, str(root / "tok2"), *bf16_tokenizer[2:],
+        # A random or 3-step tokenizer has near-ties in its cosine lookup (~96% of codes survive bf16 autocast);
+        # 30 steps at 5x the tiny LR make the codes decisive (see test_bf16_codes_agree_with_fp32_codes).
+        "tok1": probe + [str(root / "tok1"), *bf16_tokenizer[2:], *steps(TOK1_STEPS), "optim.lr=5e-3",
+                         "optim.warmup_steps=2", f"run.dir={root / 'run-tok1'}"],
+        "tok2": two(2) + ["--no_python", *probe, str(root / "tok2"), *bf16_tokenizer[2:], *steps(3),
                           f"run.dir={root / 'run-tok2'}", "train.grad_accum=2", "train.ema_decay=0.9"],
         "gen2": two(2) + ["--no_python", *probe, str(root / "gen2"), *GENERATOR[2:], f"data.codes={corpus}",
                           f"run.dir={root / 'run-gen2'}", "train.max_steps=3", "train.precision=bf16"],
@@ -198,23 +205,54 @@ def _assert_fp32_files(run_dir: Path, step: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, world", [("tok1", 1), ("tok2", 2)])
-def test_bf16_tokenizer_training_computes_in_bf16_over_fp32_weights(runs, name, world):
+@pytest.mark.parametrize("name, world, steps", [("tok1", 1, TOK1_STEPS), ("tok2", 2, 3)])
+def test_bf16_tokenizer_training_computes_in_bf16_over_fp32_weights(runs, name, world, steps):
     for record in _check(runs, name, world):
-        assert len(record["forward"]) == 3 * (2 if name == "tok2" else 1)
+        assert len(record["forward"]) == steps * (2 if name == "tok2" else 1)
         for forward in record["forward"]:
             # fp32 master weights (never cast by DeepSpeed), bf16 convs (autocast), fp32 loss.
             assert forward["params"] == ["torch.float32"] and forward["activations"] == ["torch.bfloat16"]
             assert forward["loss_dtype"] == "torch.float32"
     run_dir = runs["root"] / f"run-{name}"
     rows = _metrics(run_dir)
-    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert [row["step"] for row in rows] == list(range(1, steps + 1))
     assert all(torch.isfinite(torch.tensor(row["loss/total"])) for row in rows)
     assert "loss/gan_d" in rows[-1] and torch.isfinite(torch.tensor(rows[-1]["loss/gan_d"]))   # the GAN ran
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["bad_steps"] == 0 and summary["world_size"] == world
-    _assert_fp32_files(run_dir, 3)
-    assert (run_dir / "images" / "step-0000003.png").is_file()        # grids from the bf16 reconstruction
+    _assert_fp32_files(run_dir, steps)
+    assert (run_dir / "images" / f"step-{steps:07d}.png").is_file()   # grids from the bf16 reconstruction
+
+
+@pytest.mark.slow
+def test_bf16_codes_agree_with_fp32_codes(runs):
+    """The tokenizer trained in bf16 (tok1) encodes held-out images under bf16 autocast into the codes of an
+    fp32 forward of the same weights on the same batch: the same grain maps and the same codes at >= 99% of
+    positions (the lookup runs in fp32; what differs is the bf16 encoder's features)."""
+    from data.demo_images import procedural_image
+    from models.tokenizer import Tokenizer
+
+    _check(runs, "tok1")
+    tokenizer = Tokenizer.from_pretrained(runs["root"] / "run-tok1" / "export")
+    pixels = [procedural_image(10_000 + i, SIZE, label=i % 2) for i in range(64)]   # not among the 16 shards'
+    images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    features = []
+    hook = tokenizer.encoder.register_forward_hook(lambda module, inputs, output: features.append(
+        sorted({str(level.dtype) for level in output})))
+    fp32 = tokenizer.encode(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = tokenizer.encode(images)
+    hook.remove()
+    assert features == [["torch.float32"], ["torch.bfloat16"]]     # the second encode really computed in bf16
+
+    grain_fp32, grain_bf16 = torch.stack([c.grain for c in fp32]), torch.stack([c.grain for c in bf16])
+    assert len(grain_fp32.unique()) == tokenizer.num_levels    # the router uses every granularity
+    assert (grain_fp32 == grain_bf16).float().mean() >= 0.99
+    same_map = [b for b in range(len(images)) if torch.equal(fp32[b].grain, bf16[b].grain)]
+    assert len(same_map) >= 0.95 * len(images)
+    # A position agrees when all K factorized codes agree.
+    agree = torch.cat([(fp32[b].codes == bf16[b].codes).all(1) for b in same_map]).float().mean()
+    assert agree >= 0.99, f"{float(agree):.4f} of positions kept their codes under bf16"
 
 
 @pytest.mark.slow

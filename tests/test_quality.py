@@ -25,6 +25,7 @@ def study(tmp_path_factory):
     return images, out, record
 
 
+@pytest.mark.slow
 def test_study_writes_consistent_json_table_and_plots(study):
     images, out, record = study
     assert json.loads((out / "quality.json").read_text()) == json.loads(json.dumps(record))

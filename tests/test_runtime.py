@@ -273,6 +273,7 @@ def _check(runs, *names):
         assert runs["codes"][name] == 0, runs["logs"][name].read_text()[-4000:]
 
 
+@pytest.mark.slow
 def test_zero2_two_processes_sync_schedule_checkpoints_export(runs, tmp_path):
     _check(runs, "zero2")
     run_dir = runs["dirs"]["zero2"]

@@ -105,6 +105,7 @@ def test_sample_writes_pngs_grid_and_adm_npz(tmp_path, exports):
     assert summary["class_counts"] == [2, 1, 1, 1] and not list(out.glob(".part-*"))
 
 
+@pytest.mark.slow
 def test_two_process_sampling_gives_each_rank_its_slice_and_merges_in_order(tmp_path, exports, one_thread):
     """torchrun, 2 CPU processes (gloo): sample i is made by rank i % 2 from that rank's seeded generator, and
     rank 0 merges the parts back into sample order."""
@@ -171,6 +172,7 @@ def test_codebook_usage_and_precision_recall_by_hand():
     assert recall == pytest.approx(0.5)
 
 
+@pytest.mark.slow
 def test_eval_reconstruction_end_to_end_matches_independent_psnr(tmp_path, exports, weights, small_inception_input):
     shards, pixels = _shards(tmp_path / "shards", 4)
     out = tmp_path / "rec"
@@ -197,6 +199,7 @@ def test_eval_reconstruction_end_to_end_matches_independent_psnr(tmp_path, expor
     assert extremes.size[0] > 3 * SIZE and extremes.size[1] > 3 * SIZE   # 3 columns, 2 worst + 2 best of 3
 
 
+@pytest.mark.slow
 def test_eval_generation_metrics_from_npz(tmp_path, weights, small_inception_input):
     samples = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
     np.savez(tmp_path / "samples.npz", arr_0=samples, labels=np.zeros(4, dtype=np.int64))

@@ -262,6 +262,7 @@ def test_rerun_is_byte_identical_across_worker_counts(tmp_path, image_folder):
     assert first == second
 
 
+@pytest.mark.slow
 def test_kill_minus_nine_then_resume_equals_clean_run(tmp_path):
     src = write_image_folder(tmp_path / "in", num_images=60, size=256, num_classes=3)
     out = tmp_path / "out"

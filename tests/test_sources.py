@@ -119,6 +119,30 @@ def test_parquet_rows_labels_captions_rejections_and_workers(tmp_path):
     assert output_files(tmp_path / "nodes") == output_files(tmp_path / "one")
 
 
+TORCH_PROBE = """
+import json, sys
+from data.shards import ShardOptions, shard_images
+summary = shard_images(sys.argv[1:-1], sys.argv[-1], ShardOptions(image_size=32, shard_size=4), progress=False)
+print(json.dumps({"written": summary["written"], "heavy": sorted(m for m in ("torch", "torchvision", "webdataset")
+                                                                 if m in sys.modules)}))
+"""
+
+
+def test_table_and_tar_shard_paths_import_no_torch(tmp_path):
+    """Sharding a Parquet table or re-sharding tars (discovery, row reads, tar writing, merge) must not load
+    torch: its libraries alone are ~0.45 GB of RSS, most of the memory budget of a 1 GB table."""
+    cells = [encoded(Image.fromarray(procedural_image(i, 24)), "JPEG") for i in range(10)]
+    path = write_parquet(tmp_path / "t.parquet", cells, list(range(10)), [None] * 10, row_group_size=3)
+    (tmp_path / "tars").mkdir()
+    with wds.ShardWriter(str(tmp_path / "tars" / "part-%05d.tar"), maxcount=4, verbose=0) as sink:
+        for i, cell in enumerate(cells):
+            sink.write({"__key__": f"{i:05d}", "jpg": cell, "cls": str(i), "txt": f"image {i}"})
+    for inputs, out in (([path], "out-table"), ([tmp_path / "tars"], "out-tars")):
+        result = subprocess.run([sys.executable, "-c", TORCH_PROBE, *map(str, inputs), str(tmp_path / out)],
+                                cwd=REPO, capture_output=True, text=True, check=True)
+        assert json.loads(result.stdout.strip().splitlines()[-1]) == {"written": 10, "heavy": []}, out
+
+
 def test_iter_rows_reads_exactly_the_range_across_row_groups(tmp_path):
     cells = [encoded(Image.new("RGB", (4, 4), (i, 0, 0)), "PNG") for i in range(23)]
     path = write_parquet(tmp_path / "t.parquet", cells, list(range(23)), [str(i) for i in range(23)],

@@ -194,6 +194,7 @@ def test_drop_last_false_rounds_up_and_fills_by_repeating(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- resume
+@pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_exact_resume_mid_epoch_and_across_epoch_boundary(tmp_path, num_workers):
     write_shards(tmp_path, [9, 4, 7, 6, 5], width=24, height=18)

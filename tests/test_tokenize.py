@@ -115,6 +115,7 @@ def test_round_trip_matches_the_tokenizer_on_the_same_images(corpus):
     assert 0 < grains.mean() < 1, "a random router should use both levels somewhere in the corpus"
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_identical_rows(corpus, tmp_path):
     shards, tok_dir, ref = corpus
     out = tmp_path / "codes"
@@ -136,6 +137,7 @@ def test_kill_9_then_resume_gives_identical_rows(corpus, tmp_path):
     assert cli(["verify", "codes", str(out), "--shards", str(shards)]) == 0
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(corpus, tmp_path):
     shards, tok_dir, ref = corpus
     out = tmp_path / "codes"
@@ -158,6 +160,7 @@ def test_two_processes_equal_one_process(corpus, tmp_path):
     assert _rows(out) == _rows(ref)
 
 
+@pytest.mark.slow
 def test_srun_tasks_without_a_launcher_split_the_parts(corpus, tmp_path):
     """``srun -n 2 varitok tokenize ...`` (no torchrun, no rendezvous): each task takes its own parts from
     SLURM's variables, so together they write every part once (before, every task was rank 0 of 1)."""
@@ -268,6 +271,7 @@ def test_another_tokenizer_is_refused(corpus, tmp_path, capsys):
         tokenize(tok_dir, str(shards), ref, views="flip", rank=0, world_size=1, progress=False)
 
 
+@pytest.mark.slow
 def test_granularity_ratio_retargets_an_entropy_router_and_is_refused_otherwise(corpus, tmp_path, capsys):
     shards, tok_dir, _ = corpus
     first = str(sorted(shards.glob("*.tar"))[0])
