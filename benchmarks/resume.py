@@ -15,6 +15,12 @@ For each, every rank's time from building its stream to its first batch (load_st
 ranks, as ranks start in parallel in a real run), and, after running the rest of the epoch, the raw samples all
 units skipped on resume (read from the tar, not decoded) over the samples consumed before the checkpoint, and
 the rate of that skip (raw samples read from the tars per second, nothing decoded).
+
+``--stage tokenizer``: the whole stage instead (tiny config at ``--image-size``, CPU, gloo): a run of
+``--ranks`` processes (ZeRO-2) trains 2 steps and checkpoints; copies of it resume for one more step on the same
+layout and on 1 process (``--resume auto``: grad_accum = ranks, universal checkpoint re-partitioned), beside a
+fresh start. Figure: seconds from launching the command to the end of its first optimizer step (the step's line
+in ``logs/metrics.jsonl``), median of ``--repeats``.
 """
 from __future__ import annotations
 
@@ -50,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shuffle-buffer", type=int, default=50)
     parser.add_argument("--fraction", type=float, default=0.5, help="share of the epoch consumed before the save")
     parser.add_argument("--repeats", type=int, default=3, help="timed resumes per layout (median)")
+    parser.add_argument("--stage", choices=("tokenizer",), default=None,
+                        help="time a training stage's resume (start to first step) instead of the stream's")
     args = parser.parse_args(argv)
+    if args.stage:
+        return stage_main(args)
 
     import torch
 
@@ -143,6 +153,68 @@ def main(argv: list[str] | None = None) -> int:
         "first_batch_changed_vs_same_layout": target(median["changed_layout"] / median["same_layout"], "<= 1.5"),
     }
     emit("resume", figures, targets)
+    return 0
+
+
+def stage_main(args) -> int:
+    """``--stage tokenizer``: start-to-first-step seconds of a fresh run, a same-layout and a changed-layout resume."""
+    import json
+    import os
+    import shutil
+    import subprocess
+
+    from data.demo_images import write_image_folder
+    from pipeline.runtime import free_port
+
+    repo = Path(__file__).resolve().parent.parent
+    size = args.image_size
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "SLURM_"))}
+    env.update(DS_ACCELERATOR=env.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+    stage = ["-m", "pipeline.cli", "train-tokenizer", "--config", "tiny", f"data.image_size={size}",
+             f"model.encoder.resolution={size}", f"model.decoder.resolution={size}",
+             f"data.batch_size={args.batch_size}", "data.num_workers=0", "loss.disc_ndf=16", "train.zero_stage=2",
+             "train.log_every=1", "train.ckpt_every=100", "train.image_every=100", "loss.disc_start=1",
+             "logging.tensorboard=false"]
+
+    def launch(run_dir: Path, ranks: int, steps: int) -> float:
+        """Seconds from the launch to the end of the first optimizer step this launch makes."""
+        command = [sys.executable, *stage, f"data.shards={shards}", f"run.dir={run_dir}", f"train.max_steps={steps}",
+                   "--resume", "auto"]
+        # accelerate launch for every layout (1 process too): the same launcher cost everywhere
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--mixed_precision", "no", "--dynamo_backend",
+                   "no", "--num_processes", str(ranks), "--use_deepspeed", "--zero_stage", "2",
+                   "--main_process_port", str(free_port()), *command[1:]]
+        metrics = run_dir / "logs" / "metrics.jsonl"
+        before = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+        start = time.time()
+        result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
+        if result.returncode:
+            raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
+        lines = [json.loads(line) for line in metrics.read_text().splitlines()[before:]]
+        return next(line["time"] for line in lines if "event" not in line) - start
+
+    with tempfile.TemporaryDirectory(prefix="varitok-stage-resume-bench-") as tmp:
+        tmp = Path(tmp)
+        paths = sorted(write_image_folder(tmp / "images", args.num_images, size=size, fmt="jpg").rglob("*.jpg"))
+        shards = tmp / "shards"
+        shards.mkdir()
+        write_benchmark_shards(paths, shards, args.shard_size)
+        saved = tmp / "saved"
+        launch(saved, args.ranks, 2)
+        times: dict[str, list[float]] = {"fresh": [], "same_layout": [], "changed_layout": []}
+        for repeat in range(args.repeats):
+            times["fresh"].append(launch(tmp / f"fresh-{repeat}", args.ranks, 1))
+            for name, ranks in (("same_layout", args.ranks), ("changed_layout", 1)):
+                run_dir = tmp / f"{name}-{repeat}"
+                shutil.copytree(saved, run_dir)
+                times[name].append(launch(run_dir, ranks, 3))
+    median = {name: statistics.median(values) for name, values in times.items()}
+    figures = {"stage": "tokenizer (tiny)", "image_size": size, "batch_size": args.batch_size,
+               "saved_layout": f"{args.ranks} processes, ZeRO-2", "changed_layout": "1 process",
+               "repeats": args.repeats, **{f"first_step_seconds_{name}": round(v, 2) for name, v in median.items()}}
+    targets = {"first_step_changed_vs_same_layout": target(median["changed_layout"] / median["same_layout"], "<= 1.5")}
+    emit("resume-stage", figures, targets)
     return 0
 
 

@@ -583,7 +583,7 @@ class CheckpointManager:
 
         On another world size the model and optimizer come from the universal copy, re-partitioned over
         this run's ranks (ZeRO-0: from the whole state every rank loads anyway); each ``extra`` object then
-        receives ``{"ranks": {saved rank: its state}}`` of every saved rank; the RNG state of a rank the
+        receives the list of every saved rank's state (saved rank order); the RNG state of a rank the
         checkpoint did not have stays as seeded.
         """
         path = self._select(spec)
@@ -628,12 +628,12 @@ class CheckpointManager:
         return step
 
     def _load_extra(self, path: Path, names: list[str], saved_world: Optional[int] = None) -> dict:
-        """This rank's saved ``extra`` states; with ``saved_world`` (another world size) ``{"ranks": {rank:
-        state}}`` of every rank of that run instead."""
+        """This rank's saved ``extra`` states; with ``saved_world`` (another world size) the list of every rank's
+        state of that run instead (saved rank order), which the streams' ``load_state_dict`` merge."""
         if saved_world is None:
             return self._read_extra(path / f"extra-rank{self.accelerator.process_index:05d}.pt", names)
-        per_rank = {rank: self._read_extra(path / f"extra-rank{rank:05d}.pt", names) for rank in range(saved_world)}
-        return {name: {"ranks": {rank: state[name] for rank, state in per_rank.items()}} for name in names}
+        per_rank = [self._read_extra(path / f"extra-rank{rank:05d}.pt", names) for rank in range(saved_world)]
+        return {name: [state[name] for state in per_rank] for name in names}
 
     @staticmethod
     def _read_extra(own: Path, names: list[str]) -> dict:

@@ -69,6 +69,9 @@ class TrainConfig(ConfigBase):
     zero_stage: int = 2            # DeepSpeed ZeRO stage when not launched with an accelerate config
     max_bad_steps: int = 20        # consecutive non-finite losses before the run stops
     watchdog_s: float = 1800.0     # every rank exits (code 124) when any rank makes no step for this long; 0 = off
+    # On resume at another world size, grad_accum keeps world size x grad_accum (the global batch) of the
+    # checkpoint; true accepts a world size that cannot keep it (grad_accum rounded, the change logged).
+    allow_new_global_batch: bool = False
 
     def __post_init__(self) -> None:
         check_choice("train", "precision", self.precision, PRECISIONS)

@@ -21,12 +21,20 @@ pipeline.train_generator) is ``prepare(cfg, resume)`` (every check, before any p
                 ckpt.save(step, ema=ema, extra={"stream": stream})
     return finish_run(accelerator, cfg.run.dir, step, start, summary, raw=ema is None)   # export, summary.json
 
+Elastic resume: ``prepare`` reads the checkpoint's layout and takes ``train.grad_accum`` from
+:func:`resume_layout` (the checkpoint's global batch, processes x grad_accum micro-batches per optimizer step,
+kept on this run's world size); after ``ckpt.resume``, :func:`layout_change` is the event a changed layout
+writes to ``logs/metrics.jsonl`` (``MetricsLog.event``) and the summary, and ``summary.json`` lists the run's
+``layouts`` history (from the newest checkpoint's meta.json).
+
 Launchers: plain ``python`` (this module fills RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* for a world of 1),
 ``accelerate launch`` (its DeepSpeed config and ZeRO stage are respected when it passes one),
 ``torchrun`` and ``deepspeed --no_local_rank`` (the ZeRO stage then comes from ``train.zero_stage``).
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import socket
 import warnings
@@ -44,6 +52,8 @@ from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration, set_seed  # noqa: E402
 
 from data.world import resolve_world  # noqa: E402
+from data.epoch import grad_accum_for  # noqa: E402
+from pipeline.checkpoint import ResumeError, layout_of, newest_intact_checkpoint, read_meta  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.export import export_run  # noqa: E402
 from pipeline.precision import check_launcher_precision, deepspeed_precision_config, resolve_precision  # noqa: E402
@@ -51,7 +61,9 @@ from pipeline.training import finished_run_summary, write_summary  # noqa: E402
 from pipeline.watchdog import Watchdog, shared_token  # noqa: E402
 
 __all__ = ["build_accelerator", "finish_training", "finish_run", "stage_watchdog", "launched_with_deepspeed_config",
-           "free_port"]
+           "free_port", "ResumeLayout", "resume_layout", "layout_change"]
+
+log = logging.getLogger("varitok.runtime")
 
 # Read before any Accelerator exists: Accelerate sets this variable itself once a DeepSpeed plugin is used.
 _LAUNCHER_GAVE_DEEPSPEED = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
@@ -206,6 +218,65 @@ def build_accelerator(train: TrainConfig, run_dir: str | os.PathLike, *, grad_cl
     return accelerator
 
 
+@dataclasses.dataclass(frozen=True)
+class ResumeLayout:
+    """The launch layout of a run: ``grad_accum`` for ``world_size`` processes, and the checkpoint's layout
+    (``saved``: {world_size, grad_accum, num_workers}, None for a fresh run)."""
+
+    world_size: int
+    grad_accum: int
+    saved: Optional[dict[str, Any]] = None
+    new_global_batch: bool = False     # allow_new_global_batch was needed: K differs from the checkpoint's
+
+    @property
+    def step_entries(self) -> int:
+        """K: global micro-batches per optimizer step (world_size x grad_accum)."""
+        return self.world_size * self.grad_accum
+
+
+def resume_layout(meta: Optional[dict[str, Any]], world_size: int, train: TrainConfig) -> ResumeLayout:
+    """The layout of a run resuming the checkpoint of ``meta`` (None: a fresh run, ``train.grad_accum``) on
+    ``world_size`` processes: grad_accum = K / world_size with the checkpoint's K = processes x grad_accum
+    (data.epoch.grad_accum_for). Raises ResumeError (a ConfigError) listing the world sizes that keep K when
+    ``world_size`` does not divide it, unless ``train.allow_new_global_batch``. Call before the accelerator
+    exists; a configured ``train.grad_accum`` other than the result is replaced (with a warning)."""
+    saved = None if meta is None else layout_of(meta)
+    if saved is None or saved["grad_accum"] is None:   # a fresh run, or a checkpoint that did not record it
+        return ResumeLayout(world_size, train.grad_accum, saved)
+    step_entries = saved["world_size"] * saved["grad_accum"]
+    try:
+        grad_accum = grad_accum_for(step_entries, world_size, train.allow_new_global_batch)
+    except ValueError as exc:
+        raise ResumeError(f"the checkpoint's layout ({saved['world_size']} processes x grad_accum "
+                          f"{saved['grad_accum']}): {exc}") from None
+    changed = grad_accum * world_size != step_entries
+    if grad_accum != train.grad_accum:
+        log.warning("train.grad_accum=%d replaced by %d: the checkpoint ran %d processes x grad_accum %s, this run "
+                    "has %d processes%s", train.grad_accum, grad_accum, saved["world_size"], saved["grad_accum"],
+                    world_size, " (a new global batch: train.allow_new_global_batch)" if changed else "")
+    return ResumeLayout(world_size, grad_accum, saved, changed)
+
+
+def layout_change(saved: Optional[dict[str, Any]], now: dict[str, Any], step: int,
+                  micro_batch: str) -> Optional[dict[str, Any]]:
+    """``{"event": "layout", "step", "from", "to", "global_batch": {"from", "to", "unit"}}`` when a run resumed
+    at ``step`` with another layout (``now``: CheckpointManager.layout) than its checkpoint's (``saved``:
+    ``ckpt.resumed_layout``); None otherwise. The global batch is counted in micro-batches of ``micro_batch``
+    (e.g. "8 images", "512 tokens") per optimizer step."""
+    if saved is None or saved == now:
+        return None
+    before = None if saved.get("grad_accum") is None else saved["world_size"] * saved["grad_accum"]
+    after = now["world_size"] * now["grad_accum"]
+    return {"event": "layout", "step": step, "from": dict(saved), "to": dict(now),
+            "global_batch": {"from": before, "to": after, "unit": f"micro-batches of {micro_batch}",
+                             "changed": before is not None and before != after}}
+
+
+def _layout_history(run_dir: Path) -> Optional[list[dict[str, Any]]]:
+    newest = newest_intact_checkpoint(run_dir)
+    return None if newest is None else read_meta(newest).get("layouts")
+
+
 def finish_training(accelerator: Accelerator) -> None:
     """End of a stage: flush and close the trackers and wait for every rank.
 
@@ -233,7 +304,8 @@ def finish_run(accelerator: Accelerator, run_dir: str | os.PathLike, step: int, 
 
     A call that trained nothing on an already exported run keeps its export and summary untouched (stage 2 keys
     code files on the export's weights hash) and returns the saved summary. Returns the summary on rank 0,
-    ``{}`` on the other ranks.
+    ``{}`` on the other ranks. ``layouts`` in the summary: the run's launch layouts, ``[{step, world_size,
+    grad_accum, num_workers}]`` from the step each one started at (the newest checkpoint's meta.json).
     """
     run_dir = Path(run_dir)
     result: dict[str, Any] = {}
@@ -241,7 +313,8 @@ def finish_run(accelerator: Accelerator, run_dir: str | os.PathLike, step: int, 
         result = finished_run_summary(run_dir, step, start_step)
         if result is None:
             export_dir = export_run(run_dir, run_dir / "export", raw=raw)
-            result = {**summary, "export": str(export_dir), "export_weights": "raw" if raw else "ema"}
+            result = {**summary, "export": str(export_dir), "export_weights": "raw" if raw else "ema",
+                      "layouts": _layout_history(run_dir)}
             write_summary(run_dir, result)
     accelerator.wait_for_everyone()
     finish_training(accelerator)

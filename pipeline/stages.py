@@ -10,6 +10,7 @@ A checkpoint resumes only under the same resolved config except the keys its sta
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 from models.config import ConfigBase, ConfigError, check_choice
 from models.generator import GeneratorConfig
@@ -31,11 +32,16 @@ class TokenizerDataConfig(ConfigBase):
     num_workers: int = 2         # decoding processes per rank
     image_size: int = 256        # square crop side, pixels
     shuffle_buffer: int = 1000
+    # Canonical units of the data order (null = processes x max(1, num_workers) of the run's first launch). A
+    # resumed run keeps the checkpoint's; any later processes x workers dividing it continues the epoch exactly.
+    canonical_units: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "image_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.canonical_units is not None and self.canonical_units < 1:
+            raise ConfigError(f"data.canonical_units must be >= 1 (or null), got {self.canonical_units}")
         if self.num_workers < 0 or self.shuffle_buffer < 0:
             raise ConfigError("data.num_workers and data.shuffle_buffer must be >= 0")
 
@@ -46,8 +52,11 @@ class TokenizerStageConfig(StageConfig):
     model: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
 
+    # The launch layout may change (train.grad_accum is then recomputed to keep processes x grad_accum, the
+    # global batch: checked by the stream state); data.canonical_units is checked by the stream state too.
     RESUMABLE = ("run.dir", "train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_last",
-                 "train.image_every", "train.max_bad_steps", "train.zero_stage", "train.watchdog_s", "logging")
+                 "train.image_every", "train.max_bad_steps", "train.zero_stage", "train.watchdog_s", "logging",
+                 "train.grad_accum", "train.allow_new_global_batch", "data.num_workers", "data.canonical_units")
 
 
 # ------------------------------------------------------------------------------------------ stage 3
@@ -84,7 +93,8 @@ class GeneratorStageConfig(StageConfig):
     logging: GeneratorLoggingConfig = dataclasses.field(default_factory=GeneratorLoggingConfig)
 
     # data.codes may move: the code files' identity (rows, tokenizer) is checked instead (train_generator.prepare);
-    # data.row_length is checked as resolved (0 = data.max_tokens).
+    # data.row_length is checked as resolved (0 = data.max_tokens). The launch layout may change: train.grad_accum
+    # is recomputed to keep processes x grad_accum micro batches of data.max_tokens per optimizer step.
     RESUMABLE = ("run.dir", "data.codes", "data.num_workers", "train.log_every", "train.ckpt_every",
                  "train.keep_last", "train.image_every", "train.precision", "train.zero_stage", "train.max_bad_steps",
-                 "train.watchdog_s", "logging")
+                 "train.watchdog_s", "logging", "train.grad_accum", "train.allow_new_global_batch")

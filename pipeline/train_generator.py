@@ -45,7 +45,7 @@ from pipeline.checkpoint import CheckpointManager, check_compatible, find_checkp
 from pipeline.config import load_config, save_resolved_config
 from pipeline.ema import EMA
 from pipeline.precision import autocast, resolve_precision
-from pipeline.runtime import build_accelerator, finish_run, stage_watchdog
+from pipeline.runtime import ResumeLayout, build_accelerator, finish_run, layout_change, resume_layout, stage_watchdog
 from pipeline.schedule import warmup_cosine
 from pipeline.stages import GeneratorDataConfig, GeneratorLoggingConfig, GeneratorStageConfig
 from pipeline.training import (GuardedStep, MetricsLog, MetricWindow, NonFiniteGuard, add_stage_arguments,
@@ -165,7 +165,8 @@ class PackedCodeStream:
     def state_dict(self) -> dict[str, Any]:
         return self.batcher.state_dict()
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Continue after ``state``: this rank's saved state, or the list of every saved rank's (any world size)."""
         self.batcher.load_state_dict(state)
         self._batches = None
 
@@ -228,23 +229,32 @@ class Prepared:
 
     reader: CodeReader
     identity: dict
+    layout: ResumeLayout    # this run's processes x grad_accum (the checkpoint's tokens per step on resume)
 
 
 def prepare(cfg: GeneratorStageConfig, resume: Optional[str]) -> Prepared:
     """Check the code files against the model and a checkpoint to resume against this run, raising ConfigError
-    (or ResumeError) on anything bad. Runs on every rank before any process group or DeepSpeed engine exists."""
+    (or ResumeError) on anything bad. Runs on every rank before any process group or DeepSpeed engine exists.
+
+    On resume the checkpoint's tokens per optimizer step (processes x grad_accum micro batches of
+    ``data.max_tokens``) are kept: ``cfg.train.grad_accum`` is set for this run's number of processes
+    (pipeline.runtime ``resume_layout``), or a ResumeError says which numbers of processes work."""
     if not cfg.data.codes:
         raise ConfigError("data.codes is empty: pass data.codes=DIR (a directory written by `varitok tokenize`)")
     reader = CodeReader(cfg.data.codes)
     check_vocabulary(reader, cfg.model, cfg.data.codes)
     check_labels_and_lengths(reader, cfg.model, cfg.data.slots_per_row, cfg.data.codes)
     identity = resume_identity(cfg, reader)
+    world_size = resolve_world().size
     checkpoint = find_checkpoint(cfg.run.dir, resume)
+    meta = None
     if checkpoint is not None:
         meta = read_meta(checkpoint)
         # The ZeRO stage is only known once the accelerator exists: CheckpointManager.resume checks it.
-        check_compatible(meta, resolve_world().size, meta["zero_stage"], identity, grad_accum=cfg.train.grad_accum)
-    return Prepared(reader, identity)
+        check_compatible(meta, world_size, meta["zero_stage"], identity)
+    layout = resume_layout(meta, world_size, cfg.train)
+    cfg.train.grad_accum = layout.grad_accum
+    return Prepared(reader, identity, layout)
 
 
 def train(cfg: GeneratorStageConfig, prepared: Prepared, resume: Optional[str] = "auto") -> dict[str, Any]:
@@ -270,9 +280,13 @@ def train(cfg: GeneratorStageConfig, prepared: Prepared, resume: Optional[str] =
     num_parameters = model.num_parameters()
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ema = EMA(accelerator.unwrap_model(model), cfg.train.ema_decay, warmup=True) if cfg.train.ema_decay > 0 else None
-    ckpt = CheckpointManager(run_dir, accelerator, cfg.train.keep_last, prepared.identity, stage="generator")
+    ckpt = CheckpointManager(run_dir, accelerator, cfg.train.keep_last, prepared.identity, stage="generator",
+                             num_workers=cfg.data.num_workers, allow_new_global_batch=cfg.train.allow_new_global_batch)
     step = start = ckpt.resume(resume, ema=ema, extra={"stream": stream})
     log = MetricsLog(accelerator, run_dir)
+    changed = layout_change(ckpt.resumed_layout, ckpt.layout, step, f"{cfg.data.max_tokens} tokens")
+    if changed:
+        log.event(changed)
     guard, window, last = NonFiniteGuard(cfg.train.max_bad_steps), MetricWindow(), {}
     model.train()
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_main_process,
@@ -309,7 +323,9 @@ def train(cfg: GeneratorStageConfig, prepared: Prepared, resume: Optional[str] =
     bar.close()
     summary = {"steps": step, "resumed_from": start, "world_size": accelerator.num_processes,
                "zero_stage": ckpt.zero_stage, "parameters": num_parameters,
-               "steps_per_epoch": stream.steps_per_epoch, "bad_steps": guard.total, "final": last}
+               "steps_per_epoch": stream.steps_per_epoch, "bad_steps": guard.total, "final": last,
+               "layout": ckpt.layout, "token_budget_per_step": cfg.data.max_tokens * accelerator.num_processes
+               * cfg.train.grad_accum, "layout_change": changed}
     return finish_run(accelerator, run_dir, step, start, summary, raw=ema is None)
 
 

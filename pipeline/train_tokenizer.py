@@ -12,10 +12,12 @@ steps and at the end, last ``train.keep_last`` kept), ``logs/metrics.jsonl`` (on
 TensorBoard events, ``images/step-NNNNNNN.png`` (input | reconstruction | granularity overlay),
 ``summary.json``, and ``export/`` (``Tokenizer.from_pretrained``; EMA weights when ``train.ema_decay > 0``).
 
-Every bad input (config, shards, teacher / LPIPS weights, a checkpoint of another config or world size) is
-reported before the first step. Per optimizer step, the only host synchronisation is one all-reduced count of
-NaN/Inf losses (pipeline.training.GuardedStep: such a step is skipped on every rank); metrics are reduced across
-ranks at log steps only. Precision: train.precision (auto = bf16 autocast on a GPU, fp32 weights and optimizer
+Every bad input (config, shards, teacher / LPIPS weights, a checkpoint of another config, a number of processes
+that cannot keep the checkpoint's global batch or serve its canonical units) is reported before the first step.
+A run resumes on another number of processes or data workers (docs/runtime.md, "Elastic resume").
+Per optimizer step, the only host synchronisation is one all-reduced count of NaN/Inf losses
+(pipeline.training.GuardedStep: such a step is skipped on every rank); metrics are reduced across ranks at log
+steps only. Precision: train.precision (auto = bf16 autocast on a GPU, fp32 weights and optimizer
 state always; see pipeline.precision).
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from data.epoch import check_layout
 from data.stream import ShardStream
 from data.transforms import to_unit_range
 from data.world import resolve_world
@@ -41,14 +44,15 @@ from pipeline.calibrate import inline_entropy_table
 from pipeline.checkpoint import CheckpointManager, check_compatible, find_checkpoint, read_meta
 from pipeline.config import load_config, save_resolved_config
 from pipeline.ema import EMA
-from pipeline.runtime import build_accelerator, finish_run, stage_watchdog
+from pipeline.runtime import ResumeLayout, build_accelerator, finish_run, layout_change, resume_layout, stage_watchdog
 from pipeline.schedule import warmup_cosine
 from pipeline.stages import TokenizerDataConfig, TokenizerStageConfig
 from pipeline.training import (GuardedStep, MetricsLog, MetricWindow, NonFiniteGuard, add_stage_arguments,
                                peak_memory_bytes, state_digest, to_device, tracker_names, zero_stage)
 from pipeline.visual import grain_overlay, image_grid, save_png
 
-__all__ = ["TokenizerDataConfig", "TokenizerStageConfig", "Prepared", "prepare", "train", "add_arguments", "run"]
+__all__ = ["TokenizerDataConfig", "TokenizerStageConfig", "Prepared", "prepare", "train", "add_arguments", "run",
+           "canonical_units"]
 
 GRID_IMAGES = 4
 
@@ -88,40 +92,98 @@ class Prepared:
     teachers: dict
     stream: Any
     identity: dict
+    layout: ResumeLayout    # this run's processes x grad_accum (the checkpoint's global batch on resume)
+
+
+def _saved_stream_state(checkpoint: Path) -> dict[str, Any]:
+    """Rank 0's stream state in ``checkpoint`` (its canonical units and global batch are every rank's)."""
+    path = checkpoint / "extra-rank00000.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["stream"]
+    except (OSError, KeyError, RuntimeError) as exc:
+        raise ConfigError(f"cannot read the data stream state of {checkpoint} ({path}: {exc}); resume from another "
+                          f"checkpoint (--resume PATH) or start a new run.dir") from None
+
+
+def canonical_units(data: TokenizerDataConfig, saved_stream: Optional[dict[str, Any]], world_size: int) -> int:
+    """The run's canonical unit count C: the checkpoint's (a run keeps its data order), else
+    ``data.canonical_units``, else processes x max(1, data.num_workers). Raises ConfigError when this layout
+    cannot serve C (processes x workers must divide it) or the config asks for another C than the checkpoint's."""
+    workers = max(1, data.num_workers)
+    saved = None if saved_stream is None else saved_stream.get("canonical_units")
+    if saved is not None and data.canonical_units not in (None, saved):
+        raise ConfigError(f"data.canonical_units={data.canonical_units} but the checkpoint's data order has {saved} "
+                          f"canonical units, which a run keeps: set data.canonical_units={saved} (or null), or "
+                          f"start a new run.dir")
+    units = saved or data.canonical_units or world_size * workers
+    try:
+        check_layout(units, world_size, workers)
+    except ValueError as exc:
+        source = "the checkpoint's" if saved else f"data.canonical_units={units}:" if data.canonical_units else ""
+        raise ConfigError(f"{source} {exc} (this run: {world_size} processes, data.num_workers="
+                          f"{data.num_workers})".strip()) from None
+    return units
 
 
 def prepare(cfg: TokenizerStageConfig, resume: Optional[str]) -> Prepared:
-    """Validate the inputs and build the models and the stream, raising ConfigError on anything bad.
+    """Validate the inputs, choose the launch layout, and build the models and the stream, raising ConfigError
+    on anything bad.
 
-    Runs on every rank before any process group exists, so a bad input fails fast on every rank alike.
+    Runs on every rank before any process group exists, so a bad input fails fast on every rank alike. On
+    resume the checkpoint's global batch (processes x grad_accum) and canonical units are kept:
+    ``cfg.train.grad_accum`` and ``cfg.data.canonical_units`` are set to this run's values (pipeline.runtime
+    ``resume_layout``), or a ConfigError says which numbers of processes work.
     """
     if not str(cfg.data.shards).strip():
         raise ConfigError("data.shards is empty: set data.shards=DIR (or a brace pattern / comma list of .tar "
                           "shards written by `varitok shard`)")
     try:
+        # The run's resolved config (and so its exports) carries an entropy table's quantiles inline.
+        cfg.model.router = inline_entropy_table(cfg.model.router, region_size=max(cfg.model.factors))
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    identity = cfg.resume_identity()
+    world_size = resolve_world().size  # the launcher's WORLD_SIZE (1 when absent)
+    checkpoint = find_checkpoint(cfg.run.dir, resume)
+    meta = saved_stream = None
+    if checkpoint is not None:
+        meta = read_meta(checkpoint)
+        # The ZeRO stage is only known once the accelerator exists: CheckpointManager.resume checks it.
+        check_compatible(meta, world_size, meta["zero_stage"], identity)
+        saved_stream = _saved_stream_state(checkpoint)
+    layout = resume_layout(meta, world_size, cfg.train)
+    cfg.train.grad_accum = layout.grad_accum
+    cfg.data.canonical_units = canonical_units(cfg.data, saved_stream, world_size)
+    try:
         # Rank and world size come from the launcher's environment (RANK / WORLD_SIZE; 0 / 1 when absent).
         stream = ShardStream(cfg.data.shards, cfg.data.batch_size, cfg.data.image_size,
                              num_workers=cfg.data.num_workers, seed=cfg.run.seed,
-                             shuffle_buffer=cfg.data.shuffle_buffer, dtype=torch.uint8)
+                             shuffle_buffer=cfg.data.shuffle_buffer, dtype=torch.uint8,
+                             canonical_units=cfg.data.canonical_units, grad_accum=layout.grad_accum)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"data.shards={cfg.data.shards!r}: {exc}") from None
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     try:
-        # The run's resolved config (and so its exports) carries an entropy table's quantiles inline.
-        cfg.model.router = inline_entropy_table(cfg.model.router, region_size=max(cfg.model.factors))
         tokenizer = Tokenizer(cfg.model)
         teachers = build_teachers(cfg.model)
         gan_loss = TokenizerGANLoss(cfg.loss)
     except FileNotFoundError as exc:       # teacher / LPIPS weights; the message names the config key
         raise ConfigError(str(exc)) from None
     tokenizer.attach_teachers(teachers)
-    identity = cfg.resume_identity()
-    checkpoint = find_checkpoint(cfg.run.dir, resume)
-    if checkpoint is not None:
-        meta = read_meta(checkpoint)
-        # The ZeRO stage is only known once the accelerator exists: CheckpointManager.resume checks it.
-        check_compatible(meta, resolve_world().size, meta["zero_stage"], identity, grad_accum=cfg.train.grad_accum)
-    return Prepared(TokenizerTrainingModule(tokenizer, gan_loss), teachers, stream, identity)
+    return Prepared(TokenizerTrainingModule(tokenizer, gan_loss), teachers, stream, identity, layout)
+
+
+class _StreamResume:
+    """The stream as a checkpoint ``extra`` object, loading with ``train.allow_new_global_batch``."""
+
+    def __init__(self, stream: ShardStream, allow_new_global_batch: bool):
+        self.stream, self.allow_new_global_batch = stream, allow_new_global_batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.stream.load_state_dict(state, allow_new_global_batch=self.allow_new_global_batch)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -160,8 +222,14 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
     for teacher in prepared.teachers.values():
         teacher.to(accelerator.device)
     ema = EMA(unwrapped.tokenizer, cfg.train.ema_decay, warmup=True) if cfg.train.ema_decay > 0 else None
-    ckpt = CheckpointManager(run_dir, accelerator, cfg.train.keep_last, prepared.identity, stage="tokenizer")
-    step = start_step = ckpt.resume(resume, ema=ema, extra={"stream": stream})
+    ckpt = CheckpointManager(run_dir, accelerator, cfg.train.keep_last, prepared.identity, stage="tokenizer",
+                             num_workers=cfg.data.num_workers, allow_new_global_batch=cfg.train.allow_new_global_batch)
+    resumable = _StreamResume(stream, cfg.train.allow_new_global_batch)
+    step = start_step = ckpt.resume(resume, ema=ema, extra={"stream": resumable})
+    log = MetricsLog(accelerator, run_dir)
+    changed = layout_change(ckpt.resumed_layout, ckpt.layout, step, f"{cfg.data.batch_size} images")
+    if changed:
+        log.event(changed)
 
     def export_state() -> dict[str, torch.Tensor]:
         state = accelerator.get_state_dict(model)
@@ -172,7 +240,6 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
     guard = NonFiniteGuard(cfg.train.max_bad_steps)
     window = MetricWindow()
     metrics: dict[str, float] = {}
-    log = MetricsLog(accelerator, run_dir)
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not main, desc="train-tokenizer", unit="step")
     started = time.perf_counter()
     model.train()
@@ -218,7 +285,7 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
                                    grain_overlay(images[shown], grain[shown])])
                 save_png(grid, run_dir / "images" / f"step-{step:07d}.png")
             if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
-                ckpt.save(step, export_state=export_state, ema=ema, extra={"stream": stream})
+                ckpt.save(step, export_state=export_state, ema=ema, extra={"stream": resumable})
     bar.close()
     seconds = time.perf_counter() - started
 
@@ -230,7 +297,9 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
     summary = {"steps": step, "resumed_from": start_step, "seconds": seconds,
                "images_per_s": (step - start_step) * images_per_step / max(seconds, 1e-9),
                "world_size": accelerator.num_processes, "zero_stage": zero_stage(accelerator),
-               "bad_steps": guard.total, "final_metrics": metrics, "ranks": per_rank, "stream": stream.stats}
+               "bad_steps": guard.total, "final_metrics": metrics, "ranks": per_rank, "stream": stream.stats,
+               "layout": ckpt.layout, "canonical_units": stream.canonical_units, "images_per_step": images_per_step,
+               "layout_change": changed}
     return finish_run(accelerator, run_dir, step, start_step, summary, raw=ema is None)
 
 

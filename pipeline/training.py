@@ -177,7 +177,8 @@ class MetricWindow:
 
 
 class MetricsLog:
-    """Rank 0 appends one JSON line per log step to ``RUN/logs/metrics.jsonl`` and mirrors it to the trackers."""
+    """Rank 0 appends one JSON line per log step to ``RUN/logs/metrics.jsonl`` and mirrors it to the trackers;
+    events (a line with an ``"event"`` key and no metrics, e.g. a resume's layout change) go to the file only."""
 
     def __init__(self, accelerator, run_dir: Path) -> None:
         self.accelerator = accelerator
@@ -191,6 +192,12 @@ class MetricsLog:
         with open(self.path, "a") as handle:
             handle.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
         self.accelerator.log(values, step=step)
+
+    def event(self, event: dict[str, Any]) -> None:
+        """Append ``{"time": ..., **event}`` (``event`` holds "event" and "step")."""
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps({"time": time.time(), **event}) + "\n")
 
 
 def tracker_names(logging) -> list[str]:

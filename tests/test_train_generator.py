@@ -226,13 +226,15 @@ def test_resume_identity_is_the_resolved_config_minus_the_declared_resumable_key
     with pytest.raises(ResumeError, match=r"train\.new_knob: checkpoint 1, this run 2"):
         compatible(["train.new_knob=1"], ["train.new_knob=2"], NewStageConfig)
     for key, value in [("model.dropout", "0.2"), ("data.views", "all"), ("run.seed", "3"), ("optim.lr", "0.5"),
-                       ("train.max_steps", "7"), ("train.grad_accum", "2"), ("data.max_tokens", "99")]:
+                       ("train.max_steps", "7"), ("data.max_tokens", "99")]:
         with pytest.raises(ResumeError, match=re.escape(f"{key}: checkpoint")):
             compatible([], [f"{key}={value}"])
     resumable = {"run.dir": "elsewhere", "data.codes": str(tmp_path), "data.num_workers": "7", "train.log_every": "3",
                  "train.ckpt_every": "5", "train.keep_last": "9", "train.image_every": "11", "train.precision": "fp32",
                  "train.zero_stage": "3", "train.max_bad_steps": "4", "train.watchdog_s": "0",
-                 "logging.grid_cfg": "3.0", "logging.tensorboard": "false"}
+                 "logging.grid_cfg": "3.0", "logging.tensorboard": "false",
+                 # the launch layout: grad_accum is recomputed on resume to keep processes x grad_accum
+                 "train.grad_accum": "2", "train.allow_new_global_batch": "true"}
     compatible([], [f"{key}={value}" for key, value in resumable.items()])
     compatible(["data.row_length=0", "data.max_tokens=160"], ["data.row_length=160", "data.max_tokens=160"])
     identity = resume_identity(GeneratorStageConfig.from_dict({}), reader)

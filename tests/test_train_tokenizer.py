@@ -232,18 +232,22 @@ def test_nan_loss_stops_after_max_bad_steps_and_zero3_is_refused(runs):
     assert "ZeRO-3 is not supported for train-tokenizer" in runs["logs"]["zero3"].read_text()
 
 
-def test_resume_with_other_config_or_world_size_fails_before_training(runs, capsys):
+def test_resume_with_other_config_or_world_size_fails_before_training(runs, capsys, monkeypatch):
     from pipeline.cli import main
 
     pair = [f"data.shards={runs['shards']}", *PAIR, f"run.dir={runs['dirs']['zero2']}"]
     assert main(["train-tokenizer", "--config", "tiny", *pair, "optim.lr=5e-4"]) == 2
     err = capsys.readouterr().err
     assert "config differs (optim.lr: checkpoint 0.001, this run 0.0005)" in err
-    # The checkpoint resumes on any world size, with the same images per step: 1 x grad_accum 2 halves them.
-    assert "world size" not in err and "global batch: the checkpoint made optimizer steps of 2 processes" in err
-    assert main(["train-tokenizer", "--config", "tiny", *pair, "train.max_steps=12"]) == 2  # only the global batch
+    assert "world size" not in err   # a ZeRO-2 checkpoint resumes on any world size that keeps the global batch
+    # 2 processes x grad_accum 2 = 4 micro-batches per step: 3 processes cannot keep it (checked in prepare)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert main(["train-tokenizer", "--config", "tiny", *pair, "train.max_steps=12"]) == 2
     err = capsys.readouterr().err
-    assert "global batch" in err and "grad_accum 4 keeps it on 1 processes" in err and "config differs" not in err
+    assert "cannot be kept on 3 ranks: use a number of ranks in [1, 2, 4]" in err and "config differs" not in err
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
     # An `srun -n 2` task without torchrun is one of 2 (data.world): only the config differs.
     env = {**launch_env(), "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "0"}
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "train-tokenizer", "--config", "tiny", *pair,
