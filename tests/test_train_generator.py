@@ -112,6 +112,7 @@ def tokenizer_export(tmp_path_factory) -> Path:
     return tokenizer.save_pretrained(tmp_path_factory.mktemp("tokenizer"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero", [2, 3])
 def test_two_process_zero_training_exports_a_loadable_generator(tmp_path, corpus, tokenizer_export, zero):
     run_dir = tmp_path / "run"
@@ -153,6 +154,7 @@ def test_two_process_zero_training_exports_a_loadable_generator(tmp_path, corpus
     assert any(not torch.equal(raw[k], initial[k]) for k in raw)   # the weights were trained
 
 
+@pytest.mark.slow
 def test_non_finite_losses_in_a_row_stop_zero3_training_with_a_clear_error(tmp_path, corpus):
     run_dir = tmp_path / "run"
     result = _launch(_train_args(run_dir, corpus, steps=4, extra=["train.max_bad_steps=2"]), nproc=2, zero=3,
@@ -164,6 +166,7 @@ def test_non_finite_losses_in_a_row_stop_zero3_training_with_a_clear_error(tmp_p
     assert not (run_dir / "checkpoints" / "step-2").exists()
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_straight_run(tmp_path, corpus, capsys):
     straight = tmp_path / "straight"
     _launch(_train_args(straight, corpus, steps=4), nproc=1, zero=0)

@@ -138,6 +138,7 @@ def _initial_digests(shards: Path, overrides: list[str]) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------ launches
+@pytest.mark.slow
 def test_single_process_loss_decreases_on_a_fixed_batch(runs):
     _check(runs, "single")
     run_dir = runs["dirs"]["single"]
@@ -153,6 +154,7 @@ def test_single_process_loss_decreases_on_a_fixed_batch(runs):
     assert summary["ranks"][0]["digest_tokenizer"] != initial["tokenizer"]
 
 
+@pytest.mark.slow
 def test_zero2_two_processes_stay_in_sync_train_both_and_export(runs):
     from models.tokenizer import Tokenizer
 
@@ -190,6 +192,7 @@ def test_zero2_two_processes_stay_in_sync_train_both_and_export(runs):
     assert codes[0].codes.shape[0] == int((4 ** codes[0].grain.long()).sum())
 
 
+@pytest.mark.slow
 def test_kill9_on_two_machines_then_resume_matches_the_straight_run(runs):
     """N steps straight == N/2 steps, kill -9, resume, N/2 steps: bit for bit, on the same ZeRO stage.
 
@@ -223,6 +226,7 @@ def test_kill9_on_two_machines_then_resume_matches_the_straight_run(runs):
         assert last[key] == expected_last[key], key
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_after_max_bad_steps_and_zero3_is_refused(runs):
     assert runs["codes"]["nan"] != 0
     log = runs["logs"]["nan"].read_text()
@@ -232,6 +236,7 @@ def test_nan_loss_stops_after_max_bad_steps_and_zero3_is_refused(runs):
     assert "ZeRO-3 is not supported for train-tokenizer" in runs["logs"]["zero3"].read_text()
 
 
+@pytest.mark.slow
 def test_resume_with_other_config_or_world_size_fails_before_training(runs, capsys, monkeypatch):
     from pipeline.cli import main
 
