@@ -16,9 +16,9 @@ ranks, as ranks start in parallel in a real run), and, after running the rest of
 units skipped on resume (read from the tar, not decoded) over the samples consumed before the checkpoint, and
 the rate of that skip (raw samples read from the tars per second, nothing decoded).
 
-``--stage tokenizer``: the whole stage instead (tiny config at ``--image-size``, CPU, gloo): a run of
-``--ranks`` processes (ZeRO-2) trains 2 steps and checkpoints; copies of it resume for one more step on the same
-layout and on 1 process (``--resume auto``: grad_accum = ranks, universal checkpoint re-partitioned), beside a
+``--stage tokenizer``: the whole stage instead (tiny config at ``--image-size`` plus ``--set`` overrides, CPU,
+gloo): a run of ``--ranks`` processes (ZeRO-2) trains 2 steps and checkpoints; copies of it resume for one more
+step on the same layout and on 1 process (``--resume auto``: grad_accum = ranks, universal checkpoint re-partitioned), beside a
 fresh start. Figure: seconds from launching the command to the end of its first optimizer step (the step's line
 in ``logs/metrics.jsonl``), median of ``--repeats``.
 """
@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed resumes per layout (median)")
     parser.add_argument("--stage", choices=("tokenizer",), default=None,
                         help="time a training stage's resume (start to first step) instead of the stream's")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --stage: a config override on top of the tiny preset (repeatable), e.g. "
+                             "model.encoder.ch=64 model.decoder.ch=64 for a mid-size tokenizer")
     args = parser.parse_args(argv)
     if args.stage:
         return stage_main(args)
@@ -175,7 +178,7 @@ def stage_main(args) -> int:
              f"model.encoder.resolution={size}", f"model.decoder.resolution={size}",
              f"data.batch_size={args.batch_size}", "data.num_workers=0", "loss.disc_ndf=16", "train.zero_stage=2",
              "train.log_every=1", "train.ckpt_every=100", "train.image_every=100", "loss.disc_start=1",
-             "logging.tensorboard=false"]
+             "logging.tensorboard=false", *args.overrides]
 
     def launch(run_dir: Path, ranks: int, steps: int) -> float:
         """Seconds from the launch to the end of the first optimizer step this launch makes."""
@@ -210,7 +213,8 @@ def stage_main(args) -> int:
                 shutil.copytree(saved, run_dir)
                 times[name].append(launch(run_dir, ranks, 3))
     median = {name: statistics.median(values) for name, values in times.items()}
-    figures = {"stage": "tokenizer (tiny)", "image_size": size, "batch_size": args.batch_size,
+    figures = {"stage": "tokenizer (tiny" + "".join(f", {o}" for o in args.overrides) + ")", "image_size": size,
+               "batch_size": args.batch_size,
                "saved_layout": f"{args.ranks} processes, ZeRO-2", "changed_layout": "1 process",
                "repeats": args.repeats, **{f"first_step_seconds_{name}": round(v, 2) for name, v in median.items()}}
     targets = {"first_step_changed_vs_same_layout": target(median["changed_layout"] / median["same_layout"], "<= 1.5")}
