@@ -18,9 +18,9 @@ the rate of that skip (raw samples read from the tars per second, nothing decode
 
 ``--stage tokenizer``: the whole stage instead (tiny config at ``--image-size`` plus ``--set`` overrides, CPU,
 gloo): a run of ``--ranks`` processes (ZeRO-2) trains 2 steps and checkpoints; copies of it resume for one more
-step on the same layout and on 1 process (``--resume auto``: grad_accum = ranks, universal checkpoint re-partitioned), beside a
-fresh start. Figure: seconds from launching the command to the end of its first optimizer step (the step's line
-in ``logs/metrics.jsonl``), median of ``--repeats``.
+step on the same layout and on 1 process (``--resume auto``: grad_accum = ranks, universal checkpoint
+re-partitioned), beside a fresh start. Figure: seconds from launching the command to the end of its first
+optimizer step (the step's line in ``logs/metrics.jsonl``), median of ``--repeats``.
 """
 from __future__ import annotations
 
