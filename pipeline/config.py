@@ -113,6 +113,13 @@ class StageConfig(ConfigBase):
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
     RESUMABLE: ClassVar[tuple[str, ...]] = ()
+    # Keys of the shared sections (and the launch layout) that every stage lets change on resume: where the run
+    # lives, how often it logs and saves, its guards, and the layout (train.grad_accum is recomputed to keep
+    # processes x grad_accum, the global batch, which the data state checks).
+    RESUMABLE_IN_EVERY_STAGE: ClassVar[tuple[str, ...]] = (
+        "run.dir", "train.log_every", "train.ckpt_every", "train.keep_last", "train.image_every",
+        "train.max_bad_steps", "train.zero_stage", "train.watchdog_s", "logging", "train.grad_accum",
+        "train.allow_new_global_batch", "data.num_workers")
 
     def to_dict(self) -> dict[str, Any]:
         values = super().to_dict()

@@ -52,11 +52,8 @@ class TokenizerStageConfig(StageConfig):
     model: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
 
-    # The launch layout may change (train.grad_accum is then recomputed to keep processes x grad_accum, the
-    # global batch: checked by the stream state); data.canonical_units is checked by the stream state too.
-    RESUMABLE = ("run.dir", "train.max_steps", "train.log_every", "train.ckpt_every", "train.keep_last",
-                 "train.image_every", "train.max_bad_steps", "train.zero_stage", "train.watchdog_s", "logging",
-                 "train.grad_accum", "train.allow_new_global_batch", "data.num_workers", "data.canonical_units")
+    # data.canonical_units is checked by the stream state.
+    RESUMABLE = (*StageConfig.RESUMABLE_IN_EVERY_STAGE, "train.max_steps", "data.canonical_units")
 
 
 # ------------------------------------------------------------------------------------------ stage 3
@@ -93,8 +90,6 @@ class GeneratorStageConfig(StageConfig):
     logging: GeneratorLoggingConfig = dataclasses.field(default_factory=GeneratorLoggingConfig)
 
     # data.codes may move: the code files' identity (rows, tokenizer) is checked instead (train_generator.prepare);
-    # data.row_length is checked as resolved (0 = data.max_tokens). The launch layout may change: train.grad_accum
-    # is recomputed to keep processes x grad_accum micro batches of data.max_tokens per optimizer step.
-    RESUMABLE = ("run.dir", "data.codes", "data.num_workers", "train.log_every", "train.ckpt_every",
-                 "train.keep_last", "train.image_every", "train.precision", "train.zero_stage", "train.max_bad_steps",
-                 "train.watchdog_s", "logging", "train.grad_accum", "train.allow_new_global_batch")
+    # data.row_length is checked as resolved (0 = data.max_tokens). The global batch is processes x grad_accum
+    # micro batches of data.max_tokens per optimizer step.
+    RESUMABLE = (*StageConfig.RESUMABLE_IN_EVERY_STAGE, "data.codes", "train.precision")
