@@ -76,6 +76,7 @@ META = "meta.json"
 CHECKSUMS = "checksums.json"
 MODEL_WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
+
 DEEPSPEED_TAG = "pytorch_model"    # Accelerate's directory of the DeepSpeed engine's files
 UNIVERSAL = "universal"            # the world-size-independent copy of it (ZeRO-1/2/3)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -94,6 +95,11 @@ class Stateful(Protocol):
     def state_dict(self) -> Any: ...
 
     def load_state_dict(self, state: Any) -> Any: ...
+
+
+def extra_state_path(checkpoint: str | os.PathLike, rank: int) -> Path:
+    """``checkpoint/extra-rankRRRRR.pt``: rank ``rank``'s state of the ``extra`` objects (data position, ...)."""
+    return Path(checkpoint) / f"extra-rank{rank:05d}.pt"
 
 
 def complete_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -501,7 +507,7 @@ class CheckpointManager:
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         if extra:
-            with AtomicFile(tmp / f"extra-rank{acc.process_index:05d}.pt") as handle:
+            with AtomicFile(extra_state_path(tmp, acc.process_index)) as handle:
                 torch.save({name: obj.state_dict() for name, obj in extra.items()}, handle)
         weights = export_state() if export_state is not None else self._default_export_state()
         ema_state = ema.state_dict_for() if ema is not None else None
@@ -631,8 +637,8 @@ class CheckpointManager:
         """This rank's saved ``extra`` states; with ``saved_world`` (another world size) the list of every rank's
         state of that run instead (saved rank order), which the streams' ``load_state_dict`` merge."""
         if saved_world is None:
-            return self._read_extra(path / f"extra-rank{self.accelerator.process_index:05d}.pt", names)
-        per_rank = [self._read_extra(path / f"extra-rank{rank:05d}.pt", names) for rank in range(saved_world)]
+            return self._read_extra(extra_state_path(path, self.accelerator.process_index), names)
+        per_rank = [self._read_extra(extra_state_path(path, rank), names) for rank in range(saved_world)]
         return {name: [state[name] for state in per_rank] for name in names}
 
     @staticmethod

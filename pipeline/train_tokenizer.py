@@ -41,7 +41,7 @@ from models.tokenizer import Tokenizer, build_teachers
 from models.tokenizer.losses import TokenizerGANLoss
 from models.tokenizer.training import GroupClippedAdamW, TokenizerTrainingModule
 from pipeline.calibrate import inline_entropy_table
-from pipeline.checkpoint import CheckpointManager, check_compatible, find_checkpoint, read_meta
+from pipeline.checkpoint import CheckpointManager, check_compatible, extra_state_path, find_checkpoint, read_meta
 from pipeline.config import load_config, save_resolved_config
 from pipeline.ema import EMA
 from pipeline.runtime import ResumeLayout, build_accelerator, finish_run, layout_change, resume_layout, stage_watchdog
@@ -97,7 +97,7 @@ class Prepared:
 
 def _saved_stream_state(checkpoint: Path) -> dict[str, Any]:
     """Rank 0's stream state in ``checkpoint`` (its canonical units and global batch are every rank's)."""
-    path = checkpoint / "extra-rank00000.pt"
+    path = extra_state_path(checkpoint, 0)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)["stream"]
     except (OSError, KeyError, RuntimeError) as exc:
