@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,3 +61,17 @@ def start_process(argv: list[str], log: Path) -> subprocess.Popen:
     """Start ``argv`` in the repo root with ``launch_env()``, stdout and stderr into ``log``."""
     with open(log, "w") as handle:
         return subprocess.Popen(argv, env=launch_env(), stdout=handle, stderr=subprocess.STDOUT, cwd=str(REPO))
+
+
+def kill_shard_run_mid_way(command: list[str], out: Path) -> list[Path]:
+    """Start ``varitok shard`` (``command``), SIGKILL it as soon as its first shard's stats file appears in
+    ``out``, and return the stats files written by then (the kill landed mid-run: some shards, no manifest)."""
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not list(out.glob("*.stats.json")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = list(out.glob("*.stats.json"))
+    assert 1 <= len(done) < 30 and not (out / "manifest.json").exists(), "the kill did not land mid-run"
+    return done

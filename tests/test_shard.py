@@ -7,12 +7,10 @@ import io
 import json
 import os
 import shutil
-import signal
 import struct
 import subprocess
 import sys
 import tarfile
-import time
 import zlib
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from data.shards import (Rejected, ShardError, ShardOptions, discover_inputs, me
                          resolve_node, shard_images)
 from pipeline.cli import main as cli_main
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO, kill_shard_run_mid_way
 NODE_VARS = ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_RANK",
              "OMPI_COMM_WORLD_SIZE")
 
@@ -268,14 +266,7 @@ def test_kill_minus_nine_then_resume_equals_clean_run(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "pipeline.cli", "shard", "--input", str(src), "--output", str(out),
                "--shard-size", "2", "--format", "png", "--resize", "none"]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not list(out.glob("*.stats.json")) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = list(out.glob("*.stats.json"))
-    assert 1 <= len(done) < 30 and not (out / "manifest.json").exists(), "the kill did not land mid-run"
+    kill_shard_run_mid_way(command, out)
     (out / "shard-000029.tar").write_bytes(b"half a tar")     # killed between tar rename and stats write
     (out / ".shard-000028.tar.k1ll3d.tmp").write_bytes(b"\0" * 100)   # killed while writing the tar
 

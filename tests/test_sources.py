@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import io
 import json
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from data.demo_images import procedural_image
 from data.shards import ShardError, ShardOptions, discover_inputs, process_image, shard_images, write_shard
 from test_shard import output_files, read_all, single_node  # noqa: F401  (the fixture runs as one node)
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO, kill_shard_run_mid_way
 
 
 def encoded(img: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -330,14 +328,7 @@ def test_kill_minus_nine_then_resume_equals_clean_run_parquet(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "pipeline.cli", "shard", "--input", str(path), "--output", str(out),
                "--shard-size", "2", "--format", "png", "--resize", "none"]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not list(out.glob("*.stats.json")) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = list(out.glob("*.stats.json"))
-    assert 1 <= len(done) < 30 and not (out / "manifest.json").exists(), "the kill did not land mid-run"
+    kill_shard_run_mid_way(command, out)
     assert subprocess.run(command, cwd=REPO, capture_output=True).returncode == 0
     shard_images([str(path)], tmp_path / "clean", ShardOptions(shard_size=2, format="png", resize="none"),
                  progress=False)
