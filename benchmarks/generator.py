@@ -12,9 +12,8 @@ machine; ``*_measure`` in the record), wall seconds elsewhere.
 Attention memory: bytes kept for backward by the attention cores of both stacks (every tensor saved by their
 ``scaled_dot_product_attention`` and document-mask kernel calls, each once, measured with
 ``torch.autograd.graph.saved_tensors_hooks``: the dense path's float mask bias, q/k/v/output, log-sum-exp) plus
-the mask tensor itself; also the whole first
-layer's saved bytes (projections and RoPE included, the same in both paths). Also the no-gradient forward
-(compiled FlexAttention on the CPU) vs the dense mask.
+the mask tensor itself; also the whole first layer's saved bytes (projections and RoPE included, the same in
+both paths). Also the no-gradient forward (compiled FlexAttention on the CPU) vs the dense mask.
 
 Training: the same variable-length batch (dual granularity, 16 x 16 coarse grid, fine share of the
 regions ~ Beta(a, a) around 0.5, so about 640 codes per image) trained forward + backward either
