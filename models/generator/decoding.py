@@ -138,28 +138,33 @@ class ValidityRule:
 
 
 class CachedDecoder:
-    """Runs both stacks one token at a time over static KV caches (the RoPE tables of a step serve both stacks).
+    """Runs both stacks one token at a time over preallocated KV caches (the RoPE tables of a step serve both
+    stacks) and owns the content head's caches.
 
-    Every call has fixed shapes and reads the decoded length from the device, so on a GPU the two steps and
-    the content-head step are captured (``torch.compile(mode="reduce-overhead")``: CUDA graphs) with
-    ``compile=True`` (the default there); elsewhere ``compile=True`` compiles them without capture.
+    ``compile=True`` (the default on a GPU) compiles the two steps and the content-head step with fixed shapes
+    (``torch.compile(dynamic=False)``; on a GPU ``mode="reduce-overhead"`` captures them as CUDA graphs). The
+    caches then run full length: every step attends over all ``max_len`` slots under a validity mask and reads
+    the decoded length from the device, so no step depends on a host-side integer. Eagerly (``compile=False``,
+    the default elsewhere) they attend over their filled prefix, counted on the host: half the attention work
+    of a whole sequence, and no mask (:class:`~models.generator.layers.KVCache`).
     """
 
     def __init__(self, model: Generator, batch: int, max_len: int, compile: Optional[bool] = None):
         self.model = model
-        self.cache: GeneratorCache = model.new_cache(batch, max_len)
+        device = model.position_embed.weight.device
+        self.compiled = compile if compile is not None else device.type == "cuda"
+        self.cache: GeneratorCache = model.new_cache(batch, max_len, full_length=self.compiled)
+        self.head_caches = model.content_head.new_caches(batch, model.position_embed.weight, self.compiled)
         self.rope = None
         self.head_step = model.content_head.step
-        device = model.position_embed.weight.device
-        if compile if compile is not None else device.type == "cuda":
+        if self.compiled:
             mode = "reduce-overhead" if device.type == "cuda" else "default"
             self._position = torch.compile(self._position, mode=mode, dynamic=False)
             self._content = torch.compile(self._content, mode=mode, dynamic=False)
             self.head_step = torch.compile(self.head_step, mode=mode, dynamic=False)
 
     def _position(self, inputs: Tensor, position: Tensor) -> tuple[Tensor, Optional[Rotary]]:
-        index = self.cache.length.expand_as(position)[:, None]
-        rope = self.model.rotary(position[:, None], index)
+        rope = self.model.rotary(position[:, None], self.cache.token_index(position[:, None]))
         return self.model.position_hidden(inputs, rope, caches=self.cache.position)[:, 0], rope
 
     def _content(self, hidden: Tensor, next_position: Tensor, rope: Optional[Rotary]) -> Tensor:
@@ -177,10 +182,12 @@ class CachedDecoder:
 
 
 class RecomputeDecoder:
-    """Reference decoder: re-runs both stacks over the whole prefix at every step (no cache)."""
+    """Reference decoder: re-runs both stacks over the whole prefix at every step (no cache; the content head,
+    ``K`` slots, still decodes incrementally)."""
 
-    def __init__(self, model: Generator):
+    def __init__(self, model: Generator, batch: int):
         self.model = model
+        self.head_caches = model.content_head.new_caches(batch, model.position_embed.weight)
         self.inputs: list[Tensor] = []
         self.positions: list[Tensor] = []
         self.next_positions: list[Tensor] = []
@@ -279,8 +286,8 @@ def generate_tokens(model: Generator, labels: Tensor, *, position: TokenFilter =
     if teacher is not None:
         teacher_position, teacher_content = (t.to(device) for t in teacher)
         steps = min(steps, teacher_position.shape[1] - 1)
-    decoder = CachedDecoder(model, rows, spec.max_length, compile) if use_cache else RecomputeDecoder(model)
-    head_caches = model.content_head.new_caches(rows, model.position_embed.weight)
+    decoder = CachedDecoder(model, rows, spec.max_length, compile) if use_cache else RecomputeDecoder(model, rows)
+    head_caches = decoder.head_caches
     none = spec.none_content.to(device).expand(batch, -1)
     token_position = torch.full((batch,), spec.bos, dtype=torch.long, device=device)
     token_content = none
