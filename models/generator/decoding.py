@@ -56,7 +56,7 @@ class TokenFilter:
 def filter_logits(logits: Tensor, allowed: Optional[Tensor], token_filter: TokenFilter) -> Tensor:
     """Float32 ``[B, V]`` logits divided by the temperature, ``-inf`` outside ``allowed``, top-k, top-p."""
     logits = logits.float()
-    if token_filter.temperature > 0:
+    if token_filter.temperature not in (0.0, 1.0):
         logits = logits / token_filter.temperature
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
@@ -90,6 +90,7 @@ class ValidityRule:
         self.spec = spec
         regions = spec.num_regions
         self.region_ids = torch.arange(regions, device=device)
+        self.openings = spec.choice_ids(device)[:, :-1]   # [G, R]: the top-left cell of every region per level
         self.rows = torch.arange(batch, device=device)
         self.taken = torch.zeros(batch, regions, dtype=torch.bool, device=device)
         self.level = torch.zeros(batch, dtype=torch.long, device=device)
@@ -102,8 +103,7 @@ class ValidityRule:
         """bool ``[B, position_vocab]``: the ids the next position may take."""
         spec, batch = self.spec, self.rows.numel()
         candidates = ~self.taken & (self.region_ids > self.last_region[:, None])
-        level = self.level[:, None].expand_as(candidates)
-        openings = spec.cell_position(level, self.region_ids.expand_as(candidates), torch.zeros_like(level))
+        openings = self.openings[self.level]
         in_region = self.remaining > 0
         free = ~self.done & ~in_region & (self.level < spec.num_levels - 1)
         allowed = torch.zeros(batch, spec.position_vocab, dtype=torch.bool, device=self.rows.device)
@@ -272,12 +272,13 @@ def generate_tokens(model: Generator, labels: Tensor, *, position: TokenFilter =
     def both(x: Tensor) -> Tensor:
         return torch.cat([x, x]) if guided else x
 
-    def guide(logits: Tensor, scale: Optional[Tensor]) -> Tensor:
-        """Guided logits of the first half of the rows; ``scale [B]`` (None: no guidance for this token)."""
+    def guide(logits: Tensor, scale: float | Tensor | None) -> Tensor:
+        """Guided logits of the first half of the rows; ``scale``: one for all rows or ``[B, 1]`` (None: no
+        guidance for this token)."""
         if not guided:
             return logits
         cond, uncond = logits.chunk(2)
-        return cond if scale is None else cond + (scale[:, None] - 1.0) * (cond - uncond)
+        return cond if scale is None else cond + (scale - 1.0) * (cond - uncond)
 
     was_training = model.training
     model.eval()
@@ -294,15 +295,19 @@ def generate_tokens(model: Generator, labels: Tensor, *, position: TokenFilter =
     positions, contents = [token_position], [token_content]
     log_prob = torch.zeros(batch, device=device)
     first, last = cfg_interval if cfg_interval is not None else (0, spec.num_levels - 1)
+    constant_scale = cfg_schedule == "constant" and first <= 0 and last >= spec.num_levels - 1
     for step in range(steps):
         scale = None
-        if guided:
+        if guided and constant_scale:
+            scale = cfg_scale   # every row, every token: no per-token work
+        elif guided:
             progress = rule.taken.float().mean(1) if cfg_schedule == "linear" else torch.ones(batch, device=device)
             in_interval = (rule.level >= first) & (rule.level <= last)
-            scale = torch.where(in_interval, 1.0 + (cfg_scale - 1.0) * progress, torch.ones_like(progress))
-        active = ~rule.done
-        inputs = model.embed_inputs(both(token_position)[:, None], both(token_content)[:, None], row_labels[:, None])
-        hidden = decoder.position(inputs, both(token_position))
+            scale = torch.where(in_interval, 1.0 + (cfg_scale - 1.0) * progress, torch.ones_like(progress))[:, None]
+        active = ~rule.done if teacher is not None else None
+        row_position = both(token_position)
+        inputs = model.embed_inputs(row_position[:, None], both(token_content)[:, None], row_labels[:, None])
+        hidden = decoder.position(inputs, row_position)
         filtered = filter_logits(guide(model.position_logits(hidden), scale if cfg_positions else None),
                                  rule.allowed(), position)
         if teacher is None:

@@ -60,7 +60,7 @@ def rope_tables_2d(y: Tensor, x: Tensor, head_dim: int, base: float = 10000.0) -
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate channel pairs ``(2i, 2i + 1)`` of ``x [B, H, T, Dh]`` by the angles in ``cos``/``sin``."""
+    """Rotate channel pairs ``(2i, 2i + 1)`` of ``x [..., B, H, T, Dh]`` by the angles in ``cos``/``sin``."""
     pairs = x.float().unflatten(-1, (-1, 2))
     real, imag = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
@@ -171,9 +171,10 @@ class Attention(nn.Module):
         tokens plus the new ones (causal among them).
         """
         batch, length, _ = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(qkv[:2], *rope)   # queries and keys in one pass: half the small ops per token
         if cache is not None:
             if mask is not None:
                 raise ValueError("KV-cached decoding is causal: pass no mask with a cache")
