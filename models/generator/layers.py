@@ -74,7 +74,7 @@ class KVCache(nn.Module):
     - **prefix** (``full_length=False``, eager decoding): the number of filled slots ``filled`` is a host-side
       int (decoding runs in lock step, so it grows by ``T`` per update without reading the device); new tokens
       go to slots ``filled .. filled + T - 1`` and attention runs over the filled prefix (views, no mask for
-      one new token). The work per token grows with the prefix, as in attention without a cache.
+      one new token), so a token's attention work is proportional to the tokens before it.
     - **full length** (``full_length=True``, captured / compiled decoding): the filled count ``length`` is an
       int64 ``[1]`` on the cache's device; writes are ``index_copy_`` at that device-side index and attention
       runs over all ``max_len`` slots under a validity mask built on the device, so every decode step has the
