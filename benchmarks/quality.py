@@ -182,7 +182,8 @@ def train_together(specs: Sequence[ModelSpec], models: Sequence[torch.nn.Module]
     """Train every model round-robin, one optimizer step each per round on the same batch at the same lr, for
     ``args.steps`` rounds. AdamW (0.9, 0.95), no weight decay, grad clip 1.0, lr warmup then cosine.
     Returns (wall seconds per model, loss history per model)."""
-    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0) for m in models]
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95),
+                                    weight_decay=0.0) for m in models]   # EMA codebooks have no gradient
     # the training stages' schedule (pipeline.schedule), decaying to 0.1 x lr
     schedulers = [warmup_cosine(optimizer, args.warmup_steps, args.steps, 0.1) for optimizer in optimizers]
     histories: list[list[float]] = [[] for _ in models]
