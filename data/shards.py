@@ -35,6 +35,7 @@ import os
 import socket
 import stat
 import tarfile
+import threading
 import time
 import warnings
 from collections import Counter, defaultdict
@@ -780,9 +781,19 @@ def _claim_output(out_dir: Path, record: dict) -> None:
 _progress_counter = None
 
 
-def _init_worker(counter) -> None:
+def _init_worker(counter, parent: int) -> None:
     global _progress_counter
     _progress_counter = counter
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="exit-with-parent").start()
+
+
+def _exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
+    """End this worker within ``poll_s`` once the sharder ``parent`` (its pid, passed in: the sharder may die
+    while the worker is still starting) is gone, killed or SIGTERM'd by a scheduler: a spawn worker would
+    otherwise wait on its task queue forever. Its unfinished shard is a temporary file the next run removes."""
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    os._exit(1)
 
 
 def _tick() -> None:
@@ -844,7 +855,8 @@ def shard_images(inputs: Sequence[str | os.PathLike], output: str | os.PathLike,
         ctx = multiprocessing.get_context("spawn")
         counter = ctx.Value("q", 0)
         processes = workers if options.dedupe else min(workers, len(todo))  # hashing splits by shard
-        executor = ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_worker, initargs=(counter,))
+        executor = ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_worker,
+                                       initargs=(counter, os.getpid()))
     try:
         duplicates_by_shard: dict[int, dict[int, str]] = defaultdict(dict)
         if options.dedupe and todo:

@@ -63,15 +63,19 @@ def start_process(argv: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(argv, env=launch_env(), stdout=handle, stderr=subprocess.STDOUT, cwd=str(REPO))
 
 
-def kill_shard_run_mid_way(command: list[str], out: Path) -> list[Path]:
-    """Start ``varitok shard`` (``command``), SIGKILL it as soon as its first shard's stats file appears in
-    ``out``, and return the stats files written by then (the kill landed mid-run: some shards, no manifest)."""
+def kill_shard_run_mid_way(command: list[str], out: Path, signal_number: int = signal.SIGKILL) -> list[int]:
+    """Start ``varitok shard`` (``command``), send it ``signal_number`` as soon as its first shard's stats file
+    appears in ``out`` (checked: the signal landed mid-run, some shards, no manifest), and return the pids of
+    the processes it had started by then (its ``--workers``)."""
+    import psutil
+
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not list(out.glob("*.stats.json")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
+    children = [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
+    proc.send_signal(signal_number)
     proc.wait()
     done = list(out.glob("*.stats.json"))
-    assert 1 <= len(done) < 30 and not (out / "manifest.json").exists(), "the kill did not land mid-run"
-    return done
+    assert 1 <= len(done) < 30 and not (out / "manifest.json").exists(), "the signal did not land mid-run"
+    return children

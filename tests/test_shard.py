@@ -1,12 +1,14 @@
 """`varitok shard`: contents, determinism, kill -9 resume, bad inputs, node split, errors."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -277,6 +279,29 @@ def test_kill_minus_nine_then_resume_equals_clean_run(tmp_path):
     assert not list(out.glob("*.tmp"))
     keys = [key for tar in sorted(out.glob("*.tar")) for key in read_tar(tar)]
     assert len(keys) == len(set(keys)) == 60
+
+
+@pytest.mark.slow
+def test_workers_end_with_a_killed_sharder_and_the_rerun_completes(tmp_path):
+    """SIGTERM (a scheduler's preemption) or SIGKILL of `shard --workers 2` ends its spawn workers within
+    seconds instead of leaving them waiting on their task queue forever."""
+    import psutil
+
+    src = write_image_folder(tmp_path / "in", num_images=60, size=256, num_classes=3)
+    for signal_number in (signal.SIGTERM, signal.SIGKILL):
+        out = tmp_path / f"out-{signal_number}"
+        command = [sys.executable, "-m", "pipeline.cli", "shard", "--input", str(src), "--output", str(out),
+                   "--shard-size", "2", "--format", "png", "--resize", "none", "--workers", "2"]
+        workers = kill_shard_run_mid_way(command, out, signal_number)
+        assert workers, "the sharder had started no worker processes"
+        procs = []
+        for pid in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                procs.append(psutil.Process(pid))
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        assert not alive, f"workers still running 10 s after the sharder got signal {signal_number}: {alive}"
+        assert subprocess.run(command, cwd=REPO, capture_output=True).returncode == 0
+        assert (out / "manifest.json").exists() and not list(out.glob("*.tmp"))
 
 
 def test_nodes_write_disjoint_shards_and_merge_equals_single_node(tmp_path, image_folder, monkeypatch):
