@@ -12,7 +12,7 @@ encoder/decoder widths, optimizer steps, batch size and data order (same batches
                same codes per image, no adaptivity);
 - ``learn25`` / ``learn50``  F8/F16 with the learned router at target fine share 0.25 / 0.5 (+ random map);
 - ``dqfq``     the DQ x FQ default (tiny.yaml: F8/F16, learned router at 0.5, K = 2);
-- ``dqfq-dis`` the same with FQGAN's disentanglement term at 0.1 (tiny.yaml's is 0: no teachers);
+- ``dqfq-nodis`` the same without FQGAN's disentanglement term (tiny.yaml's 0.1; there are no teachers);
 - ``dqfq-ema`` / ``dqfq-km``  the same with EMA codebook updates + dead-code restart (DQ-VAE's quantizer) / with
                k-means codebook init from the first batch; ``dqfq75`` / ``dqfq75-ema``: at target fine share 0.75
                (still fewer codes per image than the reference's 64 at 64 px);
@@ -92,8 +92,8 @@ SPECS = (
               eval_ratios=(0.5,)),
     ModelSpec("dqfq", "DQ x FQ default (learned, K=2)", (8, 16), 2, "learned", (0.5,), (0.5,)),
     ModelSpec("dqfq3", "DQ x FQ K=3, random-weight teachers", (8, 16), 3, "learned", (0.5,), (0.5,), teachers=True),
-    ModelSpec("dqfq-dis", "DQ x FQ default + disentanglement 0.1", (8, 16), 2, "learned", (0.5,), (0.5,),
-              quantizer=(("disentangle_weight", 0.1),)),
+    ModelSpec("dqfq-nodis", "DQ x FQ default without disentanglement", (8, 16), 2, "learned", (0.5,), (0.5,),
+              quantizer=(("disentangle_weight", 0.0),)),
     ModelSpec("dqfq-ema", "DQ x FQ default, EMA codebooks + restart", (8, 16), 2, "learned", (0.5,), (0.5,),
               quantizer=EMA_QUANTIZER),
     ModelSpec("dqfq-km", "DQ x FQ default, k-means init", (8, 16), 2, "learned", (0.5,), (0.5,),
@@ -411,7 +411,7 @@ def plot_psnr_vs_codes(points: dict[str, dict], labels: dict[str, str], path: Pa
     errorbar(["f16", "f8"], "-o", "#444444", "varitok fixed F16 -> F8 (K=1)")
     errorbar(["f16k2"], "s", "#2a9d8f", "fixed F16, K=2")
     colors = {"ent": "#e76f51", "learn25": "#8338ec", "learn50": "#3a86ff", "dqfq": "#264653", "dqfq3": "#f4a261",
-              "dqfq-ema": "#d62828", "dqfq-dis": "#9d4edd", "dqfq-km": "#6a994e", "dqfq75": "#5e548e",
+              "dqfq-ema": "#d62828", "dqfq-nodis": "#9d4edd", "dqfq-km": "#6a994e", "dqfq75": "#5e548e",
               "dqfq75-ema": "#f77f00"}
     for prefix, color in colors.items():
         names = sorted(n for n in points if n.split("@")[0].split(" ")[0] == prefix and not n.endswith("random"))

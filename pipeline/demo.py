@@ -34,8 +34,6 @@ TINY_DINO = {"depth": 2, "embed_dim": 64, "num_heads": 2}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 HELD_OUT = 0.2                # share of --images held out (by a hash of the file name)
 DEMO_SEMANTIC = {"width": 64, "depth": 1, "heads": 2, "weight": 0.5, "temperature": 0.1, "symmetric": False}
-# FQGAN's disentanglement of the semantic and pixel sub-codebooks (tiny.yaml has none: without teachers it costs)
-DEMO_DISENTANGLE = 0.1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -289,7 +287,6 @@ def add_demo_teachers(model: dict[str, Any], teachers: list[dict[str, Any]], rea
     for entry, align in zip(subcodebooks, ["", "dinov2", "clip"]):
         entry["align"], entry["align_dim"] = align, widths.get(align, 0)
     model["semantic"] = dict(DEMO_SEMANTIC)
-    model["quantizer"]["disentangle_weight"] = DEMO_DISENTANGLE
     return model
 
 

@@ -33,7 +33,7 @@ def test_study_writes_consistent_json_table_and_plots(study):
     points = figures["points"]
     assert set(points) == {"ref", "f8", "f16", "f16k2", "ent@0.25", "ent@0.25 random", "ent@0.5", "ent@0.5 random",
                            "learn25", "learn25 random", "learn50", "learn50 random", "dqfq", "dqfq random", "dqfq3",
-                           "dqfq3 random", "dqfq-dis", "dqfq-dis random", "dqfq-ema", "dqfq-ema random", "dqfq-km",
+                           "dqfq3 random", "dqfq-nodis", "dqfq-nodis random", "dqfq-ema", "dqfq-ema random", "dqfq-km",
                            "dqfq-km random", "dqfq75", "dqfq75 random", "dqfq75-ema", "dqfq75-ema random"}
     # 32px: the F16 grid is 2 x 2 (4 codes), the F8 grid 4 x 4 (16 codes); two-level maps lie in between.
     codes = {name: p["codes_per_image"]["mean"] for name, p in points.items()}
@@ -70,13 +70,13 @@ def test_study_writes_consistent_json_table_and_plots(study):
         assert f"claim1_{name}_over_random_mean_minus_2std_db" in targets
         assert f"claim1_{name}_over_line_mean_minus_2std_db" in targets
     assert not any("dqfq" in key for key in targets if key.startswith("claim1"))
-    for name in ("dqfq-dis", "dqfq-ema", "dqfq-km", "dqfq75", "dqfq75-ema"):   # every variant against the reference
+    for name in ("dqfq-nodis", "dqfq-ema", "dqfq-km", "dqfq75", "dqfq75-ema"):   # every variant against the reference
         assert targets[f"{name}_minus_reference_db"]["at_fewer_codes_than_reference"] is True
     assert figures["config"]["dqfq-ema"]["quantizer"]["codebook_update"] == "ema"
     assert figures["config"]["dqfq-km"]["quantizer"]["codebook_init"] == "kmeans"
     disentangle = {name: figures["config"][name]["quantizer"]["disentangle_weight"]
-                   for name in ("dqfq", "dqfq-dis", "dqfq3")}
-    assert disentangle == {"dqfq": 0.0, "dqfq-dis": 0.1, "dqfq3": 0.1}   # the demo's K = 3 keeps FQGAN's term
+                   for name in ("dqfq", "dqfq-nodis", "dqfq3")}
+    assert disentangle == {"dqfq": 0.1, "dqfq-nodis": 0.0, "dqfq3": 0.1}
     table = (out / "quality.md").read_text()
     assert all(f"| {name} |" in table for name in targets)
 
