@@ -100,7 +100,7 @@ def test_training_logits_equal_incremental_logits(num_levels, num_subcodes, rope
     for doc in range(3):
         row, cols = (batch.doc == doc).nonzero(as_tuple=True)
         row = int(row[0])
-        decoder = CachedDecoder(model, 1, len(cols)) if decoder_kind == "cached" else RecomputeDecoder(model)
+        decoder = CachedDecoder(model, 1, len(cols)) if decoder_kind == "cached" else RecomputeDecoder(model, 1)
         for col in cols.tolist():
             inputs = model.embed_inputs(batch.position[row, col].view(1, 1), batch.content[row, col].view(1, 1, -1),
                                         batch.label[row, col].view(1, 1))

@@ -6,7 +6,7 @@ import torch
 from models.generator import (Generator, GeneratorConfig, SequenceSpec, TokenFilter, ValidityRule, generate_tokens,
                               sample)
 from models.generator.layers import KVCache
-from models.generator.decoding import filter_logits
+from models.generator.decoding import CachedDecoder, filter_logits
 from models.layout import codes_to_level_maps, level_maps_to_codes, num_codes
 
 
@@ -148,8 +148,8 @@ def test_static_cache_gives_the_tokens_of_the_recompute_path(seed, labels, cfg_s
     torch.testing.assert_close(runs[0].log_prob, runs[1].log_prob)
 
 
-def test_kv_cache_writes_at_the_device_index_and_masks_the_rest():
-    cache = KVCache(2, 1, 5, 3)
+def test_full_length_kv_cache_writes_at_the_device_index_and_masks_the_rest():
+    cache = KVCache(2, 1, 5, 3, full_length=True)
     keys = torch.arange(2 * 2 * 3, dtype=torch.float32).view(2, 1, 2, 3)
     _, _, valid = cache.update(keys, -keys)
     assert cache.length.tolist() == [2] and valid.tolist() == [[[[True, False, False, False, False],
@@ -159,7 +159,51 @@ def test_kv_cache_writes_at_the_device_index_and_masks_the_rest():
     assert torch.equal(all_keys[:, :, :2], keys) and torch.equal(all_keys[:, :, 2], keys[:, :, 0] + 100)
     assert torch.equal(all_values[:, :, :2], -keys) and all_keys[:, :, 3:].eq(0).all()
     cache.reset()
-    assert cache.length.tolist() == [0]
+    assert cache.length.tolist() == [0] and cache.token_index(torch.zeros(2, 1)).tolist() == [[0], [0]]
+
+
+def test_prefix_kv_cache_writes_in_place_and_returns_the_filled_prefix():
+    cache = KVCache(2, 1, 5, 3)
+    keys = torch.arange(2 * 2 * 3, dtype=torch.float32).view(2, 1, 2, 3)
+    all_keys, all_values, causal = cache.update(keys, -keys)
+    assert cache.filled == 2 and all_keys.shape == (2, 1, 2, 3) and causal.tolist() == [[[[True, False],
+                                                                                           [True, True]]]]
+    all_keys, all_values, mask = cache.update(keys[:, :, :1] + 100, keys[:, :, :1])
+    assert mask is None and all_keys.shape == (2, 1, 3, 3)   # one new token sees every filled slot
+    assert all_keys.data_ptr() == cache.keys.data_ptr()       # a view of the preallocated buffer, not a copy
+    assert torch.equal(all_keys[:, :, :2], keys) and torch.equal(all_keys[:, :, 2], keys[:, :, 0] + 100)
+    assert torch.equal(all_values[:, :, :2], -keys) and torch.equal(all_values[:, :, 2], keys[:, :, 0])
+    _, _, causal = cache.update(keys, keys)   # two new tokens after three: causal among the new ones only
+    assert causal.tolist() == [[[[True, True, True, True, False], [True, True, True, True, True]]]]
+    assert cache.token_index(torch.zeros(2, 1)).tolist() == [[5], [5]] and cache.length.tolist() == [0]
+    with pytest.raises(RuntimeError, match="overflow"):
+        cache.update(keys[:, :, :1], keys[:, :, :1])
+    cache.reset()
+    assert cache.filled == 0 and cache.token_index(torch.zeros(1, 1)).tolist() == [[0]]
+
+
+@pytest.mark.parametrize("seed, labels, cfg_scale", [(3, [0, 1, 2], 2.0), (4, [1, 2], None)])
+def test_prefix_and_full_length_caches_give_the_same_tokens_and_log_probs(monkeypatch, seed, labels, cfg_scale):
+    """Eager decoding attends over the filled prefix; compiled decoding over all slots under the validity mask."""
+    model = make_model(num_levels=3, grain_shape=(2, 2), seed=seed)
+    labels = torch.tensor(labels)
+
+    def run(compile, teacher=None):
+        return generate_tokens(model, labels, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(seed),
+                               compile=compile, teacher=teacher)
+
+    prefix = run(False)
+    scored_prefix = run(False, teacher=(prefix.position, prefix.content))
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)   # the full-length steps, run eagerly
+    assert CachedDecoder(model, 2, 8, compile=True).cache.content[0].full_length
+    assert all(cache.full_length for cache in CachedDecoder(model, 2, 8, compile=True).head_caches)
+    assert not CachedDecoder(model, 2, 8, compile=False).cache.position[0].full_length
+    full = run(True)
+    scored_full = run(True, teacher=(prefix.position, prefix.content))
+    assert prefix.done.all() and full.done.all()
+    assert torch.equal(prefix.position, full.position) and torch.equal(prefix.content, full.content)
+    assert torch.isfinite(scored_prefix.log_prob).all() and scored_prefix.log_prob.lt(0).all()
+    torch.testing.assert_close(scored_full.log_prob, scored_prefix.log_prob)
 
 
 def test_bf16_autocast_sampling_uses_a_bf16_cache_and_gives_valid_maps():

@@ -56,7 +56,7 @@ class TokenFilter:
 def filter_logits(logits: Tensor, allowed: Optional[Tensor], token_filter: TokenFilter) -> Tensor:
     """Float32 ``[B, V]`` logits divided by the temperature, ``-inf`` outside ``allowed``, top-k, top-p."""
     logits = logits.float()
-    if token_filter.temperature > 0:
+    if token_filter.temperature not in (0.0, 1.0):
         logits = logits / token_filter.temperature
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
@@ -90,6 +90,7 @@ class ValidityRule:
         self.spec = spec
         regions = spec.num_regions
         self.region_ids = torch.arange(regions, device=device)
+        self.openings = spec.choice_ids(device)[:, :-1]   # [G, R]: the top-left cell of every region per level
         self.rows = torch.arange(batch, device=device)
         self.taken = torch.zeros(batch, regions, dtype=torch.bool, device=device)
         self.level = torch.zeros(batch, dtype=torch.long, device=device)
@@ -102,8 +103,7 @@ class ValidityRule:
         """bool ``[B, position_vocab]``: the ids the next position may take."""
         spec, batch = self.spec, self.rows.numel()
         candidates = ~self.taken & (self.region_ids > self.last_region[:, None])
-        level = self.level[:, None].expand_as(candidates)
-        openings = spec.cell_position(level, self.region_ids.expand_as(candidates), torch.zeros_like(level))
+        openings = self.openings[self.level]
         in_region = self.remaining > 0
         free = ~self.done & ~in_region & (self.level < spec.num_levels - 1)
         allowed = torch.zeros(batch, spec.position_vocab, dtype=torch.bool, device=self.rows.device)
@@ -138,28 +138,33 @@ class ValidityRule:
 
 
 class CachedDecoder:
-    """Runs both stacks one token at a time over static KV caches (the RoPE tables of a step serve both stacks).
+    """Runs both stacks one token at a time over preallocated KV caches (the RoPE tables of a step serve both
+    stacks) and owns the content head's caches.
 
-    Every call has fixed shapes and reads the decoded length from the device, so on a GPU the two steps and
-    the content-head step are captured (``torch.compile(mode="reduce-overhead")``: CUDA graphs) with
-    ``compile=True`` (the default there); elsewhere ``compile=True`` compiles them without capture.
+    ``compile=True`` (the default on a GPU) compiles the two steps and the content-head step with fixed shapes
+    (``torch.compile(dynamic=False)``; on a GPU ``mode="reduce-overhead"`` captures them as CUDA graphs). The
+    caches then run full length: every step attends over all ``max_len`` slots under a validity mask and reads
+    the decoded length from the device, so no step depends on a host-side integer. Eagerly (``compile=False``,
+    the default elsewhere) they attend over their filled prefix, counted on the host: half the attention work
+    of a whole sequence, and no mask (:class:`~models.generator.layers.KVCache`).
     """
 
     def __init__(self, model: Generator, batch: int, max_len: int, compile: Optional[bool] = None):
         self.model = model
-        self.cache: GeneratorCache = model.new_cache(batch, max_len)
+        device = model.position_embed.weight.device
+        self.compiled = compile if compile is not None else device.type == "cuda"
+        self.cache: GeneratorCache = model.new_cache(batch, max_len, full_length=self.compiled)
+        self.head_caches = model.content_head.new_caches(batch, model.position_embed.weight, self.compiled)
         self.rope = None
         self.head_step = model.content_head.step
-        device = model.position_embed.weight.device
-        if compile if compile is not None else device.type == "cuda":
+        if self.compiled:
             mode = "reduce-overhead" if device.type == "cuda" else "default"
             self._position = torch.compile(self._position, mode=mode, dynamic=False)
             self._content = torch.compile(self._content, mode=mode, dynamic=False)
             self.head_step = torch.compile(self.head_step, mode=mode, dynamic=False)
 
     def _position(self, inputs: Tensor, position: Tensor) -> tuple[Tensor, Optional[Rotary]]:
-        index = self.cache.length.expand_as(position)[:, None]
-        rope = self.model.rotary(position[:, None], index)
+        rope = self.model.rotary(position[:, None], self.cache.token_index(position[:, None]))
         return self.model.position_hidden(inputs, rope, caches=self.cache.position)[:, 0], rope
 
     def _content(self, hidden: Tensor, next_position: Tensor, rope: Optional[Rotary]) -> Tensor:
@@ -177,10 +182,12 @@ class CachedDecoder:
 
 
 class RecomputeDecoder:
-    """Reference decoder: re-runs both stacks over the whole prefix at every step (no cache)."""
+    """Reference decoder: re-runs both stacks over the whole prefix at every step (no cache; the content head,
+    ``K`` slots, still decodes incrementally)."""
 
-    def __init__(self, model: Generator):
+    def __init__(self, model: Generator, batch: int):
         self.model = model
+        self.head_caches = model.content_head.new_caches(batch, model.position_embed.weight)
         self.inputs: list[Tensor] = []
         self.positions: list[Tensor] = []
         self.next_positions: list[Tensor] = []
@@ -265,12 +272,13 @@ def generate_tokens(model: Generator, labels: Tensor, *, position: TokenFilter =
     def both(x: Tensor) -> Tensor:
         return torch.cat([x, x]) if guided else x
 
-    def guide(logits: Tensor, scale: Optional[Tensor]) -> Tensor:
-        """Guided logits of the first half of the rows; ``scale [B]`` (None: no guidance for this token)."""
+    def guide(logits: Tensor, scale: float | Tensor | None) -> Tensor:
+        """Guided logits of the first half of the rows; ``scale``: one for all rows or ``[B, 1]`` (None: no
+        guidance for this token)."""
         if not guided:
             return logits
         cond, uncond = logits.chunk(2)
-        return cond if scale is None else cond + (scale[:, None] - 1.0) * (cond - uncond)
+        return cond if scale is None else cond + (scale - 1.0) * (cond - uncond)
 
     was_training = model.training
     model.eval()
@@ -279,23 +287,27 @@ def generate_tokens(model: Generator, labels: Tensor, *, position: TokenFilter =
     if teacher is not None:
         teacher_position, teacher_content = (t.to(device) for t in teacher)
         steps = min(steps, teacher_position.shape[1] - 1)
-    decoder = CachedDecoder(model, rows, spec.max_length, compile) if use_cache else RecomputeDecoder(model)
-    head_caches = model.content_head.new_caches(rows, model.position_embed.weight)
+    decoder = CachedDecoder(model, rows, spec.max_length, compile) if use_cache else RecomputeDecoder(model, rows)
+    head_caches = decoder.head_caches
     none = spec.none_content.to(device).expand(batch, -1)
     token_position = torch.full((batch,), spec.bos, dtype=torch.long, device=device)
     token_content = none
     positions, contents = [token_position], [token_content]
     log_prob = torch.zeros(batch, device=device)
     first, last = cfg_interval if cfg_interval is not None else (0, spec.num_levels - 1)
+    constant_scale = cfg_schedule == "constant" and first <= 0 and last >= spec.num_levels - 1
     for step in range(steps):
         scale = None
-        if guided:
+        if guided and constant_scale:
+            scale = cfg_scale   # every row, every token: no per-token work
+        elif guided:
             progress = rule.taken.float().mean(1) if cfg_schedule == "linear" else torch.ones(batch, device=device)
             in_interval = (rule.level >= first) & (rule.level <= last)
-            scale = torch.where(in_interval, 1.0 + (cfg_scale - 1.0) * progress, torch.ones_like(progress))
-        active = ~rule.done
-        inputs = model.embed_inputs(both(token_position)[:, None], both(token_content)[:, None], row_labels[:, None])
-        hidden = decoder.position(inputs, both(token_position))
+            scale = torch.where(in_interval, 1.0 + (cfg_scale - 1.0) * progress, torch.ones_like(progress))[:, None]
+        active = ~rule.done if teacher is not None else None
+        row_position = both(token_position)
+        inputs = model.embed_inputs(row_position[:, None], both(token_content)[:, None], row_labels[:, None])
+        hidden = decoder.position(inputs, row_position)
         filtered = filter_logits(guide(model.position_logits(hidden), scale if cfg_positions else None),
                                  rule.allowed(), position)
         if teacher is None:

@@ -60,7 +60,7 @@ def rope_tables_2d(y: Tensor, x: Tensor, head_dim: int, base: float = 10000.0) -
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate channel pairs ``(2i, 2i + 1)`` of ``x [B, H, T, Dh]`` by the angles in ``cos``/``sin``."""
+    """Rotate channel pairs ``(2i, 2i + 1)`` of ``x [..., B, H, T, Dh]`` by the angles in ``cos``/``sin``."""
     pairs = x.float().unflatten(-1, (-1, 2))
     real, imag = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
@@ -68,41 +68,75 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache(nn.Module):
-    """Static KV cache of one attention layer: keys/values preallocated ``[B, H, max_len, Dh]`` and the number
-    of filled slots ``length`` (int64 ``[1]``, on the cache's device).
+    """KV cache of one attention layer: keys/values preallocated ``[B, H, max_len, Dh]``, written in place
+    (no concatenation, no copies of the stored part). Two ways to attend, fixed when the cache is made:
 
-    Every write goes to slots ``length .. length + T - 1`` (``index_copy_`` at a device-side index) and
-    attention always runs over all ``max_len`` slots with a validity mask built on the device, so a decode
-    step has the same shapes and no host-side integer at every token (it can be captured as a CUDA graph).
-    The caller keeps the number of tokens within ``max_len`` (past it ``index_copy_`` fails). The tensors are
-    buffers so that ``torch.compile`` treats them as static state, not as inputs mutated by the graph.
+    - **prefix** (``full_length=False``, eager decoding): the number of filled slots ``filled`` is a host-side
+      int (decoding runs in lock step, so it grows by ``T`` per update without reading the device); new tokens
+      go to slots ``filled .. filled + T - 1`` and attention runs over the filled prefix (views, no mask for
+      one new token), so a token's attention work is proportional to the tokens before it.
+    - **full length** (``full_length=True``, captured / compiled decoding): the filled count ``length`` is an
+      int64 ``[1]`` on the cache's device; writes are ``index_copy_`` at that device-side index and attention
+      runs over all ``max_len`` slots under a validity mask built on the device, so every decode step has the
+      same shapes and no host-side integer (it can be captured as a CUDA graph). On the CPU this costs
+      ``max_len / filled`` times the attention work of the prefix mode.
+
+    The caller keeps the number of tokens within ``max_len`` (past it the prefix mode raises, ``index_copy_``
+    fails). The tensors are buffers so that ``torch.compile`` treats them as static state, not as inputs
+    mutated by the graph.
     """
 
     def __init__(self, batch: int, heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", full_length: bool = False):
         super().__init__()
         shape = (batch, heads, max_len, head_dim)
+        self.full_length = full_length
+        self.filled = 0   # prefix mode: slots filled so far (host side)
         # zeros, not empty: masked slots still meet the softmax weights (0), and 0 * NaN garbage would be NaN
         self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("length", torch.zeros(1, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("slots", torch.arange(max_len, device=device), persistent=False)
 
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[2]
+
     def reset(self) -> None:
-        """Empty the cache (the stored values stay, masked out)."""
-        self.length.zero_()
+        """Empty the cache (the stored values stay, unread or masked out)."""
+        if self.full_length:
+            self.length.zero_()
+        else:
+            self.filled = 0
 
-    def update(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Store ``[B, H, T, Dh]`` new keys/values and advance ``length`` by ``T``.
+    def token_index(self, like: Tensor) -> Tensor:
+        """int64 tensor shaped like ``like``: the in-sequence index of the next token (= slots filled)."""
+        if self.full_length:
+            return self.length.expand_as(like)
+        return torch.full_like(like, self.filled, dtype=torch.long)
 
-        Returns all keys and values ``[B, H, max_len, Dh]`` and the bool mask ``[1, 1, T, max_len]`` (True =
-        attend): new token ``t`` sees the slots filled before it and the new tokens up to itself.
+    def update(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """Store ``[B, H, T, Dh]`` new keys/values after the filled slots and advance the count by ``T``.
+
+        Returns the keys and values to attend over ``[B, H, S, Dh]`` and a bool mask ``[1, 1, T, S]`` (True =
+        attend; None = attend to all): new token ``t`` sees the slots filled before it and the new tokens up to
+        itself. Prefix mode: ``S`` = slots filled now (mask None for ``T = 1``); full length: ``S = max_len``.
         """
-        written = self.length + self.slots[: keys.shape[2]]
-        self.keys.index_copy_(2, written, keys.to(self.keys.dtype))
-        self.values.index_copy_(2, written, values.to(self.values.dtype))
-        self.length += keys.shape[2]
-        return self.keys, self.values, (self.slots[None, :] <= written[:, None])[None, None]
+        new = keys.shape[2]
+        if self.full_length:
+            written = self.length + self.slots[:new]
+            self.keys.index_copy_(2, written, keys.to(self.keys.dtype))
+            self.values.index_copy_(2, written, values.to(self.values.dtype))
+            self.length += new
+            return self.keys, self.values, (self.slots[None, :] <= written[:, None])[None, None]
+        start, end = self.filled, self.filled + new
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {end} tokens > max_len {self.max_len}")
+        self.keys[:, :, start:end] = keys
+        self.values[:, :, start:end] = values
+        self.filled = end
+        mask = None if new == 1 else (self.slots[None, :end] <= self.slots[start:end, None])[None, None]
+        return self.keys[:, :, :end], self.values[:, :, :end], mask
 
 
 def cache_dtype(like: Tensor) -> torch.dtype:
@@ -118,8 +152,8 @@ class Attention(nn.Module):
 
     ``mask``: a :class:`~models.generator.attention.DocumentMask` (packed training rows), a dense bool
     ``[B, 1, T, S]`` tensor (True = attend; the reference path), or None (causal). The KV cache is read and
-    written here only: incremental decoding stores the new keys/values and attends over the whole static cache
-    under its validity mask.
+    written here only: incremental decoding stores the new keys/values and attends as the cache says (its
+    filled prefix, or all slots under a validity mask, see :class:`KVCache`).
     """
 
     def __init__(self, dim: int, heads: int, dropout: float = 0.0):
@@ -137,9 +171,10 @@ class Attention(nn.Module):
         tokens plus the new ones (causal among them).
         """
         batch, length, _ = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(qkv[:2], *rope)   # queries and keys in one pass: half the small ops per token
         if cache is not None:
             if mask is not None:
                 raise ValueError("KV-cached decoding is causal: pass no mask with a cache")
@@ -196,7 +231,8 @@ class Transformer(nn.Module):
             nn.init.zeros_(block.attn.proj.weight)
             nn.init.zeros_(block.mlp.down.weight)
 
-    def new_caches(self, batch: int, max_len: int, like: Tensor) -> list[KVCache]:
-        """One empty :class:`KVCache` per block on ``like``'s device, in the compute dtype (:func:`cache_dtype`)."""
-        return [KVCache(batch, self.heads, max_len, self.dim // self.heads, cache_dtype(like), like.device)
-                for _ in self.blocks]
+    def new_caches(self, batch: int, max_len: int, like: Tensor, full_length: bool = False) -> list[KVCache]:
+        """One empty :class:`KVCache` per block on ``like``'s device, in the compute dtype (:func:`cache_dtype`);
+        ``full_length`` as :class:`KVCache`."""
+        return [KVCache(batch, self.heads, max_len, self.dim // self.heads, cache_dtype(like), like.device,
+                        full_length) for _ in self.blocks]

@@ -147,8 +147,9 @@ class FactorizedHead(nn.Module):
         hidden = self.hidden(context, codes)
         return [out(hidden[:, j]) for j, out in enumerate(self.out)]
 
-    def new_caches(self, batch: int, like: Tensor) -> list[KVCache]:
-        return self.stack.new_caches(batch, len(self.out), like)
+    def new_caches(self, batch: int, like: Tensor, full_length: bool = False) -> list[KVCache]:
+        """KV caches of the slot stack (``K`` slots); ``full_length`` as :class:`~models.generator.layers.KVCache`."""
+        return self.stack.new_caches(batch, len(self.out), like, full_length)
 
     def step(self, context: Tensor, previous: Optional[Tensor], slot: int, caches: list[KVCache]) -> Tensor:
         """Incremental logits ``[N, V_slot]`` given sub-code ``slot - 1`` (``previous [N]``, None at slot 0)."""
@@ -169,10 +170,9 @@ class GeneratorCache:
     position: list[KVCache]
     content: list[KVCache]
 
-    @property
-    def length(self) -> Tensor:
-        """int64 ``[1]`` (on the device): tokens decoded so far."""
-        return self.position[0].length
+    def token_index(self, like: Tensor) -> Tensor:
+        """int64 shaped like ``like``: the in-sequence index of the next token (= tokens decoded so far)."""
+        return self.position[0].token_index(like)
 
 
 @dataclasses.dataclass
@@ -294,10 +294,11 @@ class Generator(nn.Module, PretrainedMixin):
             next_embed = self.next_position_norm(next_embed)
         return self.content_stack(position_hidden + next_embed, rope, mask, caches)
 
-    def new_cache(self, batch: int, max_len: int) -> GeneratorCache:
+    def new_cache(self, batch: int, max_len: int, full_length: bool = False) -> GeneratorCache:
+        """Empty KV caches of both stacks; ``full_length`` as :class:`~models.generator.layers.KVCache`."""
         like = self.position_embed.weight
-        return GeneratorCache(self.position_stack.new_caches(batch, max_len, like),
-                              self.content_stack.new_caches(batch, max_len, like))
+        return GeneratorCache(self.position_stack.new_caches(batch, max_len, like, full_length),
+                              self.content_stack.new_caches(batch, max_len, like, full_length))
 
     # --- training ------------------------------------------------------------------------------------------
 
