@@ -243,6 +243,7 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not main, desc="train-tokenizer", unit="step")
     started = time.perf_counter()
     model.train()
+    init_codebooks = step == 0 and cfg.model.quantizer.codebook_init == "kmeans"   # fresh runs only
     with stage_watchdog(accelerator, run_dir, cfg.train, "train-tokenizer") as watchdog:
         while step < cfg.train.max_steps:
             update = GuardedStep(accelerator, model, cfg.train.grad_accum)
@@ -250,6 +251,9 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
                 # Bytes cross to the device (4x less traffic than float32) and become [-1, 1] fp32 there, once;
                 # the engine's autocast runs the forward in the compute dtype (pipeline.precision).
                 images = to_unit_range(to_device(next(batches)["image"], accelerator.device))
+                if init_codebooks:
+                    init_codebooks = False
+                    _kmeans_init(model, unwrapped.tokenizer, images)
                 with accelerator.accumulate(model):
                     loss, logs, rec, grain = model(images, step)
                     window.add(logs, keep=update.backward_and_step(loss))
@@ -301,6 +305,16 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
                "layout": ckpt.layout, "canonical_units": stream.canonical_units, "images_per_step": images_per_step,
                "layout_change": changed}
     return finish_run(accelerator, run_dir, step, start_step, summary, raw=ema is None)
+
+
+def _kmeans_init(engine, tokenizer: Tokenizer, images: torch.Tensor) -> None:
+    """k-means codebook init from the first batch (every rank, collective). ZeRO-1/2 keep fp32 copies of the
+    trainable weights in the optimizer: gradient-updated codebooks are copied back into them, otherwise the
+    first step would restore the initial codes (EMA codebooks are no optimizer parameters)."""
+    tokenizer.init_codebooks(images)
+    refresh = getattr(getattr(engine, "optimizer", None), "refresh_fp32_params", None)
+    if refresh is not None and not tokenizer.config.quantizer.ema:
+        refresh()
 
 
 # ------------------------------------------------------------------------------------------ command

@@ -33,18 +33,19 @@ def test_study_writes_consistent_json_table_and_plots(study):
     points = figures["points"]
     assert set(points) == {"ref", "f8", "f16", "f16k2", "ent@0.25", "ent@0.25 random", "ent@0.5", "ent@0.5 random",
                            "learn25", "learn25 random", "learn50", "learn50 random", "dqfq", "dqfq random", "dqfq3",
-                           "dqfq3 random"}
+                           "dqfq3 random", "dqfq-nodis", "dqfq-nodis random", "dqfq-ema", "dqfq-ema random", "dqfq-km",
+                           "dqfq-km random", "dqfq75", "dqfq75 random", "dqfq75-ema", "dqfq75-ema random"}
     # 32px: the F16 grid is 2 x 2 (4 codes), the F8 grid 4 x 4 (16 codes); two-level maps lie in between.
     codes = {name: p["codes_per_image"]["mean"] for name, p in points.items()}
     assert codes["f16"] == codes["f16k2"] == 4 and codes["f8"] == codes["ref"] == 16
-    for name in ("ent@0.25", "ent@0.5", "learn25", "learn50", "dqfq", "dqfq3"):
+    for name in ("ent@0.25", "ent@0.5", "learn25", "learn50", "dqfq", "dqfq3", "dqfq-ema", "dqfq-km", "dqfq75"):
         assert 4 <= codes[name] <= 16
         # the random-map control codes exactly as many positions per image as the adaptive map
         assert codes[f"{name} random"] == codes[name]
         assert 0 <= points[name]["fine_share"]["mean"] <= 1
     assert codes["ent@0.25"] <= codes["ent@0.5"]
     for name, point in points.items():
-        k = {"f16k2": 2, "dqfq": 2, "dqfq3": 3}.get(name.split(" ")[0], 1)
+        k = 3 if name.startswith("dqfq3") else 2 if name.startswith(("f16k2", "dqfq")) else 1
         assert len(point["usage"]) == k and all(0 < u <= 1 for u in point["usage"])
         assert point["psnr"]["n"] == 2 and math.isfinite(point["psnr"]["mean"]) and point["psnr"]["std"] >= 0
         assert 0 <= point["retrieval"]["mean"] <= 1
@@ -69,12 +70,19 @@ def test_study_writes_consistent_json_table_and_plots(study):
         assert f"claim1_{name}_over_random_mean_minus_2std_db" in targets
         assert f"claim1_{name}_over_line_mean_minus_2std_db" in targets
     assert not any("dqfq" in key for key in targets if key.startswith("claim1"))
+    for name in ("dqfq-nodis", "dqfq-ema", "dqfq-km", "dqfq75", "dqfq75-ema"):   # every variant against the reference
+        assert targets[f"{name}_minus_reference_db"]["at_fewer_codes_than_reference"] is True
+    assert figures["config"]["dqfq-ema"]["quantizer"]["codebook_update"] == "ema"
+    assert figures["config"]["dqfq-km"]["quantizer"]["codebook_init"] == "kmeans"
+    disentangle = {name: figures["config"][name]["quantizer"]["disentangle_weight"]
+                   for name in ("dqfq", "dqfq-nodis", "dqfq3")}
+    assert disentangle == {"dqfq": 0.1, "dqfq-nodis": 0.0, "dqfq3": 0.1}
     table = (out / "quality.md").read_text()
     assert all(f"| {name} |" in table for name in targets)
 
     with Image.open(out / "quality_examples.png") as grid:
-        # 3 held-out rows, original + 10 non-random points as columns, each 32px with a 2px pad on both sides
-        assert grid.size == (11 * 36, 3 * 36)
+        # 3 held-out rows, original + 15 non-random points as columns, each 32px with a 2px pad on both sides
+        assert grid.size == (16 * 36, 3 * 36)
     with Image.open(out / "quality_psnr_vs_codes.png") as plot:
         assert plot.size[0] > 300
 

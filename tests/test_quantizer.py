@@ -215,3 +215,188 @@ def test_entropy_batch_term_and_partitioned_grad_norm_are_all_reduced():
     assert [r[4] for r in results] == [pytest.approx(5.0), pytest.approx(5.0)]
     assert torch.allclose(results[0][5], torch.tensor([0.6, 0.0, 0.0, 0.0]), atol=1e-6)
     assert torch.allclose(results[1][5], torch.tensor([0.0, 0.8, 0.0, 0.0]), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ EMA codebooks
+def ema_quantizer(size=3, dim=2, k=1, **overrides):
+    cfg = QuantizerConfig(codebooks=[SubCodebookConfig(size=size, dim=dim) for _ in range(k)], adapter_channels=8,
+                          adapter_blocks=1, codebook_update="ema", **overrides)
+    return FactorizedQuantizer(cfg, z_channels=8)
+
+
+def _three_code_case(quant):
+    """Codes e0 = (1, 0), e1 = (0, 1), e2 = (-1, 0) with EMA counts 2 and sums 2 e_j; a batch of (1, 0) -> e0,
+    (0.6, 0.8) -> e1 and a masked (0, 1) -> e1 of weight 0."""
+    codes = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    count, total = quant.ema_statistics(0)
+    with torch.no_grad():
+        quant.codebooks[0].copy_(codes)
+        count.fill_(2.0)
+        total.copy_(2 * codes)
+    u = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])
+    weights = torch.tensor([1.0, 1.0, 0.0])
+    idx = cosine_lookup(u, quant.normalized_codebook(0))
+    assert idx.tolist() == [0, 1, 1]
+    quant.update_ema(0, u, idx, weights)
+    return count, total
+
+
+def test_ema_update_matches_a_hand_computed_three_code_example():
+    quant = ema_quantizer(ema_decay=0.5, dead_code_threshold=0.0)
+    assert not quant.codebooks[0].requires_grad
+    count, total = _three_code_case(quant)
+    # N = 0.5 * 2 + 0.5 * (1, 1, 0); S = 0.5 * 2 e + 0.5 * ((1, 0), (0.6, 0.8), 0); the masked token adds nothing
+    assert torch.allclose(count, torch.tensor([1.5, 1.5, 1.0]))
+    assert torch.allclose(total, torch.tensor([[1.5, 0.0], [0.3, 1.4], [-1.0, 0.0]]))
+    # e = normalize(S / N~): Laplace smoothing rescales each code, the direction is that of S
+    n, eps = 4.0, 1e-5
+    smoothed = n * (count + eps) / (n + 3 * eps)
+    expected = F.normalize(total / smoothed[:, None], dim=1)
+    assert torch.allclose(quant.codebooks[0], expected)
+    assert torch.allclose(quant.codebooks[0][1], torch.tensor([0.3, 1.4]) / math.hypot(0.3, 1.4))
+
+
+def test_dead_code_is_restarted_to_a_batch_vector():
+    """Threshold 1.2: e2 (count 1.0 after the update) restarts at one of the two weighted tokens (plus noise of
+    std 0.01 / sqrt(D)), its count at one token; the used codes are untouched."""
+    torch.manual_seed(0)
+    quant = ema_quantizer(ema_decay=0.5, dead_code_threshold=1.2)
+    count, total = _three_code_case(quant)
+    assert count.tolist() == [1.5, 1.5, 1.0]
+    restarted = quant.codebooks[0][2]
+    distances = (torch.tensor([[1.0, 0.0], [0.6, 0.8]]) - restarted).norm(dim=1)
+    assert float(distances.min()) < 0.05 and float(restarted.norm()) == pytest.approx(1.0)
+    assert torch.allclose(total[2], restarted)
+    assert torch.allclose(quant.codebooks[0][0], torch.tensor([1.0, 0.0]))
+    # the masked token (0, 1) is never a candidate
+    draws = torch.stack([quantizer_sample(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([1.0, 0.0]))
+                         for _ in range(20)])
+    assert float((draws - torch.tensor([1.0, 0.0])).norm(dim=-1).max()) < 0.05
+
+
+def quantizer_sample(u, weights):
+    from models.tokenizer.quantizer import _sample_tokens
+
+    return _sample_tokens(u, weights, 1)[0]
+
+
+def test_kmeans_init_gives_codes_that_are_batch_means():
+    """Three tight clusters of adapter outputs, three codes: after kmeans_init every code is the normalised
+    (weighted) mean of the unmasked tokens nearest to it, each cluster gets its own code, and the EMA buffers
+    hold the clusters' counts and sums."""
+    torch.manual_seed(0)
+    quant = ema_quantizer(size=3, dim=2, kmeans_iters=20, codebook_init="kmeans")
+    # a linear adapter whose output is the first two input channels: the tokens are what we draw
+    adapter = torch.nn.Conv2d(8, 2, 1, bias=False)
+    with torch.no_grad():
+        adapter.weight.zero_()
+        adapter.weight[0, 0] = adapter.weight[1, 1] = 1.0
+    quant.adapters[0] = adapter
+    centres = torch.tensor([[1.0, 0.0], [-0.5, 0.87], [-0.5, -0.87]])
+    points = (centres.repeat(10, 1) + 0.05 * torch.randn(30, 2))
+    level = torch.zeros(1, 8, 5, 6)
+    level[0, :2] = points.T.reshape(2, 5, 6)
+    mask = torch.ones(1, 5, 6)
+    mask[0, 0, 0] = 0.0                    # a masked token far from its cluster must not move it
+    level[0, :2, 0, 0] = torch.tensor([0.0, 1.0])
+    quant.kmeans_init([level], [mask])
+    u = F.normalize(level[0, :2].reshape(2, -1).T, dim=1)
+    codes = quant.codebooks[0].detach()
+    idx = cosine_lookup(u, codes)
+    weights = mask.flatten()
+    cluster = torch.arange(30) % 3
+    codes_of = [set(idx[(cluster == c) & (weights > 0)].tolist()) for c in range(3)]
+    assert all(len(c) == 1 for c in codes_of) and set.union(*codes_of) == {0, 1, 2}   # one code per cluster
+    for j in range(3):
+        members = (idx == j) & (weights > 0)
+        assert torch.allclose(codes[j], F.normalize(u[members].mean(0), dim=0), atol=1e-6)
+    count, total = quant.ema_statistics(0)
+    assert count.sum() == pytest.approx(29.0)
+    assert torch.allclose(F.normalize(total, dim=1), codes, atol=1e-6)
+
+
+def test_ema_codebooks_leave_the_optimizer_groups_and_round_trip_a_checkpoint(tmp_path):
+    """No gradient reaches an EMA codebook and TokenizerTrainingModule's groups leave it out (GroupClippedAdamW
+    steps the rest); the EMA buffers are in the state dict, and a quantizer loaded from a saved one continues
+    exactly as the original."""
+    from safetensors.torch import load_file, save_file
+
+    from models.tokenizer.training import GroupClippedAdamW
+
+    torch.manual_seed(0)
+    quant = ema_quantizer(size=16, dim=4, k=2, dead_code_threshold=0.5)
+    levels, masks = [torch.randn(2, 8, 3, 3)], [torch.ones(2, 3, 3)]
+    out = quant(levels, masks)
+    (sum(out.losses.values()) + sum(q.square().sum() for q in out.quantized)).backward()
+    assert all(c.grad is None for c in quant.codebooks) and float(out.losses["codebook"]) == 0.0
+    trainable = [p for p in quant.parameters() if p.requires_grad]
+    assert not {id(c) for c in quant.codebooks} & {id(p) for p in trainable}
+    GroupClippedAdamW([{"params": trainable, "name": "tokenizer", "max_grad_norm": 1.0}], lr=1e-3).step()
+    state = quant.state_dict()
+    assert {"ema_count_0", "ema_sum_0", "ema_count_1", "ema_sum_1"} <= set(state)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "q.safetensors"))
+    torch.manual_seed(1)
+    resumed = ema_quantizer(size=16, dim=4, k=2, dead_code_threshold=0.5)
+    resumed.load_state_dict(load_file(str(tmp_path / "q.safetensors")))
+    batch = [torch.randn(2, 8, 3, 3)]
+    for model in (quant, resumed):
+        torch.manual_seed(5)               # the same restart draws
+        model(batch, masks)
+    for key, value in quant.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def _ema_rank(rank: int, world: int, port: int, batches, queue) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)               # identical initial weights
+        restarting = ema_quantizer(size=32, dim=4, k=2, dead_code_threshold=1.0, kmeans_iters=3)
+        plain = ema_quantizer(size=32, dim=4, k=2, dead_code_threshold=0.0)
+        torch.manual_seed(100 + rank)      # different restart draws on each rank: only rank 0's may count
+        restarting.kmeans_init([batches[0][rank]], [torch.ones(2, 3, 3)])
+        for batch in batches[1:]:
+            restarting([batch[rank]], [torch.ones(2, 3, 3)])
+            plain([batch[rank]], [torch.ones(2, 3, 3)])
+        queue.put((rank, {k: v.tolist() for k, v in restarting.state_dict().items()},
+                   {k: v.tolist() for k, v in plain.state_dict().items() if "ema" in k or "codebooks" in k}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_keep_identical_ema_codebooks():
+    """Two gloo ranks, different batches: k-means init, EMA steps and dead-code restarts leave identical
+    codebooks and EMA buffers on both ranks (counts and sums all-reduced, restart candidates broadcast), and
+    without restarts the EMA equals one process's on both ranks' batches together."""
+    import torch.multiprocessing as mp
+
+    from pipeline.runtime import free_port
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [[torch.randn(2, 8, 3, 3, generator=gen) for _ in range(2)] for _ in range(4)]
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    procs = [context.Process(target=_ema_rank, args=(r, 2, port, batches, queue)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    results = sorted((queue.get(timeout=120) for _ in procs), key=lambda r: r[0])
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    (_, restart0, plain0), (_, restart1, plain1) = results
+    assert restart0.keys() == restart1.keys() and "ema_count_1" in restart0
+    for key in restart0:
+        assert restart0[key] == restart1[key], key
+    assert any(c == 1.0 for c in restart0["ema_count_0"])          # some codes were restarted
+    torch.manual_seed(0)
+    restarting = ema_quantizer(size=32, dim=4, k=2, dead_code_threshold=1.0)
+    single = ema_quantizer(size=32, dim=4, k=2, dead_code_threshold=0.0)
+    assert restart0["codebooks.0"] != restarting.state_dict()["codebooks.0"]
+    for batch in batches[1:]:
+        single([torch.cat(batch)], [torch.ones(4, 3, 3)])
+    for key, value in plain0.items():
+        assert plain1[key] == value, key
+        assert torch.allclose(torch.tensor(value), single.state_dict()[key], atol=1e-6), key

@@ -389,3 +389,43 @@ def test_ema_warmup_decay_follows_one_plus_n_over_ten_plus_n():
     for _ in range(1000):
         plain.update()
     assert float(plain.shadow[0]) == pytest.approx(1 - 0.999 ** 1000, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_ema_codebooks_and_kmeans_init_under_zero2_resume_exactly(tmp_path):
+    """2 processes, ZeRO-2, EMA codebooks with dead-code restart and k-means init: the ranks end with the same
+    weights and EMA buffers, and 2 steps + resume from the step-2 checkpoint + 2 steps equals 4 steps straight,
+    bit for bit (EMA buffers, codebooks and restart draws included). With gradient-updated codebooks the k-means
+    init survives ZeRO-2's fp32 copies (after one step the codes are still unit vectors, not U(-1/V, 1/V))."""
+    shards = make_shards(tmp_path / "data", num_images=16, per_shard=8)
+    common = [f"data.shards={shards}", *SMALL, "train.max_steps=4", "train.log_every=1", "train.ckpt_every=2",
+              "train.keep_last=3", "train.image_every=100", "loss.disc_start=1000", "train.ema_decay=0",
+              "model.quantizer.codebook_init=kmeans"]
+    ema = ["model.quantizer.codebook_update=ema", "model.quantizer.dead_code_threshold=1.0"]
+    two = ACCELERATE + ["--num_processes", "2", "--use_deepspeed", "--zero_stage", "2"]
+    straight, resumed, gradient = (tmp_path / name for name in ("straight", "resumed", "gradient"))
+    procs = {"straight": start_process(two + ["--main_process_port", str(free_port()), *STAGE, f"run.dir={straight}",
+                                              *common, *ema], tmp_path / "straight.log"),
+             "gradient": start_process(two + ["--main_process_port", str(free_port()), *STAGE, f"run.dir={gradient}",
+                                              *common, "train.max_steps=1"], tmp_path / "gradient.log")}
+    for name, proc in procs.items():
+        assert proc.wait(timeout=600) == 0, (tmp_path / f"{name}.log").read_text()[-4000:]
+    resume = start_process(two + ["--main_process_port", str(free_port()), *STAGE, f"run.dir={resumed}", *common,
+                                  *ema, "--resume", str(straight / "checkpoints" / "step-2")], tmp_path / "resumed.log")
+    assert resume.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-4000:]
+
+    summary = _summary(straight)
+    assert summary["zero_stage"] == 2 and summary["steps"] == 4
+    assert summary["ranks"][0]["digest_tokenizer"] == summary["ranks"][1]["digest_tokenizer"]
+    assert _summary(resumed)["resumed_from"] == 2
+    expected = load_file(str(straight / "checkpoints/step-4/model.safetensors"))
+    got = load_file(str(resumed / "checkpoints/step-4/model.safetensors"))
+    assert {"quantizer.ema_count_0", "quantizer.ema_sum_1"} <= set(expected) and got.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+    codes = expected["quantizer.codebooks.0"]
+    assert torch.allclose(codes.norm(dim=1), torch.ones(codes.shape[0]), atol=1e-5)
+    restarted = expected["quantizer.ema_count_0"] == 1.0
+    assert 0 < int(restarted.sum()) < codes.shape[0]
+    after_one_step = load_file(str(gradient / "checkpoints/step-1/model.safetensors"))["quantizer.codebooks.0"]
+    assert float(after_one_step.norm(dim=1).min()) > 0.9

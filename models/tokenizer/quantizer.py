@@ -16,6 +16,19 @@ over the ranks, V floats), disentanglement ``mean over pairs (a, b) of mean <q_a
 Codebooks start as LlamaGen / FQGAN do, ``U(-1/V, 1/V)`` (``codebook_init: uniform``): the codes are used
 l2-normalised, so their raw norm only sets how far one optimizer step turns them, and these tiny norms let Adam
 move a code by a large angle per step (``randn`` codes, norm ~sqrt(D), barely move from their init).
+``codebook_init: kmeans`` additionally lets the trainer call :meth:`FactorizedQuantizer.kmeans_init` on the first
+batch (spherical k-means of the adapter outputs, the codes become the normalised cluster means).
+
+Codebook updates (``codebook_update``): ``gradient`` (the codebook loss above, through the optimizer) or ``ema``,
+DQ-VAE's official quantizer (from RQ-VAE): no gradient reaches the codebook; every training forward folds the
+batch into per-code EMAs (decay ``ema_decay``) of the token count ``N_j`` and of the sum ``S_j`` of the unit inputs
+assigned to code j, and sets ``e_j = normalize(S_j / N~_j)`` with Laplace smoothing
+``N~_j = n (N_j + eps) / (n + V eps)``, ``n = sum_j N_j``. A code whose ``N_j`` falls below
+``dead_code_threshold`` is restarted: ``S_j`` becomes a random token of the batch (plus noise of std
+``0.01 / sqrt(D)``) and ``N_j`` one token. Under torch.distributed the counts and sums are all-reduced
+(V x (D + 1) floats) and the restart candidates are rank 0's, broadcast, so the codebooks stay identical on every
+rank; all on the device, no host syncs. The EMAs are persistent buffers (``ema_count_k``, ``ema_sum_k``): saved
+and resumed with the model's state.
 """
 from __future__ import annotations
 
@@ -35,7 +48,9 @@ UINT16_CODES = 1 << 16
 # Log-probabilities are clamped here before exp: below about -87 fp32 exp() returns denormals, which are
 # an order of magnitude slower on CPUs, and such probabilities (< 1.7e-38) do not change the entropies.
 MIN_LOG_PROB = -87.0
-CODEBOOK_INITS = ("uniform", "randn")
+CODEBOOK_INITS = ("uniform", "randn", "kmeans")
+CODEBOOK_UPDATES = ("gradient", "ema")
+RESTART_NOISE = 0.01   # std of the noise on restarted / k-means seed codes, times 1 / sqrt(D) (RQ-VAE / DQ-VAE)
 
 
 @dataclasses.dataclass
@@ -64,7 +79,12 @@ class QuantizerConfig(ConfigBase):
     entropy_temperature: float = 0.01
     disentangle_weight: float = 0.1
     chunk_size: int = 4096            # tokens per chunk of the lookup / entropy computation
-    codebook_init: str = "uniform"    # uniform: U(-1/V, 1/V) (LlamaGen / FQGAN); randn: N(0, 1)
+    codebook_init: str = "uniform"    # uniform: U(-1/V, 1/V) (LlamaGen / FQGAN); randn: N(0, 1); kmeans: uniform,
+    kmeans_iters: int = 10            # then k-means of the first batch (the trainer calls kmeans_init)
+    codebook_update: str = "gradient"  # gradient: codebook loss + optimizer; ema: DQ-VAE's EMA + dead-code restart
+    ema_decay: float = 0.99           # ema: decay of the per-code token counts and input sums
+    ema_epsilon: float = 1e-5         # ema: Laplace smoothing of the counts
+    dead_code_threshold: float = 1.0  # ema: restart codes whose EMA token count falls below this (0: never)
 
     def __post_init__(self) -> None:
         if not self.codebooks:
@@ -75,6 +95,17 @@ class QuantizerConfig(ConfigBase):
                               f"needs equal dims, got {[c.dim for c in self.codebooks]}: equalise the dims or set "
                               f"disentangle_weight: 0")
         check_choice("model.quantizer", "codebook_init", self.codebook_init, CODEBOOK_INITS)
+        check_choice("model.quantizer", "codebook_update", self.codebook_update, CODEBOOK_UPDATES)
+        if not 0.0 <= self.ema_decay < 1.0 or self.ema_epsilon <= 0 or self.dead_code_threshold < 0:
+            raise ConfigError(f"model.quantizer: ema_decay must be in [0, 1), ema_epsilon > 0 and "
+                              f"dead_code_threshold >= 0, got {self.ema_decay}, {self.ema_epsilon}, "
+                              f"{self.dead_code_threshold}")
+        if self.kmeans_iters < 1:
+            raise ConfigError(f"model.quantizer.kmeans_iters must be >= 1, got {self.kmeans_iters}")
+
+    @property
+    def ema(self) -> bool:
+        return self.codebook_update == "ema"
         if self.chunk_size < 1 or self.entropy_temperature <= 0:
             raise ConfigError("model.quantizer: chunk_size and entropy_temperature must be positive")
 
@@ -202,7 +233,8 @@ def quantize_tokens(u: torch.Tensor, codebook: torch.Tensor, weights: torch.Tens
         total = weights.sum().clamp_min(1.0)
         with torch.no_grad():   # commitment health: how close the encoder's outputs sit to their codes
             terms["cosine"] = (weights * (q * u).sum(-1)).sum() / total
-        terms["codebook"] = config.codebook_weight * (weights * ((q - u.detach()) ** 2).mean(-1)).sum() / total
+        if not config.ema:   # EMA codebooks get no gradient: their update is FactorizedQuantizer.update_ema
+            terms["codebook"] = config.codebook_weight * (weights * ((q - u.detach()) ** 2).mean(-1)).sum() / total
         terms["commitment"] = config.beta * (weights * ((q.detach() - u) ** 2).mean(-1)).sum() / total
         return u + (q - u).detach(), idx, terms
 
@@ -223,10 +255,16 @@ class FactorizedQuantizer(nn.Module):
         self.dims = [c.dim for c in config.codebooks]
         self.sizes = [c.size for c in config.codebooks]
         self.adapters = nn.ModuleList(self._adapter(z_channels, c.dim) for c in config.codebooks)
-        self.codebooks = nn.ParameterList(nn.Parameter(torch.empty(c.size, c.dim)) for c in config.codebooks)
+        # EMA codebooks stay parameters (same state-dict keys, exports, weight EMA) but without gradient, so the
+        # optimizer groups (requires_grad only) leave them out
+        self.codebooks = nn.ParameterList(nn.Parameter(torch.empty(c.size, c.dim), requires_grad=not config.ema)
+                                          for c in config.codebooks)
+        for k, c in enumerate(config.codebooks):
+            self.register_buffer(f"usage_{k}", torch.zeros(c.size), persistent=False)
+            if config.ema:
+                self.register_buffer(f"ema_count_{k}", torch.zeros(c.size))
+                self.register_buffer(f"ema_sum_{k}", torch.zeros(c.size, c.dim))
         self.reset_codebooks()
-        for k, size in enumerate(self.sizes):
-            self.register_buffer(f"usage_{k}", torch.zeros(size), persistent=False)
 
     def _adapter(self, z_channels: int, dim: int) -> nn.Sequential:
         width = self.config.adapter_channels if self.config.adapter_blocks else z_channels
@@ -236,11 +274,14 @@ class FactorizedQuantizer(nn.Module):
     @torch.no_grad()
     def reset_codebooks(self) -> None:
         """Initialise every codebook per ``config.codebook_init`` (see the module docstring)."""
-        for codebook in self.codebooks:
-            if self.config.codebook_init == "uniform":
-                codebook.uniform_(-1.0 / codebook.shape[0], 1.0 / codebook.shape[0])
-            else:
+        for k, codebook in enumerate(self.codebooks):
+            if self.config.codebook_init == "randn":
                 codebook.normal_()
+            else:
+                codebook.uniform_(-1.0 / codebook.shape[0], 1.0 / codebook.shape[0])
+            if self.config.ema:   # as DQ-VAE: the sums start at the codes, the counts at zero
+                self.ema_statistics(k)[0].zero_()
+                self.ema_statistics(k)[1].copy_(codebook)
 
     @property
     def code_dtype(self) -> torch.dtype:
@@ -253,6 +294,55 @@ class FactorizedQuantizer(nn.Module):
     def usage_counts(self, k: int) -> torch.Tensor:
         return getattr(self, f"usage_{k}")
 
+    def ema_statistics(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sub-codebook k's EMA buffers (``codebook_update: ema``): token counts V and input sums V x D."""
+        return getattr(self, f"ema_count_{k}"), getattr(self, f"ema_sum_{k}")
+
+    def _adapted(self, k: int, levels: list[torch.Tensor]) -> torch.Tensor:
+        """Sub-codebook k's adapter outputs of every level, flattened: (sum_g B*Hg*Wg) x D_k fp32."""
+        return torch.cat([self.adapters[k](z).float().permute(0, 2, 3, 1).reshape(-1, self.dims[k]) for z in levels])
+
+    @torch.no_grad()
+    def update_ema(self, k: int, u: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> None:
+        """One EMA step of sub-codebook k (see the module docstring) from this batch's tokens.
+
+        u: N x D inputs (normalised here), indices: N int64 (their codes), weights: N token weights (level
+        masks). Collective under torch.distributed: every rank must call it, in the same order."""
+        cfg = self.config
+        u = F.normalize(u.detach().float(), dim=-1)
+        counts, sums = _cluster_statistics(u, indices, weights, self.sizes[k])
+        count, total = self.ema_statistics(k)
+        count.lerp_(counts, 1.0 - cfg.ema_decay)
+        total.lerp_(sums, 1.0 - cfg.ema_decay)
+        if cfg.dead_code_threshold > 0:
+            dead = count < cfg.dead_code_threshold
+            total.copy_(torch.where(dead[:, None], _sample_tokens(u, weights, self.sizes[k]), total))
+            count.copy_(torch.where(dead, torch.ones_like(count), count))
+        n = count.sum()
+        smoothed = n * (count + cfg.ema_epsilon) / (n + self.sizes[k] * cfg.ema_epsilon)
+        self.codebooks[k].copy_(F.normalize(total / smoothed[:, None], dim=-1))
+
+    @torch.no_grad()
+    def kmeans_init(self, levels: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
+        """Set every codebook to a spherical k-means (``config.kmeans_iters`` Lloyd steps) of its adapter outputs
+        on this batch (levels / masks as in :meth:`forward`; masked cells weigh 0). Seeds: weighted random
+        tokens (rank 0's, broadcast); a cluster left empty keeps its seed. Under torch.distributed the clusters
+        are over all ranks' tokens (counts and sums all-reduced each step): every rank ends with the same
+        codes. With EMA updates the EMA buffers start at the clusters' counts and sums."""
+        weights = torch.cat([m.detach().float().flatten() for m in masks])
+        for k in range(len(self.sizes)):
+            u = F.normalize(self._adapted(k, levels), dim=-1)
+            centers = _sample_tokens(u, weights, self.sizes[k])
+            for _ in range(self.config.kmeans_iters):
+                counts, sums = _cluster_statistics(u, cosine_lookup(u, centers, self.config.chunk_size), weights,
+                                                   self.sizes[k])
+                centers = torch.where(counts[:, None] > 0, F.normalize(sums, dim=-1), centers)
+            self.codebooks[k].copy_(centers)
+            if self.config.ema:
+                count, total = self.ema_statistics(k)
+                count.copy_(counts)
+                total.copy_(torch.where(counts[:, None] > 0, sums, centers))
+
     def forward(self, levels: list[torch.Tensor], masks: list[torch.Tensor]) -> QuantizerOutput:
         """levels: per level ``B x z_channels x Hg x Wg``; masks: per level ``B x Hg x Wg`` float weights
         (1 where the region chose that level). Quantizes every cell; losses and stats count masked cells."""
@@ -263,9 +353,11 @@ class FactorizedQuantizer(nn.Module):
         losses = {"codebook": zero, "commitment": zero, "entropy": zero, "disentangle": zero}
         stats: dict[str, torch.Tensor] = {}
         per_codebook_q, per_codebook_idx = [], []
-        for k, adapter in enumerate(self.adapters):
-            u = torch.cat([adapter(z).float().permute(0, 2, 3, 1).reshape(-1, self.dims[k]) for z in levels])
+        for k in range(len(self.adapters)):
+            u = self._adapted(k, levels)
             q, idx, terms = quantize_tokens(u, self.codebooks[k], weights, cfg, self.training)
+            if self.training and cfg.ema:
+                self.update_ema(k, u, idx, weights)
             if "cosine" in terms:
                 stats[f"code_cosine/{k}"] = terms.pop("cosine")
             for name, value in terms.items():
@@ -316,6 +408,30 @@ def disentanglement_loss(vectors: list[torch.Tensor], weights: torch.Tensor) -> 
     total = weights.sum().clamp_min(1e-12)
     pairs = list(itertools.combinations(vectors, 2))
     return sum((weights * (a * b).sum(-1) ** 2).sum() / total for a, b in pairs) / len(pairs)
+
+
+def _cluster_statistics(u: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, size: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted token count (V) and input sum (V x D) per code, summed over the ranks under torch.distributed
+    (one all-reduce of V x (D + 1) floats). u: N x D, indices: N, weights: N."""
+    packed = u.new_zeros(size, u.shape[1] + 1).index_add_(
+        0, indices, torch.cat([weights[:, None].to(u.dtype), u * weights[:, None]], dim=1))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(packed)
+    return packed[:, 0], packed[:, 1:]
+
+
+def _sample_tokens(u: torch.Tensor, weights: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` tokens of ``u`` (N x D unit vectors) drawn with replacement in proportion to ``weights``, plus noise
+    of std ``RESTART_NOISE / sqrt(D)``, normalised: n x D. Under torch.distributed rank 0's draw, broadcast,
+    so every rank gets the same vectors. On the device, no host sync (inverse-CDF sampling)."""
+    cdf = weights.float().clamp_min(0).cumsum(0)
+    picks = torch.searchsorted(cdf, torch.rand(n, device=u.device) * cdf[-1], right=True).clamp_max(u.shape[0] - 1)
+    noise = torch.randn(n, u.shape[1], device=u.device, dtype=u.dtype) * (RESTART_NOISE / u.shape[1] ** 0.5)
+    vectors = F.normalize(u[picks] + noise, dim=-1)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(vectors, 0)
+    return vectors
 
 
 def _split_levels(tokens: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:

@@ -140,11 +140,29 @@ class Tokenizer(nn.Module, PretrainedMixin):
         self._teachers.update(teachers)
 
     # ----------------------------------------------------------------- forward
-    def _quantize(self, images: torch.Tensor, grain: torch.Tensor | None = None):
+    def _route(self, images: torch.Tensor, grain: torch.Tensor | None = None):
+        """-> (encoder features per level, routing, per-level masks B x Hg x Wg of the cells each level codes)."""
         features = self.encoder(images)
         route = self.router(features, images, grain)
         masks = [replicate(route.gates[:, g:g + 1].detach(), 1 << g)[:, 0] for g in range(self.num_levels)]
+        return features, route, masks
+
+    def _quantize(self, images: torch.Tensor, grain: torch.Tensor | None = None):
+        features, route, masks = self._route(images, grain)
         return route, self.quantizer(features, masks)
+
+    @torch.no_grad()
+    def init_codebooks(self, images: torch.Tensor) -> None:
+        """k-means initialisation of the codebooks from one batch (``quantizer.codebook_init: kmeans``; the
+        trainer calls it before the first step of a fresh run): images B x 3 x H x W in [-1, 1], routed as in
+        eval mode. Collective under torch.distributed (clusters over every rank's batch)."""
+        was_training = self.training
+        self.eval()
+        try:
+            features, _, masks = self._route(images)
+        finally:
+            self.train(was_training)
+        self.quantizer.kmeans_init(features, masks)
 
     def forward(self, images: torch.Tensor, grain: torch.Tensor | None = None):
         """images B x 3 x H x W in [-1, 1] -> (rec B x 3 x H x W, losses {name: weighted scalar},
