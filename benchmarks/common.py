@@ -55,6 +55,36 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1, sync: 
     return statistics.median(times)
 
 
+def interleaved_times(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int | dict[str, int] = 1,
+                      sync: bool = False) -> dict[str, dict[str, list[float]]]:
+    """Wall and CPU seconds of every ``fns[name]()``, run in turns (A B A B ...) ``rounds`` times after
+    ``warmup`` untimed runs each (a number, or one per name): ``{name: {"wall": [...], "cpu": [...]}}``.
+
+    Taking turns exposes every function to the same drift of a shared machine's load. CPU seconds
+    (``time.process_time``: user + system time of this process, all its threads) leave out the time other
+    processes hold the cores; at one torch thread they are the work of one run.
+    """
+    import torch
+
+    def _sync():
+        if sync and torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    for name, fn in fns.items():
+        for _ in range(warmup if isinstance(warmup, int) else warmup.get(name, 0)):
+            fn()
+    _sync()
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            _sync()
+            times[name]["wall"].append(time.perf_counter() - wall)
+            times[name]["cpu"].append(time.process_time() - cpu)
+    return times
+
+
 def target(value: float, condition: str) -> dict[str, Any]:
     """A target record; ``condition`` is ``">= 2.0"`` or ``"<= 0.25"``."""
     op, bound = condition.split()

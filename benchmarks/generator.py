@@ -5,16 +5,21 @@ base length distribution (16 x 16 dual grid, fine share ~ Beta(4, 4): about 12 s
 of mid widths (dim 512, 8 heads; ``--attn-depth`` position + content layers), one training step (forward +
 backward) with the document mask (no dense mask: per-sequence SDPA on the CPU, FlexAttention on a GPU) vs
 the dense ``[R, 1, S, S]`` boolean mask through SDPA, on the same batch; the losses must agree to 1e-4.
+The two steps take turns (document, dense, document, dense, ...: ``--repeats`` rounds, after one untimed
+document step) and every figure is the median of its runs, in wall and in CPU seconds (``time.process_time``);
+the target uses CPU seconds on the CPU at one torch thread (the work of one step, whatever else runs on the
+machine; ``*_measure`` in the record), wall seconds elsewhere.
 Attention memory: bytes kept for backward by the attention cores of both stacks (every tensor saved by their
-``scaled_dot_product_attention`` calls, each once, measured with ``torch.autograd.graph.saved_tensors_hooks``:
-the dense path's float mask bias, q/k/v/output, log-sum-exp) plus the mask tensor itself; also the whole first
-layer's saved bytes (projections and RoPE included, the same in both paths). Also the no-gradient forward
-(compiled FlexAttention on the CPU) vs the dense mask.
+``scaled_dot_product_attention`` and document-mask kernel calls, each once, measured with
+``torch.autograd.graph.saved_tensors_hooks``: the dense path's float mask bias, q/k/v/output, log-sum-exp) plus
+the mask tensor itself; also the whole first layer's saved bytes (projections and RoPE included, the same in
+both paths). Also the no-gradient forward (compiled FlexAttention on the CPU) vs the dense mask.
 
 Training: the same variable-length batch (dual granularity, 16 x 16 coarse grid, fine share of the
 regions ~ Beta(a, a) around 0.5, so about 640 codes per image) trained forward + backward either
 packed into rows (block-diagonal mask) or in the reference layout, where the coarse and fine segments
-of every image are each padded to their maximum (256 and 1024 codes). Figure: real tokens / s.
+of every image are each padded to their maximum (256 and 1024 codes). Figure: real tokens / s (wall and CPU;
+the two layouts take turns as above, the target on the same measure).
 
 Sampling: the first ``--steps`` steps of the same seeded sampling run, with the KV cache and with the
 reference decoder that re-runs both stacks over the whole prefix at every step, at the tiny widths and at a
@@ -25,11 +30,13 @@ mid config of about 50M parameters (both on the 16 x 16 dual grid, sequences of 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
-from benchmarks.common import emit, median_time, target  # noqa: E402  (first: it sets the process env before torch loads)
+from benchmarks.common import emit, interleaved_times, median_time, target  # noqa: E402  (first: it sets the process env before torch loads)
 import torch  # noqa: E402
 from models.generator import Generator, GeneratorConfig, PackedBatch, encode_sequences, generate_tokens, pack
+from models.generator.attention import DocumentMask
 
 GRID = [16, 16]
 TINY_WIDTHS = dict(dim=128, heads=4, position_depth=2, content_depth=4, head_dim=64, head_depth=1, head_heads=2)
@@ -88,6 +95,26 @@ def causal_mask(batch: PackedBatch) -> torch.Tensor:
                                                                                            width, width)
 
 
+def timed_pair(fns: dict, args, warmup: dict) -> tuple[dict, str]:
+    """Interleaved timing (A B A B, ``--repeats`` rounds) of two steps: per-name median wall and CPU seconds,
+    and the measure the targets use: CPU seconds on the CPU at one torch thread (the work of one step, not
+    the time other processes hold the cores), wall seconds elsewhere."""
+    times = interleaved_times(fns, rounds=args.repeats, warmup=warmup, sync=args.device != "cpu")
+    measure = "cpu" if args.device == "cpu" and torch.get_num_threads() == 1 else "wall"
+    medians = {name: {kind: statistics.median(values) for kind, values in runs.items()} for name, runs in times.items()}
+    return {"times": times, "medians": medians}, measure
+
+
+def ratio_figures(prefix: str, timing: dict, slow: str, fast: str) -> dict:
+    """``slow / fast`` of the median wall and CPU seconds, and of every round (``*_per_round``)."""
+    times, medians = timing["times"], timing["medians"]
+    figures = {}
+    for kind in ("wall", "cpu"):
+        figures[f"{prefix}_{kind}"] = round(medians[slow][kind] / medians[fast][kind], 3)
+        figures[f"{prefix}_{kind}_per_round"] = [round(a / b, 3) for a, b in zip(times[slow][kind], times[fast][kind])]
+    return figures
+
+
 def bench_training(args) -> tuple[dict, dict]:
     torch.manual_seed(0)
     model = Generator(config(TINY_WIDTHS, args.codebook)).to(args.device).train()
@@ -102,16 +129,22 @@ def bench_training(args) -> tuple[dict, dict]:
     figures = {"train_model_params_M": round(model.num_parameters() / 1e6, 2), "train_sequences": args.batch,
                "train_real_tokens": packed.num_tokens, "mean_codes_per_image": round(sum(c.shape[0] for c in codes)
                                                                                      / len(codes), 1)}
+    steps = {}
     for name, (batch, mask) in layouts.items():
-        def step():
+        def step(batch=batch, mask=mask):
             model.zero_grad(set_to_none=True)
             model(batch, mask)["loss"].backward()
-        seconds = median_time(step, repeats=args.repeats, warmup=1, sync=args.device != "cpu")
+        steps[name] = step
         figures[f"{name}_slots"] = batch.doc.numel()
         figures[f"{name}_efficiency"] = round(batch.efficiency, 4)
-        figures[f"{name}_train_tokens_per_s"] = round(batch.num_tokens / seconds, 1)
-    speedup = figures["packed_train_tokens_per_s"] / figures["padded_train_tokens_per_s"]
-    figures["train_speedup_packed_vs_padded"] = round(speedup, 3)
+    timing, measure = timed_pair(steps, args, warmup={"packed": 1, "padded": 1})
+    for name, (batch, _) in layouts.items():
+        figures[f"{name}_train_tokens_per_s"] = round(batch.num_tokens / timing["medians"][name]["wall"], 1)
+        figures[f"{name}_train_tokens_per_cpu_s"] = round(batch.num_tokens / timing["medians"][name]["cpu"], 1)
+    figures.update(ratio_figures("train_speedup_packed_vs_padded", timing, "padded", "packed"))
+    speedup = figures[f"train_speedup_packed_vs_padded_{measure}"]
+    figures["train_speedup_packed_vs_padded"] = speedup
+    figures["train_speedup_measure"] = measure
     return figures, {"train_packed_vs_padded": target(speedup, ">= 1.5")}
 
 
@@ -139,8 +172,9 @@ def saved_bytes(model: Generator, batch: PackedBatch, mask, layer_only: bool) ->
     """Bytes kept for backward during one training step (each saved tensor once, by data pointer and shape).
 
     ``layer_only``: everything the first position-stack attention layer saves (its projections included);
-    else what the attention cores of both stacks save (their ``scaled_dot_product_attention`` calls; the
-    factorized head's own small attention is the same in both paths and left out).
+    else what the attention cores of both stacks save (their ``scaled_dot_product_attention`` and
+    ``DocumentMask.attend`` calls; the factorized head's own small attention is the same in both paths and
+    left out).
     """
     seen: dict[tuple, int] = {}
     inside = [False]
@@ -163,16 +197,17 @@ def saved_bytes(model: Generator, batch: PackedBatch, mask, layer_only: bool) ->
                 return function(*args, **kwargs)
         return call
 
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+    sdpa, attend = torch.nn.functional.scaled_dot_product_attention, DocumentMask.attend
     patched = [model.position_stack.blocks[0].attn] if layer_only else [model.position_stack, model.content_stack]
     for module in patched:
         module.forward = recorded(module.forward, flag_only=not layer_only)
-    if not layer_only:
+    if not layer_only:   # the cores: SDPA (dense mask) and the document mask's kernels
         torch.nn.functional.scaled_dot_product_attention = recorded(sdpa)
+        DocumentMask.attend = recorded(attend)
     try:
         model(batch, mask)["loss"].backward()
     finally:
-        torch.nn.functional.scaled_dot_product_attention = sdpa
+        torch.nn.functional.scaled_dot_product_attention, DocumentMask.attend = sdpa, attend
         for module in patched:
             module.__dict__.pop("forward", None)
     weights = {(p.data_ptr(), tuple(p.shape)) for p in model.parameters()}
@@ -197,16 +232,21 @@ def bench_attention(args) -> tuple[dict, dict]:
     figures = {"attn_row_length": args.row_length, "attn_sequences_per_row": count,
                "attn_real_tokens": batch.num_tokens, "attn_layers": layers,
                "attn_model_params_M": round(model.num_parameters() / 1e6, 2)}
+    masks = {"document": None, "dense": dense}
     losses = {}
-    for name, mask in (("document", None), ("dense", dense)):
-        def step():
-            model.zero_grad(set_to_none=True)
-            loss = model(batch, mask)["loss"]
-            loss.backward()
-            losses[name] = loss.item()
-        repeats = args.repeats if name == "document" else args.dense_repeats
-        figures[f"attn_{name}_step_s"] = round(median_time(step, repeats=repeats, warmup=1 if name == "document"
-                                                           else 0, sync=args.device != "cpu"), 3)
+
+    def step(name: str) -> None:
+        model.zero_grad(set_to_none=True)
+        loss = model(batch, masks[name])["loss"]
+        loss.backward()
+        losses[name] = loss.item()
+
+    timing, measure = timed_pair({name: lambda name=name: step(name) for name in masks}, args,
+                                 warmup={"document": 1, "dense": 0})
+    for name, mask in masks.items():
+        figures[f"attn_{name}_step_s"] = round(timing["medians"][name]["wall"], 3)
+        figures[f"attn_{name}_step_cpu_s"] = round(timing["medians"][name]["cpu"], 3)
+    for name, mask in masks.items():
         core = saved_bytes(model, batch, mask, layer_only=False)
         figures[f"attn_{name}_layer_saved_MiB"] = round(saved_bytes(model, batch, mask, layer_only=True) / 2 ** 20, 2)
         mask_bytes = (dense.numel() * dense.element_size() if name == "dense" else
@@ -226,9 +266,10 @@ def bench_attention(args) -> tuple[dict, dict]:
         model.train()
     figures["attn_loss_document"], figures["attn_loss_dense"] = round(losses["document"], 6), round(losses["dense"], 6)
     loss_diff = abs(losses["document"] - losses["dense"])
-    speedup = figures["attn_dense_step_s"] / figures["attn_document_step_s"]
+    figures.update(ratio_figures("attn_step_speedup", timing, "dense", "document"))
+    speedup = figures[f"attn_step_speedup_{measure}"]
     memory = figures["attn_document_memory_MiB"] / figures["attn_dense_memory_MiB"]
-    figures.update(attn_loss_abs_diff=loss_diff, attn_step_speedup=round(speedup, 3),
+    figures.update(attn_loss_abs_diff=loss_diff, attn_step_speedup=speedup, attn_step_speedup_measure=measure,
                    attn_memory_ratio=round(memory, 4),
                    attn_eval_forward_speedup=round(figures["attn_dense_eval_forward_s"]
                                                    / figures["attn_document_eval_forward_s"], 3))
@@ -246,14 +287,15 @@ def main() -> None:
     parser.add_argument("--codebook", type=int, default=1024, help="entries per sub-codebook (K = 2)")
     parser.add_argument("--steps", type=int, default=256, help="sampling steps timed")
     parser.add_argument("--sample-batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs; the two training steps compared in each section take turns, this many "
+                             "rounds")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--sections", nargs="+", default=["attention", "train", "sampling"],
                         choices=["attention", "train", "sampling"])
     parser.add_argument("--row-length", type=int, default=8192, help="attention section: slots of the packed row")
     parser.add_argument("--attn-depth", type=int, nargs=2, default=[2, 4], metavar=("POSITION", "CONTENT"),
                         help="attention section: layers of the two stacks")
-    parser.add_argument("--dense-repeats", type=int, default=1, help="attention section: timed dense-mask steps")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from models.generator import Generator, GeneratorConfig, encode_sequences, pack
-from models.generator.attention import DocumentMask, document_block_mask, sequence_spans
+from models.generator.attention import (DocumentMask, PerSequenceAttention, document_block_mask, sequence_spans,
+                                        uncovered_slots)
 from models.layout import num_codes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,6 +87,31 @@ def test_flex_and_per_sequence_attention_equal_dense_sdpa(length, block):
         (F.scaled_dot_product_attention(*dense_leaves, attn_mask=dense_mask(doc)) * valid).square().sum().backward()
         for got, want in zip(leaves, dense_leaves):
             torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_per_sequence_kernel_is_bitwise_the_per_sequence_sdpa_calls():
+    """One autograd node for all sequences == one causal SDPA per sequence (outputs and gradients, exactly);
+    slots outside every sequence (a gap, a row end, an empty row) get 0 output and 0 gradient."""
+    spans = ((0, 0, 5), (0, 7, 9), (1, 0, 16))     # row 0: gap at 5..6, then 16..19 free; row 2: empty
+    assert uncovered_slots(spans, 3, 20) == ((0, 5, 7), (0, 16, 20), (1, 16, 20), (2, 0, 20))
+    q, k, v = (torch.randn(3, 2, 20, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    grad = torch.randn(3, 2, 20, 8, generator=torch.Generator().manual_seed(9))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = PerSequenceAttention.apply(*leaves, spans, uncovered_slots(spans, 3, 20))
+    out.backward(grad)
+    reference = [x.clone().requires_grad_() for x in (q, k, v)]
+    for row, start, size in spans:
+        piece = [x[row:row + 1, :, start:start + size] for x in reference]
+        expected = F.scaled_dot_product_attention(*piece, is_causal=True)
+        assert torch.equal(out[row:row + 1, :, start:start + size], expected)
+        expected.backward(grad[row:row + 1, :, start:start + size])
+    covered = torch.zeros(3, 1, 20, 1, dtype=torch.bool)
+    for row, start, size in spans:
+        covered[row, :, start:start + size] = True
+    assert (out.masked_fill(covered, 0) == 0).all()
+    for got, want in zip(leaves, reference):
+        assert torch.equal(got.grad, want.grad)      # 0 outside the spans on both sides
+    assert out.transpose(1, 2).is_contiguous()         # [R, S, H, Dh] storage: the output projection reads it as is
 
 
 @pytest.mark.parametrize("rope_2d", [False, True])

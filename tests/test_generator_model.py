@@ -232,3 +232,27 @@ def test_save_and_load_round_trip(tmp_path):
     for a, b in zip(before.content_logits, after.content_logits):
         assert torch.equal(a, b)
     assert before.targets.position.ne(IGNORE).any()
+
+
+def test_rope_rotates_channel_pairs_by_hand():
+    from models.generator.layers import apply_rope, rope_tables, rope_tables_2d
+
+    # head width 4: pair 0 turns by index * 1, pair 1 by index * 10000^(-1/2) = index / 100 (base 10000)
+    index = torch.tensor([[0, 1, 2]])
+    table = rope_tables(index, 4)
+    assert table.shape == (1, 1, 3, 2) and table.dtype == torch.complex64
+    x = torch.tensor([1.0, 0.0, 0.0, 2.0]).expand(1, 1, 3, 4)
+    got = apply_rope(x, table)[0, 0]
+    angles = index[0].float()
+    expected = torch.stack([angles.cos(), angles.sin(), -2 * (angles / 100).sin(), 2 * (angles / 100).cos()], 1)
+    torch.testing.assert_close(got, expected)
+    # views of a fused qkv projection (the attention layer's q and k), in bf16: the same rotation
+    qkv = torch.randn(2, 3, 3, 2, 4).permute(2, 0, 3, 1, 4)     # [3, B, H, T, Dh] views
+    for part in qkv:
+        real, imag = part.unflatten(-1, (-1, 2)).unbind(-1)
+        cos, sin = table.real, table.imag
+        reference = torch.stack((real * cos - imag * sin, real * sin + imag * cos), -1).flatten(-2)
+        torch.testing.assert_close(apply_rope(part, table), reference)
+        assert apply_rope(part.bfloat16(), table).dtype == torch.bfloat16
+    table_2d = rope_tables_2d(index, index + 1, 8)       # y pairs first, then x pairs
+    torch.testing.assert_close(table_2d, torch.cat([rope_tables(index, 4), rope_tables(index + 1, 4)], -1))

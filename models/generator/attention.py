@@ -8,9 +8,11 @@ built once per batch and shared by both stacks and all their layers. Two kernels
   ``EAGER_MAX_LENGTH`` slots, where compiling costs more than it saves). Blocks outside every document
   are skipped, blocks inside one document below the diagonal run without the mask function. Used on
   GPUs, and on the CPU wherever no gradient is needed (PyTorch has no FlexAttention backward on the CPU).
-- **Per-sequence SDPA** (CPU training): one causal ``scaled_dot_product_attention`` (flash kernel, no mask
-  tensor) per sequence, on views of the packed row (sequences are contiguous), so nothing is gathered or
-  padded and the work is exactly the sum of the sequences' causal triangles. The spans
+- **Per-sequence SDPA** (CPU training): the causal flash kernel of ``scaled_dot_product_attention`` (no mask
+  tensor) once per sequence, on views of the packed row (sequences are contiguous), so nothing is gathered or
+  padded and the work is exactly the sum of the sequences' causal triangles. One autograd node covers all
+  sequences of a layer (:class:`PerSequenceAttention`): outputs and gradients are written into one tensor each,
+  instead of a node, a concatenation and a full-row zero gradient per sequence. The spans
   (:attr:`PackedBatch.sequence_spans`) come from ``pack`` on the host: no device->host sync in the step.
 
 Shapes: ``R`` rows of ``S`` slots, ``H`` heads, ``Dh`` head width, ``B`` sequences.
@@ -82,6 +84,76 @@ def sequence_spans(doc: Tensor) -> Tensor:
     return torch.stack([rows, starts, lengths], 1)
 
 
+Spans = tuple[tuple[int, int, int], ...]   # (row, start, stop or length) of slot ranges, host integers
+
+
+def _flash_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Causal CPU flash attention (the kernel ``F.scaled_dot_product_attention`` picks): ``(out, logsumexp)``."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+
+
+class PerSequenceAttention(torch.autograd.Function):
+    """Causal attention within every sequence of packed rows, one flash-kernel call per sequence.
+
+    ``[R, H, S, Dh]`` queries/keys/values, the sequences' ``(row, start, length)`` and the uncovered slots'
+    ``(row, start, stop)`` -> ``[R, H, S, Dh]`` outputs, stored as ``[R, S, H, Dh]`` (the layout the kernel
+    writes and the output projection reads, so neither copies); 0 at the uncovered slots (padding). Forward
+    and backward run the kernels of per-sequence ``scaled_dot_product_attention(..., is_causal=True)`` calls,
+    so the results are identical to those.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, spans: Spans, gaps: Spans) -> Tensor:
+        out = _row_major_empty(q, gaps)
+        lse = []
+        for row, start, size in spans:
+            rows, piece = slice(row, row + 1), slice(start, start + size)
+            o, m = _flash_forward(q[rows, :, piece], k[rows, :, piece], v[rows, :, piece])
+            out[rows, :, piece] = o
+            lse.append(m)
+        ctx.spans, ctx.gaps = spans, gaps
+        ctx.save_for_backward(q, k, v, out, *lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, out, *lse = ctx.saved_tensors
+        grads = [_row_major_empty(q, ctx.gaps) for _ in range(3)]
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        for (row, start, size), m in zip(ctx.spans, lse):
+            rows, piece = slice(row, row + 1), slice(start, start + size)
+            pieces = backward(grad_out[rows, :, piece], q[rows, :, piece], k[rows, :, piece], v[rows, :, piece],
+                              out[rows, :, piece], m, 0.0, True)
+            for grad, value in zip(grads, pieces):
+                grad[rows, :, piece] = value
+        return *grads, None, None
+
+
+def _row_major_empty(like: Tensor, gaps: Spans) -> Tensor:
+    """``[R, H, S, Dh]`` like ``like``, stored as ``[R, S, H, Dh]``: 0 in the ``gaps``, uninitialised elsewhere."""
+    rows, heads, length, head_dim = like.shape
+    x = like.new_empty(rows, length, heads, head_dim).transpose(1, 2)
+    for row, start, stop in gaps:
+        x[row, :, start:stop] = 0
+    return x
+
+
+def uncovered_slots(spans: Spans, rows: int, length: int) -> Spans:
+    """``(row, start, stop)`` of the slot ranges of ``rows x length`` rows that no ``(row, start, length)``
+    span covers (padding, empty rows)."""
+    covered: list[list[tuple[int, int]]] = [[] for _ in range(rows)]
+    for row, start, size in spans:
+        covered[row].append((start, start + size))
+    gaps = []
+    for row, ranges in enumerate(covered):
+        end = 0
+        for start, stop in sorted(ranges) + [(length, length)]:
+            if start > end:
+                gaps.append((row, end, start))
+            end = max(end, stop)
+    return tuple(gaps)
+
+
 class DocumentMask:
     """Block-diagonal causal attention of one packed batch (module docstring); call :meth:`attend` per layer."""
 
@@ -91,7 +163,7 @@ class DocumentMask:
         self.doc = doc
         self.spans = spans
         self._block_mask = None
-        self._span_list: Optional[list[list[tuple[int, int]]]] = None
+        self._layout: Optional[tuple[Spans, Spans]] = None
 
     @property
     def block_mask(self):
@@ -113,26 +185,10 @@ class DocumentMask:
             warnings.simplefilter("ignore", UserWarning)
             return flex_attention(q, k, v, block_mask=self.block_mask)
 
-    def _rows(self) -> list[list[tuple[int, int]]]:
-        """Per row, the ``(start, length)`` of its sequences in order (host lists, computed once)."""
-        if self._span_list is None:
-            spans = self.spans if self.spans is not None else sequence_spans(self.doc)
-            self._span_list = [[] for _ in range(self.doc.shape[0])]
-            for row, start, length in spans.tolist():
-                self._span_list[row].append((start, length))
-        return self._span_list
-
     def _per_sequence(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """One causal SDPA per sequence on views of the packed row: no gather, no padding, no mask tensor."""
-        length = q.shape[2]
-        rows = []
-        for row, spans in enumerate(self._rows()):
-            pieces = [F.scaled_dot_product_attention(q[row:row + 1, :, start:start + size],
-                                                     k[row:row + 1, :, start:start + size],
-                                                     v[row:row + 1, :, start:start + size], is_causal=True)
-                      for start, size in spans]
-            used = sum(size for _, size in spans)
-            if used < length:
-                pieces.append(q.new_zeros(1, q.shape[1], length - used, q.shape[3]))
-            rows.append(torch.cat(pieces, 2))
-        return torch.cat(rows, 0)
+        if self._layout is None:   # host integers, once per batch
+            spans = self.spans if self.spans is not None else sequence_spans(self.doc)
+            spans = tuple(tuple(span) for span in spans.tolist())
+            self._layout = spans, uncovered_slots(spans, *self.doc.shape)
+        return PerSequenceAttention.apply(q, k, v, *self._layout)

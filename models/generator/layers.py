@@ -41,30 +41,32 @@ class SwiGLU(nn.Module):
         return self.dropout(self.down(F.silu(gate) * up))
 
 
-Rotary = tuple[Tensor, Tensor]   # RoPE (cos, sin), each float32 [B, 1, T, Dh / 2]
+Rotary = Tensor   # RoPE rotations exp(i * angle), complex64 [B, 1, T, Dh / 2]
 
 
 def rope_tables(index: Tensor, head_dim: int, base: float = 10000.0) -> Rotary:
-    """Rotary cos/sin for token positions ``[B, T]`` (integer or float): two float32 ``[B, 1, T, Dh / 2]``."""
+    """Rotary table for token positions ``[B, T]`` (integer or float): complex64 ``[B, 1, T, Dh / 2]``."""
     freqs = base ** (-torch.arange(0, head_dim, 2, device=index.device, dtype=torch.float32) / head_dim)
     angles = index.float()[:, None, :, None] * freqs
-    return angles.cos(), angles.sin()
+    return torch.complex(angles.cos(), angles.sin())
 
 
 def rope_tables_2d(y: Tensor, x: Tensor, head_dim: int, base: float = 10000.0) -> Rotary:
-    """2-D rotary tables (LlamaGen style): the first half of the channel pairs rotate with ``y [B, T]``,
+    """2-D rotary table (LlamaGen style): the first half of the channel pairs rotate with ``y [B, T]``,
     the second half with ``x [B, T]``, each with the frequencies of a ``Dh / 2`` wide 1-D RoPE."""
-    cos_y, sin_y = rope_tables(y, head_dim // 2, base)
-    cos_x, sin_x = rope_tables(x, head_dim // 2, base)
-    return torch.cat([cos_y, cos_x], -1), torch.cat([sin_y, sin_x], -1)
+    return torch.cat([rope_tables(y, head_dim // 2, base), rope_tables(x, head_dim // 2, base)], -1)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate channel pairs ``(2i, 2i + 1)`` of ``x [..., B, H, T, Dh]`` by the angles in ``cos``/``sin``."""
+def apply_rope(x: Tensor, rotary: Rotary) -> Tensor:
+    """Rotate channel pairs ``(2i, 2i + 1)`` of ``x [..., B, H, T, Dh]`` by the angles of ``rotary`` (in float32).
+
+    One complex multiply (``(a + ib) e^{i angle}``: the same products as the real rotation), forward and
+    backward, instead of six real element-wise passes and a stack.
+    """
     pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
+    if pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]) or pairs.stride(-1) != 1:
+        pairs = pairs.contiguous()   # view_as_complex needs whole (real, imag) pairs
+    return torch.view_as_real(torch.view_as_complex(pairs) * rotary).flatten(-2).to(x.dtype)
 
 
 class KVCache(nn.Module):
@@ -174,7 +176,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv
         if rope is not None:
-            q, k = apply_rope(qkv[:2], *rope)   # queries and keys in one pass: half the small ops per token
+            q, k = apply_rope(qkv[:2], rope)   # queries and keys in one pass: half the small ops per token
         if cache is not None:
             if mask is not None:
                 raise ValueError("KV-cached decoding is causal: pass no mask with a cache")
