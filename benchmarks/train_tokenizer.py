@@ -54,15 +54,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_cell(workdir: Path, preset: str, shards: Path, nproc: int, zero: int, steps: int) -> dict:
-    """One training run; returns its figures."""
+def run_stage(stage: list[str], nproc: int, zero: int, what: str) -> None:
+    """Run ``python STAGE...`` as a plain process (``nproc`` 1) or under ``accelerate launch`` with DeepSpeed
+    ZeRO-``zero`` on ``nproc`` CPU processes; raise with the output's tail (naming ``what``) if it fails."""
     from pipeline.runtime import free_port
 
-    run_dir = workdir / f"{preset}-n{nproc}-z{zero}"
-    stage = ["-m", "pipeline.cli", "train-tokenizer", "--config", "tiny", f"data.shards={shards}",
-             f"run.dir={run_dir}", "data.num_workers=0", *PRESETS[preset], f"train.max_steps={steps}",
-             "train.log_every=2", f"train.ckpt_every={steps}", f"train.image_every={10 * steps}", "loss.disc_start=0",
-             "train.ema_decay=0", "logging.tensorboard=false", f"train.zero_stage={zero}"]
     if nproc == 1:
         argv = [sys.executable, *stage]
     else:
@@ -71,7 +67,17 @@ def run_cell(workdir: Path, preset: str, shards: Path, nproc: int, zero: int, st
                 "--zero_stage", str(zero), *stage]
     done = subprocess.run(argv, env=_env(), cwd=str(REPO), capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"{preset} nproc={nproc} zero={zero} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{what} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+
+
+def run_cell(workdir: Path, preset: str, shards: Path, nproc: int, zero: int, steps: int) -> dict:
+    """One training run; returns its figures."""
+    run_dir = workdir / f"{preset}-n{nproc}-z{zero}"
+    stage = ["-m", "pipeline.cli", "train-tokenizer", "--config", "tiny", f"data.shards={shards}",
+             f"run.dir={run_dir}", "data.num_workers=0", *PRESETS[preset], f"train.max_steps={steps}",
+             "train.log_every=2", f"train.ckpt_every={steps}", f"train.image_every={10 * steps}", "loss.disc_start=0",
+             "train.ema_decay=0", "logging.tensorboard=false", f"train.zero_stage={zero}"]
+    run_stage(stage, nproc, zero, f"{preset} nproc={nproc} zero={zero}")
     summary = json.loads((run_dir / "summary.json").read_text())
     windows = [json.loads(line)["images_per_s"] for line in (run_dir / "logs/metrics.jsonl").read_text().splitlines()]
     return {"images_per_s": statistics.median(windows[1:] or windows),

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import REPO, emit, target  # noqa: E402  (first: it sets the process env before torch loads)
-from benchmarks.train_tokenizer import _env  # noqa: E402
+from benchmarks.common import emit, target  # noqa: E402  (first: it sets the process env before torch loads)
+from benchmarks.train_tokenizer import run_stage  # noqa: E402
 
 CELLS = {"n1": (1, 0), "n2_zero0": (2, 0), "n2_zero2": (2, 2)}   # name -> (processes, ZeRO stage)
 HELD_OUT = 0.2
@@ -48,8 +47,6 @@ def split_photos(images: Path, work: Path, size: int) -> tuple[Path, list[Path]]
 
 def train(work: Path, shards: Path, cell: str, seed: int, steps: int, batch: int) -> Path:
     """One stage run; returns its export folder."""
-    from pipeline.runtime import free_port
-
     nproc, zero = CELLS[cell]
     run_dir = work / f"{cell}-seed{seed}"
     stage = ["-m", "pipeline.cli", "train-tokenizer", "--config", "tiny", f"data.shards={shards}",
@@ -57,15 +54,7 @@ def train(work: Path, shards: Path, cell: str, seed: int, steps: int, batch: int
              f"data.batch_size={batch}", f"train.grad_accum={2 // nproc}", f"train.max_steps={steps}",
              f"train.ckpt_every={steps}", f"train.image_every={10 * steps}", "logging.tensorboard=false",
              f"train.zero_stage={zero}"]
-    if nproc == 1:
-        argv = [sys.executable, *stage]
-    else:
-        argv = [sys.executable, "-m", "accelerate.commands.launch", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--num_processes", str(nproc), "--main_process_port", str(free_port()), "--use_deepspeed",
-                "--zero_stage", str(zero), *stage]
-    done = subprocess.run(argv, env=_env(), cwd=str(REPO), capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{cell} seed {seed} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    run_stage(stage, nproc, zero, f"{cell} seed {seed}")
     return run_dir / "export"
 
 
