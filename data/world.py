@@ -68,6 +68,14 @@ def resolve_world(environ: Optional[Mapping[str, str]] = None) -> World:
     return World(0, 1, 0, 1, "single")
 
 
+def process_group_size() -> int:
+    """Ranks in the initialised torch.distributed process group; 1 without one (torch is not imported to ask)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
 def _checked(world: World) -> World:
     if world.size < 1 or not 0 <= world.rank < world.size or not 0 <= world.local_rank < max(world.local_size, 1):
         raise ValueError(f"inconsistent process placement from {world.source}: rank {world.rank} of {world.size}, "

@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from data.world import process_group_size
 from models.config import ConfigBase, ConfigError, check_choice
 from models.tokenizer.blocks import ResBlock, group_norm
 
@@ -201,7 +202,7 @@ class ChunkedLookupEntropy(torch.autograd.Function):
 def _global_average(local: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``local`` (a weighted average over this rank's tokens, total weight ``weight``) -> the weighted average
     over all ranks (one all-reduce of ``local.numel() + 1`` floats); ``local`` itself without a process group."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if process_group_size() == 1:
         return local
     packed = torch.cat([local * weight, weight.reshape(1).to(local.dtype)])
     dist.all_reduce(packed)
@@ -392,7 +393,7 @@ class FactorizedQuantizer(nn.Module):
         used (``dead_codes/k``), summed over ranks when torch.distributed is initialised (the running counts
         themselves stay per rank)."""
         counts = [self.usage_counts(k).clone() for k in range(len(self.sizes))]
-        if dist.is_available() and dist.is_initialized():
+        if process_group_size() > 1:
             for c in counts:
                 dist.all_reduce(c)
         stats = {f"usage/{k}": (c > 0).float().mean() for k, c in enumerate(counts)}
@@ -416,7 +417,7 @@ def _cluster_statistics(u: torch.Tensor, indices: torch.Tensor, weights: torch.T
     (one all-reduce of V x (D + 1) floats). u: N x D, indices: N, weights: N."""
     packed = u.new_zeros(size, u.shape[1] + 1).index_add_(
         0, indices, torch.cat([weights[:, None].to(u.dtype), u * weights[:, None]], dim=1))
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if process_group_size() > 1:
         dist.all_reduce(packed)
     return packed[:, 0], packed[:, 1:]
 
@@ -429,7 +430,7 @@ def _sample_tokens(u: torch.Tensor, weights: torch.Tensor, n: int) -> torch.Tens
     picks = torch.searchsorted(cdf, torch.rand(n, device=u.device) * cdf[-1], right=True).clamp_max(u.shape[0] - 1)
     noise = torch.randn(n, u.shape[1], device=u.device, dtype=u.dtype) * (RESTART_NOISE / u.shape[1] ** 0.5)
     vectors = F.normalize(u[picks] + noise, dim=-1)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if process_group_size() > 1:
         dist.broadcast(vectors, 0)
     return vectors
 

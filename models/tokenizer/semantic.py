@@ -13,6 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from data.world import process_group_size
+
 
 def sincos_2d(height: int, width: int, dim: int, device: torch.device | None = None,
               dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -91,7 +93,7 @@ def info_nce(pred: torch.Tensor, target: torch.Tensor, temperature: float | torc
     with torch.autocast(device_type=pred.device.type, enabled=False):   # similarities and softmax in fp32
         pred = F.normalize(pred.float(), dim=-1)
         target = F.normalize(target.float(), dim=-1)
-        if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if gather and process_group_size() > 1:
             all_pred, offset = _gather_batch(pred)
             all_target, _ = _gather_batch(target)
         else:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from data.world import process_group_size
 from models.tokenizer.losses import TokenizerGANLoss
 from models.tokenizer.router import RouterOutput
 from models.tokenizer.tokenizer import Tokenizer
@@ -133,7 +134,7 @@ class GroupClippedAdamW(torch.optim.AdamW):
                 if param.grad is None:
                     param.grad = torch.zeros_like(param)
             squares = torch.stack([p.grad.float().square().sum() for p in group["params"]]).sum()
-            if self.partitioned and dist.is_available() and dist.is_initialized():
+            if self.partitioned and process_group_size() > 1:
                 dist.all_reduce(squares, group=self.process_group)
             norms.append(squares.sqrt())
             self.grad_norms[group.get("name", str(index))] = norms[-1]
