@@ -177,3 +177,104 @@ def test_imposed_grain_gives_its_gates_shares_and_budget(mode):
         router(features, images, torch.zeros(2, 4, 4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"the number of levels is 2\), got values in 0\.\.2"):
         router(features, images, grain * 2)
+
+
+def test_eval_offsets_move_by_the_share_error_in_units_of_the_logit_spread():
+    router = Router(RouterConfig(mode="learned", targets=[0.25], hidden=4), factors=[16, 8], z_channels=4)
+    logits = torch.zeros(1, 2, 2, 2)
+    logits[0, 1] = torch.tensor([[1.0, 2.0], [3.0, 4.0]])      # fine wins argmax everywhere: share 1, target 0.25
+    spread = (torch.tensor(0.0) + torch.tensor([1.0, 2.0, 3.0, 4.0]).std()) / 2   # mean of the levels' stds
+    router._calibrate(logits)
+    assert torch.allclose(router.level_bias, spread * torch.tensor([0.75, -0.75]))
+    # eval now scores coarse 0 + 0.484, fine l - 0.484: regions 2, 3, 4 stay fine
+    assert router.eval_gates(logits)[0, 1].tolist() == [[1.0, 1.0], [1.0, 1.0]]
+    for _ in range(20):
+        router._calibrate(logits)
+    assert router.eval_gates(logits)[0, 1].sum() == 1.0       # one region of four: the target share exactly
+    assert "level_bias" in router.state_dict()                # saved with the model (exports, checkpoints)
+    frozen = Router(RouterConfig(mode="learned", targets=[0.25], hidden=4, calibration_rate=0.0), [16, 8], 4)
+    frozen.train()
+    frozen([torch.randn(2, 4, 3, 3), torch.randn(2, 4, 6, 6)], None)
+    assert torch.equal(frozen.level_bias, torch.zeros(2))
+
+
+def test_calibrated_eval_shares_meet_the_targets_on_new_batches():
+    """Random router weights give region-dependent logits: argmax alone misses the target share; after training
+    forwards (no optimizer) the calibrated eval share on unseen batches of the same distribution meets it."""
+    torch.manual_seed(0)
+    for targets in ([0.75], [0.2]):
+        router = Router(RouterConfig(mode="learned", targets=targets, hidden=16), factors=[16, 8], z_channels=8)
+        with torch.no_grad():
+            router.mlp[-1].bias.copy_(torch.tensor([0.0, 3.0 if targets[0] < 0.5 else -3.0]))  # argmax far off
+        batch = lambda: [torch.randn(8, 8, 4, 4), torch.randn(8, 8, 8, 8)]  # noqa: E731
+        router.eval()
+        held_out = [batch() for _ in range(4)]
+        before = sum(float(router(f, None).shares[1]) for f in held_out) / 4
+        router.train()
+        for _ in range(200):
+            router(batch(), None)
+        router.eval()
+        after = sum(float(router(f, None).shares[1]) for f in held_out) / 4
+        assert abs(before - targets[0]) > 0.3, before
+        assert abs(after - targets[0]) < 0.05, (targets, after)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_router_gradient_reaches_the_encoder_features_only_when_not_detached(detach):
+    torch.manual_seed(0)
+    router = Router(RouterConfig(mode="learned", targets=[0.5], hidden=8, detach_features=detach),
+                    factors=[16, 8], z_channels=4)
+    features = [torch.randn(2, 4, 2, 2, requires_grad=True), torch.randn(2, 4, 4, 4, requires_grad=True)]
+    router.train()
+    out = router(features, None)
+    (out.budget + (out.gates * torch.randn_like(out.gates)).sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in router.mlp.parameters())
+    if detach:
+        assert all(f.grad is None for f in features)
+    else:
+        assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in features)
+
+
+def _calibration_rank(rank: int, world: int, port: int, batches, queue) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)                # identical weights; the Gumbel draws differ per rank below
+        router = Router(RouterConfig(mode="learned", targets=[0.6], hidden=8), factors=[16, 8], z_channels=4)
+        torch.manual_seed(10 + rank)
+        router.train()
+        for features in batches:
+            router([f[rank * 2:rank * 2 + 2] for f in features], None)
+        queue.put((rank, router.level_bias.tolist()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_keep_identical_eval_offsets_equal_to_one_process():
+    """Two gloo ranks with half of each batch: the argmax shares and the logit spread are all-reduced, so both
+    ranks hold the same offsets (and not the ones rank 0's halves alone give)."""
+    import torch.multiprocessing as mp
+
+    from pipeline.runtime import free_port
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [[torch.randn(4, 4, 2, 2, generator=gen), torch.randn(4, 4, 4, 4, generator=gen)] for _ in range(5)]
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    procs = [context.Process(target=_calibration_rank, args=(r, 2, port, batches, queue)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    results = sorted((queue.get(timeout=120) for _ in procs), key=lambda r: r[0])
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    torch.manual_seed(0)
+    single = Router(RouterConfig(mode="learned", targets=[0.6], hidden=8), factors=[16, 8], z_channels=4)
+    single.train()
+    for features in batches:                 # rank 0's halves alone: what the ranks hold only if nothing was reduced
+        single([f[:2] for f in features], None)
+    assert results[0][1] == results[1][1]
+    assert single.level_bias.abs().sum() > 0 and not torch.allclose(torch.tensor(results[0][1]), single.level_bias)
