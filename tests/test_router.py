@@ -278,3 +278,14 @@ def test_two_processes_keep_identical_eval_offsets_equal_to_one_process():
         single([f[:2] for f in features], None)
     assert results[0][1] == results[1][1]
     assert single.level_bias.abs().sum() > 0 and not torch.allclose(torch.tensor(results[0][1]), single.level_bias)
+
+
+def test_learned_training_forward_reports_the_eval_decision_shares():
+    torch.manual_seed(0)
+    router = Router(RouterConfig(mode="learned", targets=[0.5], hidden=8), factors=[16, 8], z_channels=4)
+    features = [torch.randn(4, 4, 2, 2), torch.randn(4, 4, 4, 4)]
+    router.eval()
+    expected = router(features, None).shares
+    assert router(features, None).eval_shares is None
+    router.train()
+    assert torch.equal(router(features, None).eval_shares, expected)   # before this forward's calibration step

@@ -36,7 +36,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -86,6 +86,8 @@ class RouterOutput(NamedTuple):
     grain: torch.Tensor    # B x Hs x Ws int64 level per region
     budget: torch.Tensor   # scalar, already weighted
     shares: torch.Tensor   # G, batch-mean share of regions per level
+    # learned training with calibration: G, the shares the eval decision gives this batch (all ranks' batches)
+    eval_shares: Optional[torch.Tensor] = None
 
 
 def region_entropy(images: torch.Tensor, region_size: int) -> torch.Tensor:
@@ -208,8 +210,9 @@ class Router(nn.Module):
         return F.one_hot(choice, self.num_levels).permute(0, 3, 1, 2).to(logits.dtype)
 
     @torch.no_grad()
-    def _calibrate(self, logits: torch.Tensor) -> None:
-        """One step of the eval offsets towards the targets (collective under torch.distributed)."""
+    def _calibrate(self, logits: torch.Tensor) -> torch.Tensor:
+        """One step of the eval offsets towards the targets (collective under torch.distributed); returns the
+        eval decision's shares (G) on the batch, before the step."""
         logits = logits.float()
         # shares of the eval decision, and the logits' spread: steps in its units make the rate scale-free
         measured = torch.cat([self.eval_gates(logits).mean(dim=(0, 2, 3)), logits.std(dim=(0, 2, 3)).mean()[None]])
@@ -220,6 +223,7 @@ class Router(nn.Module):
         shares, spread = measured[:-1], measured[-1]
         target = shares.new_tensor([1.0 - sum(self.config.targets), *self.config.targets])
         self.level_bias += self.config.calibration_rate * spread * (target - shares)
+        return shares
 
     def forward(self, features: list[torch.Tensor], images: torch.Tensor,
                 grain: torch.Tensor | None = None) -> RouterOutput:
@@ -233,14 +237,15 @@ class Router(nn.Module):
         mode = self.config.mode
         if mode == "learned":
             logits = self.logits(features).float()
+            eval_shares = None
             if self.training:
                 gates = F.gumbel_softmax(logits, tau=self.tau, hard=True, dim=1)
                 if self.config.calibration_rate > 0:
-                    self._calibrate(logits)
+                    eval_shares = self._calibrate(logits)
             else:
                 gates = self.eval_gates(logits)
             loss, shares = budget_loss(gates, self.config.targets, self.config.budget_weight)
-            return RouterOutput(gates, gates.detach().argmax(1), loss, shares)
+            return RouterOutput(gates, gates.detach().argmax(1), loss, shares, eval_shares)
         if mode == "entropy":
             entropy = region_entropy(images, self.region_size)
             grain = (entropy.unsqueeze(-1) > self.thresholds.to(entropy.device)).sum(-1)

@@ -178,6 +178,8 @@ class Tokenizer(nn.Module, PretrainedMixin):
         losses = {**quant.losses, "budget": route.budget, **self._semantic_losses(images, merged)}
         stats = {f"share/level{g}": route.shares[g].detach() for g in range(self.num_levels)}
         stats["fine_share"] = (1 - route.shares[0]).detach()
+        if route.eval_shares is not None:   # what eval mode would code on this batch (the calibrated decision)
+            stats["eval_fine_share"] = 1 - route.eval_shares[0]
         regions = route.gates.shape[-2] * route.gates.shape[-1]
         codes_per_region = route.shares.new_tensor([4.0 ** g for g in range(self.num_levels)])
         stats["codes_per_image"] = (route.shares * codes_per_region).sum().detach() * regions
