@@ -12,11 +12,12 @@ encoder/decoder widths, optimizer steps, batch size and data order (same batches
                same codes per image, no adaptivity);
 - ``learn25`` / ``learn50``  F8/F16 with the learned router at target fine share 0.25 / 0.5 (+ random map);
 - ``dqfq``     the DQ x FQ default (tiny.yaml: F8/F16, learned router at 0.5, K = 2);
-- ``dqfq-nodis`` the same without FQGAN's disentanglement term (tiny.yaml's 0.1; there are no teachers);
-- ``dqfq-ema`` / ``dqfq-km``  the same with EMA codebook updates + dead-code restart (DQ-VAE's quantizer) / with
-               k-means codebook init from the first batch; ``dqfq75`` / ``dqfq75-ema``: at target fine share 0.75
-               (still fewer codes per image than the reference's 64 at 64 px);
+- ``dqfq75``   the same at target fine share 0.75 (still fewer codes per image than the reference's 64 at 64 px);
 - ``dqfq3``    the demo's K = 3 with its small random-weight DINOv2 / CLIP teachers (``--no-teachers`` drops it).
+
+Quantizer ablations, trained only when named in ``--models``: ``dqfq-nodis`` (without FQGAN's disentanglement
+term, tiny.yaml's 0.1; there are no teachers), ``dqfq-ema`` / ``dqfq75-ema`` (EMA codebook updates + dead-code
+restart, DQ-VAE's quantizer), ``dqfq-km`` (k-means codebook init from the first batch).
 
 varitok models take their quantizer, router and loss settings from ``configs/tokenizer/tiny.yaml`` (the widths,
 factors, K and router mode from the study), so the study measures the shipped defaults. Losses: L1 + the
@@ -92,13 +93,16 @@ SPECS = (
               eval_ratios=(0.5,)),
     ModelSpec("dqfq", "DQ x FQ default (learned, K=2)", (8, 16), 2, "learned", (0.5,), (0.5,)),
     ModelSpec("dqfq3", "DQ x FQ K=3, random-weight teachers", (8, 16), 3, "learned", (0.5,), (0.5,), teachers=True),
+    ModelSpec("dqfq75", "DQ x FQ default (learned, K=2)", (8, 16), 2, "learned", (0.75,), (0.75,)),
+)
+# Quantizer ablations, trained only when named in --models (their results: benchmarks/results/quality-quantizer/)
+EXTRA_SPECS = (
     ModelSpec("dqfq-nodis", "DQ x FQ default without disentanglement", (8, 16), 2, "learned", (0.5,), (0.5,),
               quantizer=(("disentangle_weight", 0.0),)),
     ModelSpec("dqfq-ema", "DQ x FQ default, EMA codebooks + restart", (8, 16), 2, "learned", (0.5,), (0.5,),
               quantizer=EMA_QUANTIZER),
     ModelSpec("dqfq-km", "DQ x FQ default, k-means init", (8, 16), 2, "learned", (0.5,), (0.5,),
               quantizer=(("codebook_init", "kmeans"),)),
-    ModelSpec("dqfq75", "DQ x FQ default (learned, K=2)", (8, 16), 2, "learned", (0.75,), (0.75,)),
     ModelSpec("dqfq75-ema", "DQ x FQ default, EMA codebooks + restart", (8, 16), 2, "learned", (0.75,), (0.75,),
               quantizer=EMA_QUANTIZER),
 )
@@ -501,7 +505,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per model and seed")
     parser.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2],
                         help="comma-separated seeds (initial weights and data order)")
-    parser.add_argument("--models", default="", help="comma-separated subset of " + ",".join(s.name for s in SPECS))
+    parser.add_argument("--models", default="", help="comma-separated models (default: all of " +
+                        ",".join(s.name for s in SPECS) + "); also " + ",".join(s.name for s in EXTRA_SPECS))
     parser.add_argument("--no-teachers", action="store_true", help="drop dqfq3 (the random-teacher K=3 model)")
     parser.add_argument("--jobs", type=int, default=1, help="seeds trained in parallel processes")
     parser.add_argument("--image-size", type=int, default=64)
@@ -519,7 +524,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.image_size % 16:
         parser.error(f"--image-size must be a multiple of 16 (the F16 grid), got {args.image_size}")
-    known = {s.name for s in SPECS}
+    known = {s.name for s in SPECS + EXTRA_SPECS}
     unknown = sorted(set(filter(None, args.models.split(","))) - known)
     if unknown:
         parser.error(f"--models: unknown {unknown}; choose from {sorted(known)}")
@@ -530,7 +535,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     chosen = set(filter(None, args.models.split(",")))
-    specs = [s for s in SPECS if (not chosen or s.name in chosen) and not (s.teachers and args.no_teachers)]
+    specs = [s for s in SPECS + EXTRA_SPECS if (s.name in chosen if chosen else s in SPECS)
+             and not (s.teachers and args.no_teachers)]
     paths = list_images(args.images, args.max_images)
     held = [is_held_out(p.name, args.held_out) for p in paths]
     train_paths = [p for p, h in zip(paths, held) if not h]
