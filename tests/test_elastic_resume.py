@@ -3,11 +3,11 @@ on another number of processes or data workers with ``--resume auto`` and nothin
 
 Three chains run side by side (each one sequential), every launch under PROBE, which records the sample keys
 (stage 1) or global code-batch positions (stage 3) of every micro-batch the loop draws, and the consolidated
-fp32 weights + Adam moments (tests/test_elastic_checkpoint.py ``consolidated_state``) right before each
-checkpoint save and right after the resume:
+fp32 weights + Adam moments, persistent buffers and frozen parameters (tests/test_elastic_checkpoint.py
+``consolidated_state``) right before each checkpoint save and right after the resume:
 
-- ``tok``: train-tokenizer, 24 images of batch 2 = 6 optimizer steps per epoch at 4 images per step:
-  2 processes ZeRO-2 to step 2, 1 process to step 4 (grad_accum 2), 2 processes to step 6 (the epoch's end).
+- ``tok``: train-tokenizer with EMA codebooks, 24 images of batch 2 = 6 optimizer steps per epoch at 4 images per
+  step: 2 processes ZeRO-2 to step 2, 1 process to step 4 (grad_accum 2), 2 processes to step 6 (the epoch's end).
 - ``workers``: train-tokenizer 2 processes x 2 data workers to step 3, then 2 processes x 1 worker to 6.
 - ``gen``: train-generator ZeRO-3, 2 processes to step 2, 1 process to step 4 (grad_accum 2), 2 processes to 6
   (train.max_steps=6 throughout: it shapes the learning-rate schedule; the first legs exit after a checkpoint).
@@ -127,8 +127,9 @@ def chains(tmp_path_factory):
     shards = make_shards(root / "data", num_images=IMAGES, per_shard=6)
     corpus = write_corpus(root / "codes", rows=48, max_rows_per_batch=16)
     images = [f"data.shards={shards}"]
+    ema = [*images, "model.quantizer.codebook_update=ema"]   # EMA codebooks: frozen parameters + buffers
     jobs = {
-        "tok": (TOKENIZER, [(2, 2, images), (1, 4, images), (2, 6, images)], 2),
+        "tok": (TOKENIZER, [(2, 2, ema), (1, 4, ema), (2, 6, ema)], 2),
         "workers": (TOKENIZER, [(2, 3, images + ["data.num_workers=2"]), (2, 6, images + ["data.num_workers=1"])], 2),
         "gen": (GENERATOR, [(2, 2, [f"data.codes={corpus}"]), (1, 4, [f"data.codes={corpus}"]),
                             (2, 6, [f"data.codes={corpus}"])], 3, 6),
@@ -158,12 +159,18 @@ def _state(out: Path, name: str, rank: int = 0) -> dict:
 
 
 def _assert_bit_exact(saved: dict, loaded: dict) -> None:
+    """Trained parameters, Adam moments, steps, group hyperparameters, and the state no optimizer holds:
+    persistent buffers (router calibration, EMA codebook statistics) and frozen parameters (EMA codebooks)."""
     assert saved["params"].keys() == loaded["params"].keys()
     for name, entry in saved["params"].items():
         for key, value in entry.items():
             assert torch.equal(value, loaded["params"][name][key]), (name, key)
     assert sorted(saved["steps"]) == sorted(loaded["steps"])
     assert saved["groups"] == loaded["groups"]
+    for kind in ("buffers", "frozen"):
+        assert saved[kind].keys() == loaded[kind].keys(), kind
+        for name, value in saved[kind].items():
+            assert torch.equal(value, loaded[kind][name]), (kind, name)
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -185,8 +192,14 @@ def test_tokenizer_two_one_two_processes_sees_every_sample_once_bit_exact(chains
     assert len(keys) == IMAGES and len(set(keys)) == IMAGES       # the whole epoch, each sample exactly once
     micro_batches = [len(rank) for out, world in zip(chain["out"], worlds) for rank in _draws(out, world)]
     assert micro_batches == [2, 2, 4, 2, 2]                      # 4 images per optimizer step throughout
-    # the weights and Adam moments right after each resume are the saved ones, bit for bit, on every rank
-    _assert_bit_exact(_state(chain["out"][0], "saved"), _state(chain["out"][1], "resumed"))
+    # the weights, Adam moments and buffers right after each resume are the saved ones, bit for bit, on every rank
+    # (DeepSpeed's universal loader alone leaves the buffers and frozen EMA codebooks at their init values)
+    saved = _state(chain["out"][0], "saved")
+    assert saved["buffers"].keys() == {"tokenizer.router.level_bias",
+                                       *(f"tokenizer.quantizer.ema_{s}_{k}" for s in ("count", "sum") for k in (0, 1))}
+    assert saved["frozen"].keys() == {"tokenizer.quantizer.codebooks.0", "tokenizer.quantizer.codebooks.1"}
+    assert all(saved["buffers"][name].abs().max() > 0 for name in saved["buffers"])   # level_bias, counts start at 0
+    _assert_bit_exact(saved, _state(chain["out"][1], "resumed"))
     for rank in range(2):
         _assert_bit_exact(_state(chain["out"][1], "saved"), _state(chain["out"][2], "resumed", rank))
     summary = json.loads((chain["dir"] / "summary.json").read_text())
@@ -208,6 +221,7 @@ def test_tokenizer_two_workers_to_one_worker_continues_the_epoch(chains):
     chain = _ok(chains, "workers")
     keys = [key for out in chain["out"] for rank in _draws(out, 2) for d in rank for key in d["keys"]]
     assert len(keys) == IMAGES and len(set(keys)) == IMAGES
+    assert _state(chain["out"][0], "saved")["buffers"]["tokenizer.router.level_bias"].abs().max() > 0
     for rank in range(2):
         _assert_bit_exact(_state(chain["out"][0], "saved", rank), _state(chain["out"][1], "resumed", rank))
     summary = json.loads((chain["dir"] / "summary.json").read_text())
