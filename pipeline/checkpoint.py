@@ -624,9 +624,10 @@ class CheckpointManager:
         (``abandoned-step-M-<time>``).
 
         On another world size the model and optimizer come from the universal copy, re-partitioned over
-        this run's ranks (ZeRO-0: from the whole state every rank loads anyway); each ``extra`` object then
-        receives the list of every saved rank's state (saved rank order); the RNG state of a rank the
-        checkpoint did not have stays as seeded.
+        this run's ranks, the module's buffers and frozen parameters from its model-states file
+        (:func:`_restore_untrained_state`; ZeRO-0: from the whole state every rank loads anyway); each
+        ``extra`` object then receives the list of every saved rank's state (saved rank order); the RNG
+        state of a rank the checkpoint did not have stays as seeded.
         """
         path = self._select(spec)
         if path is None:
