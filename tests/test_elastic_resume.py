@@ -33,6 +33,7 @@ IMAGES, BATCH = 24, 2
 TOKENIZER = ["-m", "pipeline.cli", "train-tokenizer", "--config", "tiny", *TOKENIZER_SMALL, "train.zero_stage=2",
              "train.log_every=1", "train.ckpt_every=100", "train.image_every=100", "loss.disc_start=1",
              "train.ema_decay=0.9", "logging.tensorboard=false"]
+EMA_CODEBOOKS = "model.quantizer.codebook_update=ema"   # the "tok" chain's: frozen codebooks + EMA buffers
 GENERATOR = ["-m", "pipeline.cli", "train-generator", "--config", str(REPO / "configs" / "generator" / "tiny.yaml"),
              "data.max_tokens=160", "data.num_workers=0", "train.zero_stage=3", "train.log_every=1",
              "train.ckpt_every=2", "optim.warmup_steps=1", "train.ema_decay=0.9", "logging.tensorboard=false",
@@ -127,7 +128,7 @@ def chains(tmp_path_factory):
     shards = make_shards(root / "data", num_images=IMAGES, per_shard=6)
     corpus = write_corpus(root / "codes", rows=48, max_rows_per_batch=16)
     images = [f"data.shards={shards}"]
-    ema = [*images, "model.quantizer.codebook_update=ema"]   # EMA codebooks: frozen parameters + buffers
+    ema = [*images, EMA_CODEBOOKS]
     jobs = {
         "tok": (TOKENIZER, [(2, 2, ema), (1, 4, ema), (2, 6, ema)], 2),
         "workers": (TOKENIZER, [(2, 3, images + ["data.num_workers=2"]), (2, 6, images + ["data.num_workers=1"])], 2),
@@ -240,7 +241,8 @@ def test_world_sizes_that_cannot_keep_the_global_batch_fail_in_prepare(chains, m
     run_dir = _ok(chains, "tok")["dir"]
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
-    overrides = [*TOKENIZER[5:], f"run.dir={run_dir}", f"data.shards={chains['shards']}", "train.max_steps=8"]
+    overrides = [*TOKENIZER[5:], f"run.dir={run_dir}", f"data.shards={chains['shards']}", "train.max_steps=8",
+                 EMA_CODEBOOKS]
     cfg = load_config(TokenizerStageConfig, "tiny", overrides, kind="tokenizer")
     with pytest.raises(ConfigError, match=r"2 processes x grad_accum 1.*global batch of 2 micro-batches.*cannot be "
                                           r"kept on 3 ranks.*\[1, 2\].*train.allow_new_global_batch=true"):
