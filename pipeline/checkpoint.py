@@ -321,6 +321,42 @@ def _universal_load(accelerator, universal: Path) -> Iterator[None]:
         engine._config.load_universal_checkpoint = False
 
 
+@torch.no_grad()
+def _restore_untrained_state(accelerator, universal: Path) -> list[str]:
+    """Copy the module state that no optimizer holds (persistent buffers such as the router's ``level_bias`` or
+    the EMA codebooks' counts and sums, and frozen parameters such as the EMA codebooks) from the DeepSpeed
+    model-states file in ``universal`` into the live module; returns the names restored.
+
+    DeepSpeed's universal loader rebuilds only the trained parameters (from ``universal/zero/``) and skips the
+    model-states file's ``module`` state dict, which would leave these at their init values. Every name must
+    be in the file with the live shape (else :class:`ResumeError`, nothing copied). Call inside
+    :func:`no_pickled_code`.
+    """
+    engine = accelerator._models[0]
+    module = engine.module
+    trained = {name for name, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+    live = {name: value for name, value in module.state_dict(keep_vars=True).items() if name not in trained}
+    if not live:
+        return []
+    partitioned = sorted(name for name, value in live.items() if hasattr(value, "ds_id"))
+    if partitioned:
+        raise ResumeError(f"frozen parameters {partitioned[:10]} are partitioned (ZeRO-3) and a universal checkpoint "
+                          f"does not hold their values: resume on the checkpoint's world size")
+    files = sorted(universal.glob("*model_states.pt"))   # ZeRO-3: zero_pp_rank_0_... (rank 0's) sorts first
+    if not files:
+        raise ResumeError(f"{universal} has no DeepSpeed model-states file: the checkpoint is damaged")
+    saved = torch.load(files[0], map_location="cpu", weights_only=True).get("module") or {}
+    missing = sorted(name for name in live if name not in saved)
+    shapes = sorted((name, tuple(saved[name].shape), tuple(value.shape)) for name, value in live.items()
+                    if name in saved and saved[name].shape != value.shape)
+    if missing or shapes:
+        raise ResumeError(f"{files[0]} does not hold this model's buffers / frozen parameters: missing {missing[:10]}, "
+                          f"shape (saved, model) differs for {shapes[:10]}")
+    for name, value in live.items():
+        value.copy_(saved[name])
+    return sorted(live)
+
+
 def _restore_group_hyperparameters(accelerator, universal: Path) -> None:
     """ZeRO-3's universal loader gives every param group the hyperparameters of group 0 (DeepSpeed 0.19:
     the decay and no-decay groups would share one weight decay, two models one learning rate): set each
@@ -588,9 +624,10 @@ class CheckpointManager:
         (``abandoned-step-M-<time>``).
 
         On another world size the model and optimizer come from the universal copy, re-partitioned over
-        this run's ranks (ZeRO-0: from the whole state every rank loads anyway); each ``extra`` object then
-        receives the list of every saved rank's state (saved rank order); the RNG state of a rank the
-        checkpoint did not have stays as seeded.
+        this run's ranks, the module's buffers and frozen parameters from its model-states file
+        (:func:`_restore_untrained_state`; ZeRO-0: from the whole state every rank loads anyway); each
+        ``extra`` object then receives the list of every saved rank's state (saved rank order); the RNG
+        state of a rank the checkpoint did not have stays as seeded.
         """
         path = self._select(spec)
         if path is None:
@@ -606,6 +643,7 @@ class CheckpointManager:
                 if regrouped and meta.get("universal"):
                     with _universal_load(acc, path / meta["universal"]):
                         acc.load_state(str(path))
+                    _restore_untrained_state(acc, path / meta["universal"])
                     if self.zero_stage == 3:
                         _restore_group_hyperparameters(acc, path / meta["universal"])
                 else:

@@ -79,8 +79,10 @@ def _build(kind: str, config):
 
 
 def consolidated_state(engine, zero: int) -> dict:
-    """Full fp32 master weights and Adam moments per parameter name, step and hyperparameters per group
-    (collective under ZeRO-1/2/3: every rank calls it)."""
+    """Full fp32 master weights and Adam moments per trained parameter name, step and hyperparameters per group,
+    and the module state no optimizer holds: its persistent buffers and frozen parameters (collective under
+    ZeRO-1/2/3: every rank calls it)."""
+    import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     zero_optimizer = engine.optimizer
@@ -90,9 +92,12 @@ def consolidated_state(engine, zero: int) -> dict:
         # first step, when the other groups have no state yet: link again to read every group's moments.
         zero_optimizer._hp_optimizer_states_linked = False
         zero_optimizer._lazy_init_hp_params_optimizer_state()
-    params = {}
+    params, frozen = {}, {}
     for name, param in engine.module.named_parameters():
-        if zero == 0:
+        if not param.requires_grad:
+            with deepspeed.zero.GatheredParameters([param]):   # ZeRO-3 partitions frozen parameters too
+                frozen[name] = param.detach().clone()
+        elif zero == 0:
             state = base.state[param]
             params[name] = {"fp32": param.detach().clone(), "exp_avg": state["exp_avg"].clone(),
                             "exp_avg_sq": state["exp_avg_sq"].clone()}
@@ -104,7 +109,9 @@ def consolidated_state(engine, zero: int) -> dict:
     keys = getattr(zero_optimizer, flats[zero]) if zero else [g["params"][0] for g in base.param_groups]
     steps = [float(base.state[key]["step"]) for key in keys]
     groups = [{k: v for k, v in group.items() if k != "params"} for group in base.param_groups]
-    return {"params": params, "steps": steps, "groups": groups}
+    buffers = {name: value.detach().clone() for name, value in engine.module.state_dict().items()
+               if name not in dict(engine.module.named_parameters(remove_duplicate=False))}
+    return {"params": params, "steps": steps, "groups": groups, "buffers": buffers, "frozen": frozen}
 
 
 def _ema_copy(ema) -> dict:
@@ -176,6 +183,8 @@ def harness(argv=None) -> int:
         scheduler.step()
         step += 1
         ema.update()
+        # a persistent buffer that training moves, the same on every rank (as the router's level_bias)
+        (unwrapped.net if args.kind == "pair" else unwrapped).scale.add_(0.01)
         first_step_s = first_step_s or time.perf_counter() - _STARTED
     save_s = None
     if step > resumed_from:
@@ -240,6 +249,11 @@ def assert_same_state(before: dict, after: dict) -> None:
             assert torch.equal(entry[key], after["params"][name][key]), f"{name}.{key} differs after the load"
     assert before["steps"] == after["steps"]
     assert before["groups"] == after["groups"]  # lr, weight decay, name, max_grad_norm, betas, initial_lr
+    assert before["buffers"].keys() == after["buffers"].keys() and before["frozen"].keys() == after["frozen"].keys()
+    for name, value in {**before["buffers"], **before["frozen"]}.items():
+        assert torch.equal(value, {**after["buffers"], **after["frozen"]}[name]), f"{name} differs after the load"
+    scale = next(value for name, value in before["buffers"].items() if name.endswith("scale"))
+    assert not torch.equal(scale, torch.full_like(scale, 0.5))   # trained away from its init value
     assert before["ema"]["num_updates"] == after["ema"]["num_updates"] > 0
     assert before["ema"]["shadow"].keys() == after["ema"]["shadow"].keys()
     for name, value in before["ema"]["shadow"].items():

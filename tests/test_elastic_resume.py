@@ -3,11 +3,11 @@ on another number of processes or data workers with ``--resume auto`` and nothin
 
 Three chains run side by side (each one sequential), every launch under PROBE, which records the sample keys
 (stage 1) or global code-batch positions (stage 3) of every micro-batch the loop draws, and the consolidated
-fp32 weights + Adam moments (tests/test_elastic_checkpoint.py ``consolidated_state``) right before each
-checkpoint save and right after the resume:
+fp32 weights + Adam moments, persistent buffers and frozen parameters (tests/test_elastic_checkpoint.py
+``consolidated_state``) right before each checkpoint save and right after the resume:
 
-- ``tok``: train-tokenizer, 24 images of batch 2 = 6 optimizer steps per epoch at 4 images per step:
-  2 processes ZeRO-2 to step 2, 1 process to step 4 (grad_accum 2), 2 processes to step 6 (the epoch's end).
+- ``tok``: train-tokenizer with EMA codebooks, 24 images of batch 2 = 6 optimizer steps per epoch at 4 images per
+  step: 2 processes ZeRO-2 to step 2, 1 process to step 4 (grad_accum 2), 2 processes to step 6 (the epoch's end).
 - ``workers``: train-tokenizer 2 processes x 2 data workers to step 3, then 2 processes x 1 worker to 6.
 - ``gen``: train-generator ZeRO-3, 2 processes to step 2, 1 process to step 4 (grad_accum 2), 2 processes to 6
   (train.max_steps=6 throughout: it shapes the learning-rate schedule; the first legs exit after a checkpoint).
@@ -33,6 +33,7 @@ IMAGES, BATCH = 24, 2
 TOKENIZER = ["-m", "pipeline.cli", "train-tokenizer", "--config", "tiny", *TOKENIZER_SMALL, "train.zero_stage=2",
              "train.log_every=1", "train.ckpt_every=100", "train.image_every=100", "loss.disc_start=1",
              "train.ema_decay=0.9", "logging.tensorboard=false"]
+EMA_CODEBOOKS = "model.quantizer.codebook_update=ema"   # the "tok" chain's: frozen codebooks + EMA buffers
 GENERATOR = ["-m", "pipeline.cli", "train-generator", "--config", str(REPO / "configs" / "generator" / "tiny.yaml"),
              "data.max_tokens=160", "data.num_workers=0", "train.zero_stage=3", "train.log_every=1",
              "train.ckpt_every=2", "optim.warmup_steps=1", "train.ema_decay=0.9", "logging.tensorboard=false",
@@ -127,8 +128,9 @@ def chains(tmp_path_factory):
     shards = make_shards(root / "data", num_images=IMAGES, per_shard=6)
     corpus = write_corpus(root / "codes", rows=48, max_rows_per_batch=16)
     images = [f"data.shards={shards}"]
+    ema = [*images, EMA_CODEBOOKS]
     jobs = {
-        "tok": (TOKENIZER, [(2, 2, images), (1, 4, images), (2, 6, images)], 2),
+        "tok": (TOKENIZER, [(2, 2, ema), (1, 4, ema), (2, 6, ema)], 2),
         "workers": (TOKENIZER, [(2, 3, images + ["data.num_workers=2"]), (2, 6, images + ["data.num_workers=1"])], 2),
         "gen": (GENERATOR, [(2, 2, [f"data.codes={corpus}"]), (1, 4, [f"data.codes={corpus}"]),
                             (2, 6, [f"data.codes={corpus}"])], 3, 6),
@@ -158,12 +160,18 @@ def _state(out: Path, name: str, rank: int = 0) -> dict:
 
 
 def _assert_bit_exact(saved: dict, loaded: dict) -> None:
+    """Trained parameters, Adam moments, steps, group hyperparameters, and the state no optimizer holds:
+    persistent buffers (router calibration, EMA codebook statistics) and frozen parameters (EMA codebooks)."""
     assert saved["params"].keys() == loaded["params"].keys()
     for name, entry in saved["params"].items():
         for key, value in entry.items():
             assert torch.equal(value, loaded["params"][name][key]), (name, key)
     assert sorted(saved["steps"]) == sorted(loaded["steps"])
     assert saved["groups"] == loaded["groups"]
+    for kind in ("buffers", "frozen"):
+        assert saved[kind].keys() == loaded[kind].keys(), kind
+        for name, value in saved[kind].items():
+            assert torch.equal(value, loaded[kind][name]), (kind, name)
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -185,8 +193,14 @@ def test_tokenizer_two_one_two_processes_sees_every_sample_once_bit_exact(chains
     assert len(keys) == IMAGES and len(set(keys)) == IMAGES       # the whole epoch, each sample exactly once
     micro_batches = [len(rank) for out, world in zip(chain["out"], worlds) for rank in _draws(out, world)]
     assert micro_batches == [2, 2, 4, 2, 2]                      # 4 images per optimizer step throughout
-    # the weights and Adam moments right after each resume are the saved ones, bit for bit, on every rank
-    _assert_bit_exact(_state(chain["out"][0], "saved"), _state(chain["out"][1], "resumed"))
+    # the weights, Adam moments and buffers right after each resume are the saved ones, bit for bit, on every rank
+    # (DeepSpeed's universal loader alone leaves the buffers and frozen EMA codebooks at their init values)
+    saved = _state(chain["out"][0], "saved")
+    assert saved["buffers"].keys() == {"tokenizer.router.level_bias",
+                                       *(f"tokenizer.quantizer.ema_{s}_{k}" for s in ("count", "sum") for k in (0, 1))}
+    assert saved["frozen"].keys() == {"tokenizer.quantizer.codebooks.0", "tokenizer.quantizer.codebooks.1"}
+    assert all(saved["buffers"][name].abs().max() > 0 for name in saved["buffers"])   # level_bias, counts start at 0
+    _assert_bit_exact(saved, _state(chain["out"][1], "resumed"))
     for rank in range(2):
         _assert_bit_exact(_state(chain["out"][1], "saved"), _state(chain["out"][2], "resumed", rank))
     summary = json.loads((chain["dir"] / "summary.json").read_text())
@@ -208,6 +222,7 @@ def test_tokenizer_two_workers_to_one_worker_continues_the_epoch(chains):
     chain = _ok(chains, "workers")
     keys = [key for out in chain["out"] for rank in _draws(out, 2) for d in rank for key in d["keys"]]
     assert len(keys) == IMAGES and len(set(keys)) == IMAGES
+    assert _state(chain["out"][0], "saved")["buffers"]["tokenizer.router.level_bias"].abs().max() > 0
     for rank in range(2):
         _assert_bit_exact(_state(chain["out"][0], "saved", rank), _state(chain["out"][1], "resumed", rank))
     summary = json.loads((chain["dir"] / "summary.json").read_text())
@@ -226,7 +241,8 @@ def test_world_sizes_that_cannot_keep_the_global_batch_fail_in_prepare(chains, m
     run_dir = _ok(chains, "tok")["dir"]
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
-    overrides = [*TOKENIZER[5:], f"run.dir={run_dir}", f"data.shards={chains['shards']}", "train.max_steps=8"]
+    overrides = [*TOKENIZER[5:], f"run.dir={run_dir}", f"data.shards={chains['shards']}", "train.max_steps=8",
+                 EMA_CODEBOOKS]
     cfg = load_config(TokenizerStageConfig, "tiny", overrides, kind="tokenizer")
     with pytest.raises(ConfigError, match=r"2 processes x grad_accum 1.*global batch of 2 micro-batches.*cannot be "
                                           r"kept on 3 ranks.*\[1, 2\].*train.allow_new_global_batch=true"):
