@@ -19,9 +19,10 @@ def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("quality")
     images = write_image_folder(root / "images", num_images=24, size=64, num_classes=4)
     out = root / "results"
-    record = quality.main(["--images", str(images), "--steps", "2", "--seeds", "0,1", "--image-size", "32",
-                           "--width", "8", "--z-channels", "16", "--codebook-size", "32", "--batch-size", "4",
-                           "--threads", "1", "--examples", "3", "--out", str(out)])
+    every = ",".join(s.name for s in quality.SPECS + quality.EXTRA_SPECS)
+    record = quality.main(["--images", str(images), "--models", every, "--steps", "2", "--seeds", "0,1",
+                           "--image-size", "32", "--width", "8", "--z-channels", "16", "--codebook-size", "32",
+                           "--batch-size", "4", "--threads", "1", "--examples", "3", "--out", str(out)])
     return images, out, record
 
 
@@ -58,7 +59,8 @@ def test_study_writes_consistent_json_table_and_plots(study):
     names = sorted(p.name for p in images.rglob("*.png"))
     assert split["train"] + split["held_out"] == len(names) == 24
     assert split["held_out_files"] == sorted(n for n in names if quality.is_held_out(n, 0.2))
-    assert figures["steps"] == 2 and set(figures["train_seconds"]) == {s.name for s in quality.SPECS}
+    assert figures["steps"] == 2
+    assert set(figures["train_seconds"]) == {s.name for s in quality.SPECS + quality.EXTRA_SPECS}
 
     targets = record["targets"]
     gaps = [r["points"]["f8"]["psnr"] - r["points"]["ref"]["psnr"] for r in figures["per_seed"]]
@@ -70,8 +72,10 @@ def test_study_writes_consistent_json_table_and_plots(study):
         assert f"claim1_{name}_over_random_mean_minus_2std_db" in targets
         assert f"claim1_{name}_over_line_mean_minus_2std_db" in targets
     assert not any("dqfq" in key for key in targets if key.startswith("claim1"))
-    for name in ("dqfq-nodis", "dqfq-ema", "dqfq-km", "dqfq75", "dqfq75-ema"):   # every variant against the reference
+    for name in ("dqfq", "dqfq-nodis", "dqfq-ema", "dqfq-km", "dqfq75-ema"):   # every variant against the reference
         assert targets[f"{name}_minus_reference_db"]["at_fewer_codes_than_reference"] is True
+    assert quality.DEFAULT_MODEL == "dqfq75" and "dqfq_default_minus_reference_db" in targets
+    assert figures["config"]["dqfq75"]["router"]["targets"] == [0.75] == figures["config"]["dqfq3"]["router"]["targets"]
     assert figures["config"]["dqfq-ema"]["quantizer"]["codebook_update"] == "ema"
     assert figures["config"]["dqfq-km"]["quantizer"]["codebook_init"] == "kmeans"
     disentangle = {name: figures["config"][name]["quantizer"]["disentangle_weight"]
@@ -85,6 +89,17 @@ def test_study_writes_consistent_json_table_and_plots(study):
         assert grid.size == (16 * 36, 3 * 36)
     with Image.open(out / "quality_psnr_vs_codes.png") as plot:
         assert plot.size[0] > 300
+
+
+def test_default_models_are_the_study_without_the_ablations():
+    args = quality.parse_args(["--images", "x"])
+    assert [s.name for s in quality.chosen_specs(args)] == [s.name for s in quality.SPECS]
+    args = quality.parse_args(["--images", "x", "--models", "dqfq-ema,ref", "--no-teachers"])
+    assert [s.name for s in quality.chosen_specs(args)] == ["ref", "dqfq-ema"]
+    assert [s.name for s in quality.chosen_specs(quality.parse_args(["--images", "x", "--no-teachers"]))] == [
+        s.name for s in quality.SPECS if not s.teachers]
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--images", "x", "--models", "nope"])
 
 
 def test_identity_retrieval_and_psnr_by_hand():
