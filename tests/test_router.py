@@ -183,15 +183,18 @@ def test_eval_offsets_move_by_the_share_error_in_units_of_the_logit_spread():
     router = Router(RouterConfig(mode="learned", targets=[0.25], hidden=4), factors=[16, 8], z_channels=4)
     logits = torch.zeros(1, 2, 2, 2)
     logits[0, 1] = torch.tensor([[1.0, 2.0], [3.0, 4.0]])      # fine wins argmax everywhere: share 1, target 0.25
-    spread = (torch.tensor(0.0) + torch.tensor([1.0, 2.0, 3.0, 4.0]).std()) / 2   # mean of the levels' stds
+    spread = (0.0 + torch.tensor([1.0, 2.0, 3.0, 4.0]).std(unbiased=False)) / 2   # mean of the levels' stds: 0.559
     router._calibrate(logits)
     assert torch.allclose(router.level_bias, spread * torch.tensor([0.75, -0.75]))
-    # eval now scores coarse 0 + 0.484, fine l - 0.484: regions 2, 3, 4 stay fine
+    # eval now scores coarse 0 + 0.419, fine l - 0.419: all four regions stay fine
     assert router.eval_gates(logits)[0, 1].tolist() == [[1.0, 1.0], [1.0, 1.0]]
     for _ in range(20):
         router._calibrate(logits)
     assert router.eval_gates(logits)[0, 1].sum() == 1.0       # one region of four: the target share exactly
     assert "level_bias" in router.state_dict()                # saved with the model (exports, checkpoints)
+    before = router.level_bias.clone()
+    router._calibrate(torch.full((1, 2, 2, 2), float("nan")))   # a non-finite batch leaves the offsets alone
+    assert torch.equal(router.level_bias, before)
     frozen = Router(RouterConfig(mode="learned", targets=[0.25], hidden=4, calibration_rate=0.0), [16, 8], 4)
     frozen.train()
     frozen([torch.randn(2, 4, 3, 3), torch.randn(2, 4, 6, 6)], None)
@@ -252,7 +255,7 @@ def _calibration_rank(rank: int, world: int, port: int, batches, queue) -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_keep_identical_eval_offsets_equal_to_one_process():
+def test_two_processes_keep_identical_eval_offsets_from_the_reduced_shares():
     """Two gloo ranks with half of each batch: the argmax shares and the logit spread are all-reduced, so both
     ranks hold the same offsets (and not the ones rank 0's halves alone give)."""
     import torch.multiprocessing as mp
@@ -289,3 +292,12 @@ def test_learned_training_forward_reports_the_eval_decision_shares():
     assert router(features, None).eval_shares is None
     router.train()
     assert torch.equal(router(features, None).eval_shares, expected)   # before this forward's calibration step
+
+
+def test_a_state_saved_before_the_calibration_loads_with_zero_offsets():
+    router = Router(RouterConfig(mode="learned", targets=[0.5], hidden=8), factors=[16, 8], z_channels=4)
+    old = {k: v for k, v in router.state_dict().items() if k != "level_bias"}
+    router.level_bias.fill_(3.0)
+    with pytest.warns(UserWarning, match="level_bias missing"):
+        router.load_state_dict(old)
+    assert torch.equal(router.level_bias, torch.zeros(2))

@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
@@ -215,15 +216,28 @@ class Router(nn.Module):
         eval decision's shares (G) on the batch, before the step."""
         logits = logits.float()
         # shares of the eval decision, and the logits' spread: steps in its units make the rate scale-free
-        measured = torch.cat([self.eval_gates(logits).mean(dim=(0, 2, 3)), logits.std(dim=(0, 2, 3)).mean()[None]])
+        spread = logits.std(dim=(0, 2, 3), unbiased=False).mean()
+        measured = torch.cat([self.eval_gates(logits).mean(dim=(0, 2, 3)), spread[None]])
         world = process_group_size()
         if world > 1:
             dist.all_reduce(measured)
             measured /= world
         shares, spread = measured[:-1], measured[-1]
         target = shares.new_tensor([1.0 - sum(self.config.targets), *self.config.targets])
-        self.level_bias += self.config.calibration_rate * spread * (target - shares)
+        step = self.config.calibration_rate * spread * (target - shares)
+        # a non-finite batch (skipped by the optimizer's guard) must not poison the offsets for good
+        self.level_bias += torch.where(step.isfinite(), step, torch.zeros_like(step))
         return shares
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints and exports from before the eval calibration have no ``level_bias``: load them with zero
+        offsets (plain argmax, exactly their behaviour then) and say so."""
+        key = prefix + "level_bias"
+        if self.config.mode == "learned" and key not in state_dict:
+            warnings.warn(f"{key} missing from the loaded state (saved before the router's eval calibration): "
+                          f"using zero offsets, i.e. plain argmax", stacklevel=2)
+            state_dict[key] = torch.zeros_like(self.level_bias)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, features: list[torch.Tensor], images: torch.Tensor,
                 grain: torch.Tensor | None = None) -> RouterOutput:
