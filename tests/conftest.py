@@ -79,3 +79,22 @@ def kill_shard_run_mid_way(command: list[str], out: Path, signal_number: int = s
     done = list(out.glob("*.stats.json"))
     assert 1 <= len(done) < 30 and not (out / "manifest.json").exists(), "the signal did not land mid-run"
     return children
+
+
+def run_gloo_ranks(target, *args, world: int = 2) -> list:
+    """Run ``target(rank, world, port, *args, queue)`` in ``world`` spawned processes (each initialises its own gloo
+    group on ``port``); every rank puts one result tuple starting with its rank on the queue. Returns the results
+    sorted by rank, after checking that every process exited cleanly."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    procs = [context.Process(target=target, args=(rank, world, port, *args, queue)) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    results = sorted((queue.get(timeout=120) for _ in procs), key=lambda r: r[0])
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    return results

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import run_gloo_ranks
 from models.tokenizer.quantizer import (ChunkedLookupEntropy, FactorizedQuantizer, QuantizerConfig,
                                         SubCodebookConfig, cosine_lookup, disentanglement_loss)
 
@@ -186,28 +187,15 @@ def test_entropy_batch_term_and_partitioned_grad_norm_are_all_reduced():
     """Two gloo ranks with half of the tokens each: the mean of the ranks' entropy losses is the one-process
     loss over all tokens and their gradients, averaged as data parallelism does, are its gradients. A group
     partitioned over the ranks is clipped by its global norm (3, 4 -> 5)."""
-    import torch.multiprocessing as mp
-
-    from pipeline.runtime import free_port
-
     gen = torch.Generator().manual_seed(0)
     z = F.normalize(torch.randn(24, 4, generator=gen, dtype=torch.float64), dim=1)
     codebook = F.normalize(torch.randn(11, 4, generator=gen, dtype=torch.float64), dim=1)
     full_z, full_book = z.clone().requires_grad_(True), codebook.clone().requires_grad_(True)
     _, reference = ChunkedLookupEntropy.apply(full_z, full_book, torch.ones(24, dtype=z.dtype), 0.5, 7)
     reference.backward()
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    port = free_port()
-    procs = [context.Process(target=_entropy_rank, args=(r, 2, port, z, codebook, queue)) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
+    results = run_gloo_ranks(_entropy_rank, z, codebook)
     results = [(r[0], r[1], *(torch.tensor(v, dtype=torch.float64) for v in r[2:4]), r[4], torch.tensor(r[5]))
                for r in results]
-    for proc in procs:
-        proc.join(timeout=60)
-        assert proc.exitcode == 0
     assert sum(r[1] for r in results) / 2 == pytest.approx(float(reference), rel=1e-10)
     # each rank's z-gradient is world x its tokens' share; DDP's average over ranks of the codebook gradient
     assert torch.allclose(torch.cat([r[2] for r in results]) / 2, full_z.grad, rtol=1e-8, atol=1e-12)
@@ -370,22 +358,9 @@ def test_two_processes_keep_identical_ema_codebooks():
     """Two gloo ranks, different batches: k-means init, EMA steps and dead-code restarts leave identical
     codebooks and EMA buffers on both ranks (counts and sums all-reduced, restart candidates broadcast), and
     without restarts the EMA equals one process's on both ranks' batches together."""
-    import torch.multiprocessing as mp
-
-    from pipeline.runtime import free_port
-
     gen = torch.Generator().manual_seed(0)
     batches = [[torch.randn(2, 8, 3, 3, generator=gen) for _ in range(2)] for _ in range(4)]
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    port = free_port()
-    procs = [context.Process(target=_ema_rank, args=(r, 2, port, batches, queue)) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    results = sorted((queue.get(timeout=120) for _ in procs), key=lambda r: r[0])
-    for proc in procs:
-        proc.join(timeout=60)
-        assert proc.exitcode == 0
+    results = run_gloo_ranks(_ema_rank, batches)
     (_, restart0, plain0), (_, restart1, plain1) = results
     assert restart0.keys() == restart1.keys() and "ema_count_1" in restart0
     for key in restart0:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_gloo_ranks
 from models.config import ConfigError
 from models.tokenizer.router import Router, RouterConfig, budget_loss, calibrate_entropy, region_entropy
 
@@ -258,22 +259,9 @@ def _calibration_rank(rank: int, world: int, port: int, batches, queue) -> None:
 def test_two_processes_keep_identical_eval_offsets_from_the_reduced_shares():
     """Two gloo ranks with half of each batch: the argmax shares and the logit spread are all-reduced, so both
     ranks hold the same offsets (and not the ones rank 0's halves alone give)."""
-    import torch.multiprocessing as mp
-
-    from pipeline.runtime import free_port
-
     gen = torch.Generator().manual_seed(0)
     batches = [[torch.randn(4, 4, 2, 2, generator=gen), torch.randn(4, 4, 4, 4, generator=gen)] for _ in range(5)]
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    port = free_port()
-    procs = [context.Process(target=_calibration_rank, args=(r, 2, port, batches, queue)) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    results = sorted((queue.get(timeout=120) for _ in procs), key=lambda r: r[0])
-    for proc in procs:
-        proc.join(timeout=60)
-        assert proc.exitcode == 0
+    results = run_gloo_ranks(_calibration_rank, batches)
     torch.manual_seed(0)
     single = Router(RouterConfig(mode="learned", targets=[0.6], hidden=8), factors=[16, 8], z_channels=4)
     single.train()
