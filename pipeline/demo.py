@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=64, help="training resolution (the tiny presets use 64)")
     parser.add_argument("--nproc", type=int, default=2, help="processes per training stage (DeepSpeed ranks)")
     parser.add_argument("--zero", type=int, default=2, choices=(0, 1, 2), help="ZeRO stage for both training stages")
-    parser.add_argument("--tokenizer-steps", type=int, default=400)
+    parser.add_argument("--tokenizer-steps", type=int, default=400,
+                        help="tokenizer optimizer steps (default 400: about 3.5 of the demo's 7.6 minutes on 2 cores)")
     parser.add_argument("--generator-steps", type=int, default=200)
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--clip-weights", default="", help="open_clip ViT-B-16 weights (default: small random CLIP)")
