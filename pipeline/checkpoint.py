@@ -61,7 +61,7 @@ from torch import Tensor
 
 from data.epoch import grad_accum_for
 from data.files import AtomicFile, atomic_write
-from data.identity import describe_differences, differences
+from data.identity import ABSENT, describe_differences, differences
 from models.config import ConfigError
 from models.hub import PretrainedMixin, save_state_dict
 from pipeline.training import zero_stage
@@ -395,6 +395,12 @@ def check_compatible(meta: Mapping[str, Any], world_size: int, zero_stage: int,
         problems.append(f"ZeRO stage: checkpoint {meta['zero_stage']}, this run {zero_stage}: relaunch with "
                         f"--zero {meta['zero_stage']} (train.zero_stage={meta['zero_stage']})")
     differing = differences(meta["config_identity"], config_identity)
+    newer = sorted(key for key, (saved, _) in differing.items() if saved == ABSENT)
+    if newer:   # options added after the checkpoint was written: no setting makes the two runs the same
+        problems.append(f"the checkpoint was written by an older varitok, before the options {', '.join(newer)} "
+                        f"existed: this version cannot resume it. Start a new run.dir (or resume with the "
+                        f"varitok version that wrote it)")
+        differing = {key: values for key, values in differing.items() if key not in newer}
     if differing:
         listed = describe_differences(differing, saved="checkpoint", current="this run")
         problems.append(f"config differs ({listed}). Resume with the run's own config (RUN/config.yaml) or use "

@@ -284,6 +284,20 @@ def test_check_compatible_accepts_another_world_size_only_with_the_independent_s
     check_compatible(kept, 4, 2, {"a": 1}, grad_accum=2, allow_new_global_batch=True)
 
 
+def test_check_compatible_names_options_the_checkpoint_predates_apart_from_changed_ones():
+    meta = {"world_size": 1, "zero_stage": 0, "config_identity": {"router": {"tau": 1.0}, "lr": 1.0}}
+    current = {"router": {"tau": 1.0, "detach_features": True}, "lr": 2.0}
+    with pytest.raises(ResumeError) as info:
+        check_compatible(meta, 1, 0, current)
+    message = str(info.value)
+    assert "written by an older varitok, before the options router.detach_features existed" in message
+    assert "config differs (lr: checkpoint 1.0, this run 2.0)" in message
+    assert "detach_features: checkpoint" not in message       # not offered as a setting to change back
+    with pytest.raises(ResumeError, match="older varitok") as info:
+        check_compatible(meta, 1, 0, {**current, "lr": 1.0})
+    assert "config differs" not in str(info.value)
+
+
 # ------------------------------------------------------------------------------------------ real runs
 @pytest.mark.slow
 def test_zero2_two_processes_to_one_bit_exact_then_layout_history(tmp_path):
