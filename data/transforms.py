@@ -20,7 +20,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from data.tar import BadSample, RawSample, sample_contents
@@ -140,6 +139,10 @@ def crop_resize_flip(image: torch.Tensor, size: int, crop_offset: float, flipped
     left = round(crop_offset * (width - side))
     square = image[:, top:top + side, left:left + side]
     if side != size:
+        # imported here: torchvision loads torch._dynamo (~3 s per process), and images stored at the training
+        # size (varitok shard's output) never need it
+        import torchvision.transforms.v2.functional as TF
+
         square = TF.resize(square, [size, size], antialias=True)
     return square.flip(-1) if flipped else square
 

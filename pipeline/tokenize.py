@@ -36,7 +36,6 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.codes import CodeManifest, CodeWriter, ManifestMismatchError, part_file_name
@@ -69,6 +68,8 @@ def make_views(image: torch.Tensor, mode: str, size: int) -> torch.Tensor:
         center = crop_resize_flip(image, size, 0.5, False)
         return torch.stack([center, center.flip(-1)])
     if mode == "tencrop":
+        import torchvision.transforms.v2.functional as TF   # ~3 s to load (torch._dynamo): only when used
+
         resized = TF.resize(image, tencrop_resize(size), antialias=True)
         return torch.stack(TF.ten_crop(resized, [size, size]))
     raise ValueError(f"--views must be one of {', '.join(VIEW_COUNTS)}, got {mode!r}")
