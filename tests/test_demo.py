@@ -67,7 +67,7 @@ def test_short_demo_tokenizer_run_reconstructs_held_out_images_well_above_chance
     values = yaml.safe_load(config.read_text())
     values["data"]["batch_size"] = 8          # one process with the demo's global batch (2 ranks x 4)
     config.write_text(yaml.safe_dump(values, sort_keys=False))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}  # the only process
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train-tokenizer", "--config", str(config)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
