@@ -298,6 +298,49 @@ def test_check_compatible_names_options_the_checkpoint_predates_apart_from_chang
     assert "config differs" not in str(info.value)
 
 
+
+class _Untrained(torch.nn.Module):
+    """A trained weight, a frozen parameter and a persistent buffer: what the universal loader leaves behind."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(3))
+        self.frozen = torch.nn.Parameter(torch.zeros(2, 2), requires_grad=False)
+        self.register_buffer("bias", torch.zeros(4))
+
+
+def _engine_of(module):
+    engine = type("Engine", (), {"module": module})()
+    return type("Accelerator", (), {"_models": [engine]})()
+
+
+def test_restore_untrained_state_copies_buffers_and_frozen_parameters_only_after_checking_them(tmp_path):
+    from pipeline.checkpoint import _restore_untrained_state
+
+    saved = {"weight": torch.full((3,), 7.0), "frozen": torch.full((2, 2), 2.0), "bias": torch.arange(4.0)}
+    torch.save({"module": saved}, tmp_path / "mp_rank_00_model_states.pt")
+    module = _Untrained()
+    assert _restore_untrained_state(_engine_of(module), tmp_path) == ["bias", "frozen"]
+    assert torch.equal(module.bias, saved["bias"]) and torch.equal(module.frozen, saved["frozen"])
+    assert torch.equal(module.weight, torch.zeros(3))          # the optimizer's universal state restores this one
+
+    torch.save({"module": {**saved, "bias": torch.zeros(5)}}, tmp_path / "mp_rank_00_model_states.pt")
+    fresh = _Untrained()
+    with pytest.raises(ResumeError, match=r"shape \(saved, model\) differs for \[\('bias', \(5,\), \(4,\)\)\]"):
+        _restore_untrained_state(_engine_of(fresh), tmp_path)
+    assert torch.equal(fresh.frozen, torch.zeros(2, 2))        # nothing copied before the check passed
+    torch.save({"module": {"weight": saved["weight"]}}, tmp_path / "mp_rank_00_model_states.pt")
+    with pytest.raises(ResumeError, match=r"missing \['bias', 'frozen'\]"):
+        _restore_untrained_state(_engine_of(_Untrained()), tmp_path)
+    partitioned = _Untrained()
+    partitioned.frozen.ds_id = 0                                 # what ZeRO-3 marks its partitioned parameters with
+    with pytest.raises(ResumeError, match=r"frozen parameters \['frozen'\] are partitioned \(ZeRO-3\).*resume "
+                                          r"on the checkpoint's world size"):
+        _restore_untrained_state(_engine_of(partitioned), tmp_path)
+    with pytest.raises(ResumeError, match="no DeepSpeed model-states file"):
+        _restore_untrained_state(_engine_of(_Untrained()), tmp_path / "empty")
+
+
 # ------------------------------------------------------------------------------------------ real runs
 @pytest.mark.slow
 def test_zero2_two_processes_to_one_bit_exact_then_layout_history(tmp_path):
