@@ -19,7 +19,9 @@ encoder/decoder widths, optimizer steps, batch size and data order (same batches
 
 Quantizer ablations, trained only when named in ``--models``: ``dqfq-nodis`` (without FQGAN's disentanglement
 term, tiny.yaml's 0.1; there are no teachers), ``dqfq-ema`` / ``dqfq75-ema`` (EMA codebook updates + dead-code
-restart, DQ-VAE's quantizer), ``dqfq-km`` (k-means codebook init from the first batch).
+restart, DQ-VAE's quantizer), ``dqfq-km`` (k-means codebook init from the first batch); router ablations
+``learn25p`` / ``learn50p`` / ``learn50p3`` (the learned router with ``entropy_prior`` 1 / 1 / 3; results:
+``benchmarks/results/quality-router/``).
 
 varitok models take their quantizer, router and loss settings from ``configs/tokenizer/tiny.yaml`` (the widths,
 factors, K and router mode from the study), so the study measures the shipped defaults. Losses: L1 + the
@@ -70,6 +72,7 @@ EMA_QUANTIZER = (("codebook_update", "ema"), ("ema_decay", 0.99), ("dead_code_th
 # fixed-length single-codebook models as configs/tokenizer/vq-f16.yaml ships them: no adapter ResBlock (it gives
 # each sub-codebook its own view of the latent; with one fixed-grid codebook it only slows learning: -0.2 dB at F8)
 SINGLE_CODEBOOK = (("adapter_blocks", 0),)
+ENTROPY_PRIOR = (("entropy_prior", 1.0),)   # the learned router ranks regions by image entropy from step 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +88,7 @@ class ModelSpec:
     eval_ratios: tuple[float, ...] = ()    # entropy: evaluated at each; learned: the one target
     teachers: bool = False                 # the demo's random-weight teachers (K = 3)
     quantizer: tuple[tuple[str, Any], ...] = ()   # overrides of tiny.yaml's model.quantizer (key, value)
+    router_options: tuple[tuple[str, Any], ...] = ()   # ... and of model.router
 
 
 SPECS = (
@@ -112,6 +116,12 @@ EXTRA_SPECS = (
               quantizer=(("codebook_init", "kmeans"),)),
     ModelSpec("dqfq75-ema", "DQ x FQ default, EMA codebooks + restart", (8, 16), 2, "learned", (0.75,), (0.75,),
               quantizer=EMA_QUANTIZER),
+    ModelSpec("learn25p", "F8/F16 learned router with entropy prior, K=1", (8, 16), router="learned",
+              train_ratios=(0.25,), eval_ratios=(0.25,), router_options=ENTROPY_PRIOR),
+    ModelSpec("learn50p", "F8/F16 learned router with entropy prior, K=1", (8, 16), router="learned",
+              train_ratios=(0.5,), eval_ratios=(0.5,), router_options=ENTROPY_PRIOR),
+    ModelSpec("learn50p3", "F8/F16 learned router with entropy prior 3, K=1", (8, 16), router="learned",
+              train_ratios=(0.5,), eval_ratios=(0.5,), router_options=(("entropy_prior", 3.0),)),
 )
 
 
@@ -176,6 +186,7 @@ def build_config(spec: ModelSpec, args: argparse.Namespace, quantiles: Sequence[
         router.update(mode="entropy", targets=[spec.train_ratios[0]], entropy_quantiles=[float(q) for q in quantiles])
     else:
         router.update(mode="learned", targets=[spec.train_ratios[0]])
+    router.update(dict(spec.router_options))
     if spec.teachers:
         add_demo_teachers(model, teachers or [])
     return TokenizerConfig.from_dict(model)

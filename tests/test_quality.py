@@ -35,7 +35,8 @@ def test_study_writes_consistent_json_table_and_plots(study):
     assert set(points) == {"ref", "f8", "f16", "f16k2", "ent@0.25", "ent@0.25 random", "ent@0.5", "ent@0.5 random",
                            "learn25", "learn25 random", "learn50", "learn50 random", "dqfq", "dqfq random", "dqfq3",
                            "dqfq3 random", "dqfq-nodis", "dqfq-nodis random", "dqfq-ema", "dqfq-ema random", "dqfq-km",
-                           "dqfq-km random", "dqfq75", "dqfq75 random", "dqfq75-ema", "dqfq75-ema random"}
+                           "dqfq-km random", "dqfq75", "dqfq75 random", "dqfq75-ema", "dqfq75-ema random", "learn25p",
+                           "learn25p random", "learn50p", "learn50p random", "learn50p3", "learn50p3 random"}
     # 32px: the F16 grid is 2 x 2 (4 codes), the F8 grid 4 x 4 (16 codes); two-level maps lie in between.
     codes = {name: p["codes_per_image"]["mean"] for name, p in points.items()}
     assert codes["f16"] == codes["f16k2"] == 4 and codes["f8"] == codes["ref"] == 16
@@ -68,7 +69,7 @@ def test_study_writes_consistent_json_table_and_plots(study):
     claim2 = targets["claim2_k2_minus_k1_mean_minus_2std_db"]
     assert claim2["value"] == pytest.approx(claim2["mean"] - 2 * claim2["std"], abs=1e-3)
     assert claim2["met"] == (claim2["value"] >= 0)
-    for name in ("ent@0.25", "ent@0.5", "learn25", "learn50"):      # claim 1: K = 1 two-level models only
+    for name in ("ent@0.25", "ent@0.5", "learn25", "learn50", "learn50p3"):   # claim 1: K = 1 two-level models only
         assert f"claim1_{name}_over_random_mean_minus_2std_db" in targets
         assert f"claim1_{name}_over_line_mean_minus_2std_db" in targets
     assert not any("dqfq" in key for key in targets if key.startswith("claim1"))
@@ -78,6 +79,9 @@ def test_study_writes_consistent_json_table_and_plots(study):
     assert figures["config"]["dqfq75"]["router"]["targets"] == [0.75] == figures["config"]["dqfq3"]["router"]["targets"]
     assert figures["config"]["dqfq-ema"]["quantizer"]["codebook_update"] == "ema"
     assert figures["config"]["dqfq-km"]["quantizer"]["codebook_init"] == "kmeans"
+    assert figures["config"]["learn50p3"]["router"]["entropy_prior"] == 3.0
+    assert figures["config"]["f8"]["quantizer"]["adapter_blocks"] == 0 < figures["config"]["dqfq75"]["quantizer"][
+        "adapter_blocks"]
     disentangle = {name: figures["config"][name]["quantizer"]["disentangle_weight"]
                    for name in ("dqfq", "dqfq-nodis", "dqfq3")}
     assert disentangle == {"dqfq": 0.1, "dqfq-nodis": 0.0, "dqfq3": 0.1}
@@ -85,8 +89,8 @@ def test_study_writes_consistent_json_table_and_plots(study):
     assert all(f"| {name} |" in table for name in targets)
 
     with Image.open(out / "quality_examples.png") as grid:
-        # 3 held-out rows, original + 15 non-random points as columns, each 32px with a 2px pad on both sides
-        assert grid.size == (16 * 36, 3 * 36)
+        # 3 held-out rows, original + 18 non-random points as columns, each 32px with a 2px pad on both sides
+        assert grid.size == (19 * 36, 3 * 36)
     with Image.open(out / "quality_psnr_vs_codes.png") as plot:
         assert plot.size[0] > 300
 

@@ -1,4 +1,5 @@
 """Router: budget loss formula and effect, entropy map vs NumPy, calibration hits the requested shares."""
+import dataclasses
 import json
 import math
 
@@ -289,3 +290,30 @@ def test_a_state_saved_before_the_calibration_loads_with_zero_offsets():
     with pytest.warns(UserWarning, match="level_bias missing"):
         router.load_state_dict(old)
     assert torch.equal(router.level_bias, torch.zeros(2))
+
+
+def test_entropy_prior_adds_level_times_region_entropy_to_the_learned_logits():
+    with pytest.raises(ConfigError, match="entropy_prior must be >= 0"):
+        RouterConfig(mode="learned", targets=[0.5], entropy_prior=-1.0)
+    config = RouterConfig(mode="learned", targets=[0.25, 0.25], hidden=4, entropy_prior=2.0)
+    router = Router(config, factors=[16, 8, 4], z_channels=4)
+    plain = Router(dataclasses.replace(config, entropy_prior=0.0), factors=[16, 8, 4], z_channels=4)
+    plain.load_state_dict(router.state_dict())                # no new state: the same weights load both ways
+    images = textured_images(2, 32, seed=0)
+    features = [torch.randn(2, 4, 2 << g, 2 << g) for g in range(3)]
+    entropy = region_entropy(images, 16).float()               # B x 2 x 2
+    expected = plain.logits(features) + 2.0 * torch.arange(3.0).view(1, 3, 1, 1) * entropy.unsqueeze(1)
+    torch.testing.assert_close(router.logits(features, images), expected)
+    with pytest.raises(ValueError, match="entropy_prior > 0 needs the images"):
+        router.logits(features)
+    # with the MLP silent, the (calibrated) eval decision ranks regions by entropy: the entropy router's ranking
+    two = Router(RouterConfig(mode="learned", targets=[0.5], hidden=4, entropy_prior=2.0), [16, 8], z_channels=4)
+    torch.nn.init.zeros_(two.mlp[-1].weight)
+    torch.nn.init.zeros_(two.mlp[-1].bias)
+    images = textured_images(4, 64, seed=1)
+    entropy = region_entropy(images, 16).float()               # 4 x 4 x 4, distinct values
+    median = entropy.flatten().sort().values[31:33].mean()
+    two.level_bias.copy_(torch.tensor([0.0, -2.0 * float(median)]))
+    two.eval()
+    grain = two([torch.randn(4, 4, 4, 4), torch.randn(4, 4, 8, 8)], images).grain
+    assert torch.equal(grain, (entropy > median).long())       # the higher-entropy half coded fine

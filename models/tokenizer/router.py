@@ -67,6 +67,7 @@ class RouterConfig(ConfigBase):
     anneal_steps: int = 0
     detach_features: bool = True        # learned: no router gradient into the encoder (see the module docstring)
     calibration_rate: float = 1.0       # learned: eval-offset step per unit of share error, in logit stds (0: off)
+    entropy_prior: float = 0.0          # learned: weight of the region-entropy prior in the logits (0: off)
     fixed_level: int = 0                # fixed mode: the level of every region
     entropy_table: str = ""             # entropy mode: calibrate-entropy JSON, inlined by the pipeline into ...
     entropy_quantiles: list[float] = dataclasses.field(default_factory=list)  # ... the table's quantiles
@@ -80,6 +81,8 @@ class RouterConfig(ConfigBase):
             raise ConfigError(f"model.router.tau and tau_end must be > 0, got {self.tau}, {self.tau_end}")
         if self.calibration_rate < 0:
             raise ConfigError(f"model.router.calibration_rate must be >= 0, got {self.calibration_rate}")
+        if self.entropy_prior < 0:
+            raise ConfigError(f"model.router.entropy_prior must be >= 0, got {self.entropy_prior}")
 
 
 class RouterOutput(NamedTuple):
@@ -197,13 +200,23 @@ class Router(nn.Module):
         else:
             self.tau = cfg.tau_end + 0.5 * (cfg.tau - cfg.tau_end) * (1 + math.cos(math.pi * progress))
 
-    def logits(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """Learned mode: B x G x Hs x Ws logits (without the eval offsets)."""
+    def logits(self, features: list[torch.Tensor], images: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Learned mode: B x G x Hs x Ws logits (without the eval offsets). With ``entropy_prior`` level g's logit
+        also gets ``entropy_prior * g * H``, H the region's image entropy in nats (:func:`region_entropy` of
+        ``images``, B x 3 x H x W): the router starts out ranking regions as the entropy router does, and the MLP
+        learns the correction (a fixed weight: a learnable one would be pulled by the budget, not the ranking)."""
         if self.config.detach_features:
             features = [z.detach() for z in features]
         pooled = [F.avg_pool2d(norm(z), 1 << g) if g else norm(z)
                   for g, (norm, z) in enumerate(zip(self.norms, features))]
-        return self.mlp(torch.cat(pooled, dim=1))
+        logits = self.mlp(torch.cat(pooled, dim=1))
+        if self.config.entropy_prior > 0:
+            if images is None:
+                raise ValueError("a learned router with model.router.entropy_prior > 0 needs the images")
+            entropy = region_entropy(images, self.region_size).to(logits.dtype).unsqueeze(1)   # B x 1 x Hs x Ws
+            levels = torch.arange(self.num_levels, device=logits.device, dtype=logits.dtype).view(1, -1, 1, 1)
+            logits = logits + self.config.entropy_prior * levels * entropy
+        return logits
 
     def eval_gates(self, logits: torch.Tensor) -> torch.Tensor:
         """The eval decision: one-hot B x G x Hs x Ws of ``argmax(logits + level_bias)``."""
@@ -250,7 +263,7 @@ class Router(nn.Module):
             return self._impose(self._check_grain(grain, (batch, height, width)).to(coarse.device))
         mode = self.config.mode
         if mode == "learned":
-            logits = self.logits(features).float()
+            logits = self.logits(features, images).float()
             eval_shares = None
             if self.training:
                 gates = F.gumbel_softmax(logits, tau=self.tau, hard=True, dim=1)
