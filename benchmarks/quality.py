@@ -31,7 +31,7 @@ share, codebook usage. Writes ``quality.json`` (the printed record), ``quality.m
 and ``quality_examples.png`` to ``--out``.
 
     nice -n 10 .venv/bin/python -m benchmarks.quality --images imagenet-samples/ --steps 300 --batch-size 8 \
-        --seeds 0,1,2 --jobs 3     # the committed record: about an hour on 2 cores
+        --seeds 0,1,2 --jobs 3     # the committed record: about 30 minutes on 2 cores
 """
 from __future__ import annotations
 
