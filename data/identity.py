@@ -28,12 +28,16 @@ def flatten(values: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def differences(saved: Mapping[str, Any], current: Mapping[str, Any], *,
-                only: tuple[str, ...] | None = None) -> dict[str, tuple[Any, Any]]:
+                only: tuple[str, ...] | None = None,
+                defaults: Mapping[str, Any] | None = None) -> dict[str, tuple[Any, Any]]:
     """``{dotted key: (saved value, current value)}`` for every key whose values differ, sorted by key.
 
-    A key present on one side only compares against :data:`ABSENT`. With ``only``, just those keys of
-    ``current`` are compared (a state that records more than what must match)."""
+    A key present on one side only compares against :data:`ABSENT`, except that a key ``saved`` lacks and
+    ``defaults`` (``{dotted key: value}``) has compares as that default: state saved before an option existed was
+    made with the behaviour the option's default keeps. With ``only``, just those keys of ``current`` are compared
+    (a state that records more than what must match)."""
     flat_saved, flat_current = flatten(dict(saved)), flatten(dict(current))
+    flat_saved = {**{key: value for key, value in (defaults or {}).items() if key in flat_current}, **flat_saved}
     keys = sorted(flat_saved.keys() | flat_current.keys()) if only is None else list(only)
     return {key: (flat_saved.get(key, ABSENT), flat_current.get(key, ABSENT)) for key in keys
             if flat_saved.get(key, ABSENT) != flat_current.get(key, ABSENT)}

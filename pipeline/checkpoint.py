@@ -373,9 +373,12 @@ def _restore_group_hyperparameters(accelerator, universal: Path) -> None:
 
 def check_compatible(meta: Mapping[str, Any], world_size: int, zero_stage: int,
                      config_identity: Mapping[str, Any], *, grad_accum: Optional[int] = None,
-                     allow_new_global_batch: bool = False) -> None:
+                     allow_new_global_batch: bool = False, identity_defaults: Optional[Mapping[str, Any]] = None,
+                     ) -> None:
     """Raise :class:`ResumeError` naming every difference between a checkpoint and this run.
 
+    ``identity_defaults`` (``StageConfig.identity_defaults``): a key the checkpoint's config identity lacks (an
+    option added after it was written) compares as its default, so a new option left at its default resumes.
     Another world size is accepted when the checkpoint is world-size independent (``meta.json``
     ``world_size_independent``: ZeRO-0, or ZeRO-1/2/3 with its universal copy); a ZeRO stage change never.
     With ``grad_accum``, this run's global batch (world size x grad_accum) must be the checkpoint's too,
@@ -394,9 +397,9 @@ def check_compatible(meta: Mapping[str, Any], world_size: int, zero_stage: int,
     if meta["zero_stage"] != zero_stage:
         problems.append(f"ZeRO stage: checkpoint {meta['zero_stage']}, this run {zero_stage}: relaunch with "
                         f"--zero {meta['zero_stage']} (train.zero_stage={meta['zero_stage']})")
-    differing = differences(meta["config_identity"], config_identity)
+    differing = differences(meta["config_identity"], config_identity, defaults=identity_defaults)
     newer = sorted(key for key, (saved, _) in differing.items() if saved == ABSENT)
-    if newer:   # options added after the checkpoint was written: no setting makes the two runs the same
+    if newer:   # keys added after the checkpoint was written that have no default: no setting makes the runs equal
         problems.append(f"the checkpoint was written by an older varitok, before the options {', '.join(newer)} "
                         f"existed: this version cannot resume it. Start a new run.dir (or resume with the "
                         f"varitok version that wrote it)")
@@ -461,7 +464,8 @@ def _fsync_tree(root: Path) -> None:
 class CheckpointManager:
     """Saves and resumes a run's checkpoints; every method is called on every rank.
 
-    ``config_identity`` is what must match to resume (e.g. the model / loss / data config sections);
+    ``config_identity`` is what must match to resume (e.g. the model / loss / data config sections), a key the
+    checkpoint lacks comparing as its ``identity_defaults`` value (see :func:`check_compatible`);
     ``stage`` and ``model_class`` ("module:Class", default from :data:`MODEL_CLASSES`) tell
     ``varitok export`` how to rebuild the model. ``num_workers`` (loader workers per process) is recorded
     in the layout. ``universal`` writes the world-size-independent copy of ZeRO-1/2/3 states beside each
@@ -471,8 +475,9 @@ class CheckpointManager:
     """
 
     def __init__(self, run_dir: str | os.PathLike, accelerator, keep_last: int, config_identity: Mapping[str, Any],
-                 *, stage: Optional[str] = None, model_class: Optional[str] = None,
-                 num_workers: Optional[int] = None, universal: bool = True, allow_new_global_batch: bool = False):
+                 *, identity_defaults: Optional[Mapping[str, Any]] = None, stage: Optional[str] = None,
+                 model_class: Optional[str] = None, num_workers: Optional[int] = None, universal: bool = True,
+                 allow_new_global_batch: bool = False):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.run_dir = Path(run_dir)
@@ -480,6 +485,7 @@ class CheckpointManager:
         self.accelerator = accelerator
         self.keep_last = keep_last
         self.config_identity = json.loads(json.dumps(dict(config_identity)))  # plain JSON types, compared as saved
+        self.identity_defaults = json.loads(json.dumps(dict(identity_defaults or {})))
         self.stage = stage
         self.model_class = model_class or MODEL_CLASSES.get(stage or "")
         self.num_workers = num_workers
@@ -640,7 +646,8 @@ class CheckpointManager:
             return 0
         meta = read_meta(path)
         check_compatible(meta, self.world_size, self.zero_stage, self.config_identity,
-                         grad_accum=self.layout["grad_accum"], allow_new_global_batch=self.allow_new_global_batch)
+                         grad_accum=self.layout["grad_accum"], allow_new_global_batch=self.allow_new_global_batch,
+                         identity_defaults=self.identity_defaults)
         saved = layout_of(meta)
         regrouped = saved["world_size"] != self.world_size
         acc = self.accelerator

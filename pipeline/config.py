@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterable, Mapping, Optional, TypeVar
 
 from data.files import atomic_write
+from data.identity import flatten
 from models.config import ConfigBase, ConfigError, check_choice
 from pipeline.precision import PRECISIONS
 
@@ -139,6 +140,13 @@ class StageConfig(ConfigBase):
         for section, more in (facts or {}).items():
             values.setdefault(section, {}).update(more)
         return values
+
+    @classmethod
+    def identity_defaults(cls) -> dict[str, Any]:
+        """The schema's default of every :meth:`resume_identity` key (``{dotted key: value}``): what a checkpoint
+        written before an option existed is compared as, since an option's default keeps the behaviour from before
+        it (``data.identity.differences``)."""
+        return flatten(cls().resume_identity())
 
 
 def _section_rank(name: str) -> tuple[int, str]:

@@ -251,7 +251,7 @@ def prepare(cfg: GeneratorStageConfig, resume: Optional[str]) -> Prepared:
     if checkpoint is not None:
         meta = read_meta(checkpoint)
         # The ZeRO stage is only known once the accelerator exists: CheckpointManager.resume checks it.
-        check_compatible(meta, world_size, meta["zero_stage"], identity)
+        check_compatible(meta, world_size, meta["zero_stage"], identity, identity_defaults=cfg.identity_defaults())
     layout = resume_layout(meta, world_size, cfg.train)
     cfg.train.grad_accum = layout.grad_accum
     return Prepared(reader, identity, layout)
@@ -281,7 +281,8 @@ def train(cfg: GeneratorStageConfig, prepared: Prepared, resume: Optional[str] =
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ema = EMA(accelerator.unwrap_model(model), cfg.train.ema_decay, warmup=True) if cfg.train.ema_decay > 0 else None
     ckpt = CheckpointManager(run_dir, accelerator, cfg.train.keep_last, prepared.identity, stage="generator",
-                             num_workers=cfg.data.num_workers, allow_new_global_batch=cfg.train.allow_new_global_batch)
+                             identity_defaults=cfg.identity_defaults(), num_workers=cfg.data.num_workers,
+                             allow_new_global_batch=cfg.train.allow_new_global_batch)
     step = start = ckpt.resume(resume, ema=ema, extra={"stream": stream})
     log = MetricsLog(accelerator, run_dir)
     changed = layout_change(ckpt.resumed_layout, ckpt.layout, step, f"{cfg.data.max_tokens} tokens")

@@ -149,7 +149,7 @@ def prepare(cfg: TokenizerStageConfig, resume: Optional[str]) -> Prepared:
     if checkpoint is not None:
         meta = read_meta(checkpoint)
         # The ZeRO stage is only known once the accelerator exists: CheckpointManager.resume checks it.
-        check_compatible(meta, world_size, meta["zero_stage"], identity)
+        check_compatible(meta, world_size, meta["zero_stage"], identity, identity_defaults=cfg.identity_defaults())
         saved_stream = _saved_stream_state(checkpoint)
     layout = resume_layout(meta, world_size, cfg.train)
     cfg.train.grad_accum = layout.grad_accum
@@ -223,7 +223,8 @@ def train(cfg: TokenizerStageConfig, prepared: Prepared, resume: Optional[str] =
         teacher.to(accelerator.device)
     ema = EMA(unwrapped.tokenizer, cfg.train.ema_decay, warmup=True) if cfg.train.ema_decay > 0 else None
     ckpt = CheckpointManager(run_dir, accelerator, cfg.train.keep_last, prepared.identity, stage="tokenizer",
-                             num_workers=cfg.data.num_workers, allow_new_global_batch=cfg.train.allow_new_global_batch)
+                             identity_defaults=cfg.identity_defaults(), num_workers=cfg.data.num_workers,
+                             allow_new_global_batch=cfg.train.allow_new_global_batch)
     resumable = _StreamResume(stream, cfg.train.allow_new_global_batch)
     step = start_step = ckpt.resume(resume, ema=ema, extra={"stream": resumable})
     log = MetricsLog(accelerator, run_dir)

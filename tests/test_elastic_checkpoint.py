@@ -298,6 +298,20 @@ def test_check_compatible_names_options_the_checkpoint_predates_apart_from_chang
     assert "config differs" not in str(info.value)
 
 
+def test_an_option_the_checkpoint_predates_resumes_at_its_default_and_is_named_when_set():
+    from pipeline.stages import TokenizerStageConfig
+    cfg = TokenizerStageConfig()
+    older = cfg.resume_identity()
+    del older["model"]["router"]["entropy_prior"]          # written before the option existed
+    meta = {"world_size": 1, "zero_stage": 0, "config_identity": older}
+    defaults = TokenizerStageConfig.identity_defaults()
+    assert defaults["model.router.entropy_prior"] == 0.0
+    check_compatible(meta, 1, 0, cfg.resume_identity(), identity_defaults=defaults)
+    cfg.model.router.entropy_prior = 3.0
+    with pytest.raises(ResumeError, match=r"config differs \(model.router.entropy_prior: checkpoint 0.0, this run 3"):
+        check_compatible(meta, 1, 0, cfg.resume_identity(), identity_defaults=defaults)
+
+
 
 class _Untrained(torch.nn.Module):
     """A trained weight, a frozen parameter and a persistent buffer: what the universal loader leaves behind."""

@@ -15,6 +15,16 @@ def test_differences_lists_changed_added_and_removed_keys_sorted():
     assert differences(saved, saved) == {}
 
 
+def test_a_key_the_saved_state_lacks_compares_as_its_default():
+    saved = {"model": {"width": 64}}            # saved before model.prior existed
+    defaults = {"model.width": 32, "model.prior": 0.0, "model.unused": 1}
+    assert differences(saved, {"model": {"width": 64, "prior": 0.0}}, defaults=defaults) == {}
+    assert differences(saved, {"model": {"width": 64, "prior": 3.0}}, defaults=defaults) == {"model.prior": (0.0, 3.0)}
+    # a saved value wins over the default; a key without a default is still absent; nothing current lacks is added
+    assert differences(saved, {"model": {"width": 32, "new": 1}}, defaults=defaults) == {
+        "model.new": (ABSENT, 1), "model.width": (64, 32)}
+
+
 def test_only_compares_the_named_keys():
     saved = {"seed": 0, "epoch": 3, "position": 7}
     assert differences(saved, {"seed": 0, "epoch": 9}, only=("seed",)) == {}

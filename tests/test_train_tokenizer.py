@@ -261,6 +261,29 @@ def test_resume_with_other_config_or_world_size_fails_before_training(runs, caps
     assert "world size" not in result.stderr
 
 
+def test_a_checkpoint_older_than_an_option_resumes_with_the_option_at_its_default(runs, tmp_path, capsys):
+    """A checkpoint whose config identity predates ``model.router.entropy_prior`` (deleted from its meta.json,
+    checksums rewritten) is compared as if it had the default: only real differences are refused."""
+    import shutil
+
+    from pipeline.checkpoint import complete_checkpoints, write_checksums
+    from pipeline.cli import main
+
+    run_dir = tmp_path / "older"
+    shutil.copytree(runs["dirs"]["zero2"], run_dir)
+    for _, step in complete_checkpoints(run_dir):
+        meta = json.loads((step / "meta.json").read_text())
+        del meta["config_identity"]["model"]["router"]["entropy_prior"]
+        (step / "meta.json").write_text(json.dumps(meta))
+        write_checksums(step)
+    pair = [f"data.shards={runs['shards']}", *PAIR, f"run.dir={run_dir}"]
+    assert main(["train-tokenizer", "--config", "tiny", *pair, "optim.lr=5e-4"]) == 2
+    err = capsys.readouterr().err
+    assert "config differs (optim.lr: checkpoint 0.001, this run 0.0005)" in err and "older varitok" not in err
+    assert main(["train-tokenizer", "--config", "tiny", *pair, "model.router.entropy_prior=3"]) == 2
+    assert "config differs (model.router.entropy_prior: checkpoint 0.0, this run 3.0)" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ in-process
 @pytest.mark.parametrize("overrides, message", [
     (["data.shards=' '"], "data.shards is empty"),
