@@ -21,7 +21,9 @@ Quantizer ablations, trained only when named in ``--models``: ``dqfq-nodis`` (wi
 term, tiny.yaml's 0.1; there are no teachers), ``dqfq-ema`` / ``dqfq75-ema`` (EMA codebook updates + dead-code
 restart, DQ-VAE's quantizer), ``dqfq-km`` (k-means codebook init from the first batch); router ablations
 ``learn25p`` / ``learn50p`` / ``learn50p3`` (the learned router with ``entropy_prior`` 1 / 1 / 3; results:
-``benchmarks/results/quality-router/``).
+``benchmarks/results/quality-router/``); the protocol's ceilings ``ceil-sphere`` / ``ceil-cont`` (the reference
+without its quantizer: unit-norm or raw latents reach the decoder unsnapped; results:
+``benchmarks/results/quality-ceiling/``).
 
 varitok models take their quantizer, router and loss settings from ``configs/tokenizer/tiny.yaml`` (the widths,
 factors, K and router mode from the study), so the study measures the shipped defaults. Losses: L1 + the
@@ -88,6 +90,7 @@ class ModelSpec:
     eval_ratios: tuple[float, ...] = ()    # entropy: evaluated at each; learned: the one target
     teachers: bool = False                 # the demo's random-weight teachers (K = 3)
     quantizer: tuple[tuple[str, Any], ...] = ()   # overrides of tiny.yaml's model.quantizer (key, value)
+    #                                               (router "reference": ReferenceVQ keyword arguments)
     router_options: tuple[tuple[str, Any], ...] = ()   # ... and of model.router
 
 
@@ -122,6 +125,11 @@ EXTRA_SPECS = (
               train_ratios=(0.5,), eval_ratios=(0.5,), router_options=ENTROPY_PRIOR),
     ModelSpec("learn50p3", "F8/F16 learned router with entropy prior 3, K=1", (8, 16), router="learned",
               train_ratios=(0.5,), eval_ratios=(0.5,), router_options=(("entropy_prior", 3.0),)),
+    # quantizer: ReferenceVQ's own keyword arguments for router="reference"
+    ModelSpec("ceil-sphere", "ceiling: the reference without quantizer, unit-norm latents", router="reference",
+              quantizer=(("latent", "sphere"),)),
+    ModelSpec("ceil-cont", "ceiling: the reference without quantizer, raw latents", router="reference",
+              quantizer=(("latent", "continuous"),)),
 )
 
 
@@ -192,14 +200,14 @@ def build_config(spec: ModelSpec, args: argparse.Namespace, quantiles: Sequence[
     return TokenizerConfig.from_dict(model)
 
 
-def build_reference(args: argparse.Namespace) -> ReferenceVQ:
+def build_reference(args: argparse.Namespace, **options: Any) -> ReferenceVQ:
     encoder = EncoderConfig(ch=args.width, ch_mult=CHANNEL_MULT[:4], num_res_blocks=1, attn_resolutions=[],
                             resolution=args.image_size)
     decoder_values = tiny_model_section()["decoder"]
     decoder = DecoderConfig(ch=args.width, ch_mult=CHANNEL_MULT[:4], num_res_blocks=1, attn_resolutions=[],
                             resolution=args.image_size, fourier_bands=decoder_values["fourier_bands"],
                             pos_grid=args.image_size // 8)
-    return ReferenceVQ(encoder, decoder, args.z_channels, 8, args.codebook_size)
+    return ReferenceVQ(encoder, decoder, args.z_channels, 8, args.codebook_size, **options)
 
 
 def train_together(specs: Sequence[ModelSpec], models: Sequence[torch.nn.Module], cache: torch.Tensor,
@@ -282,6 +290,8 @@ def evaluate(model: torch.nn.Module, cache: torch.Tensor, batch_size: int, num_e
             lengths += [c.codes.shape[0] for c in codes]
             grains.append(torch.stack([c.grain.long() for c in codes]))
         recs.append(rec.clamp(-1, 1))
+        if isinstance(model, ReferenceVQ) and model.latent != "vq":
+            continue    # a ceiling model has no codes to count
         sizes = model.codebook_sizes if isinstance(model, Tokenizer) else [model.codebook.shape[0]]
         counts = torch.stack([torch.bincount(stacked[:, k], minlength=size)[:size] for k, size in enumerate(sizes)]
                              ) if len(set(sizes)) == 1 else None
@@ -326,7 +336,7 @@ def run_seed(seed: int, specs: Sequence[ModelSpec], train_cache: torch.Tensor, t
     for spec in specs:
         torch.manual_seed(seed)
         if spec.router == "reference":
-            models.append(build_reference(args))
+            models.append(build_reference(args, **dict(spec.quantizer)))
             continue
         model = Tokenizer(build_config(spec, args, quantiles, teachers_cfg))
         if spec.teachers:
@@ -384,6 +394,9 @@ def margins(per_seed: Sequence[dict[str, dict]], specs: Sequence[ModelSpec]) -> 
         for name in (n for n in points if n.startswith("dqfq") and not n.endswith("random")):
             if "ref" in names:
                 add(f"{name}_minus_ref", points[name]["psnr"] - points["ref"]["psnr"])
+        for name in ("ceil-sphere", "ceil-cont"):
+            if {name, "ref"} <= names:
+                add(f"{name}_minus_ref", points[name]["psnr"] - points["ref"]["psnr"])
         if {"f16k2", "f16"} <= names:
             add("claim2_k2_minus_k1", points["f16k2"]["psnr"] - points["f16"]["psnr"])
         for name in (n for n in adaptive_points(specs) if n in points):
@@ -430,6 +443,8 @@ def plot_psnr_vs_codes(points: dict[str, dict], labels: dict[str, str], path: Pa
     if "ref" in points:
         ax.axhline(points["ref"]["psnr"]["mean"], color="grey", ls="--", lw=1, label="reference VQ F8 (PSNR)")
     errorbar(["ref"], "*", "black", labels.get("ref", "ref"))
+    errorbar(["ceil-sphere"], "^", "#999999", labels.get("ceil-sphere"))
+    errorbar(["ceil-cont"], "v", "#999999", labels.get("ceil-cont"))
     errorbar(["f16", "f8"], "-o", "#444444", "varitok fixed F16 -> F8 (K=1)")
     errorbar(["f16k2"], "s", "#2a9d8f", "fixed F16, K=2")
     colors = {"ent": "#e76f51", "learn25": "#8338ec", "learn50": "#3a86ff", "dqfq": "#264653", "dqfq3": "#f4a261",
@@ -505,7 +520,8 @@ def write_markdown(record: dict, labels: dict[str, str], path: Path) -> None:
         usage = " / ".join(f"{u:.0%}" for u in p["usage"])
         lines.append(f"| {labels.get(name, name)} | {p['codes_per_image']['mean']:.1f} | {_pm(p['psnr'])} | "
                      f"{_pm(p['retrieval'], 1, True)} | {fine} | {usage} |")
-    lines += ["", "| target | value | condition | met |", "|---|---|---|---|"]
+    if record["targets"]:
+        lines += ["", "| target | value | condition | met |", "|---|---|---|---|"]
     for name, t in record["targets"].items():
         extra = f" (mean {t['mean']:+.3f}, std {t['std']:.3f})" if "mean" in t else ""
         lines.append(f"| {name} | {t['value']:+.3f}{extra} | {t['target']} | {'yes' if t['met'] else 'NO'} |")

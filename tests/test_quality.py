@@ -36,7 +36,8 @@ def test_study_writes_consistent_json_table_and_plots(study):
                            "learn25", "learn25 random", "learn50", "learn50 random", "dqfq", "dqfq random", "dqfq3",
                            "dqfq3 random", "dqfq-nodis", "dqfq-nodis random", "dqfq-ema", "dqfq-ema random", "dqfq-km",
                            "dqfq-km random", "dqfq75", "dqfq75 random", "dqfq75-ema", "dqfq75-ema random", "learn25p",
-                           "learn25p random", "learn50p", "learn50p random", "learn50p3", "learn50p3 random"}
+                           "learn25p random", "learn50p", "learn50p random", "learn50p3", "learn50p3 random",
+                           "ceil-sphere", "ceil-cont"}
     # 32px: the F16 grid is 2 x 2 (4 codes), the F8 grid 4 x 4 (16 codes); two-level maps lie in between.
     codes = {name: p["codes_per_image"]["mean"] for name, p in points.items()}
     assert codes["f16"] == codes["f16k2"] == 4 and codes["f8"] == codes["ref"] == 16
@@ -46,8 +47,10 @@ def test_study_writes_consistent_json_table_and_plots(study):
         assert codes[f"{name} random"] == codes[name]
         assert 0 <= points[name]["fine_share"]["mean"] <= 1
     assert codes["ent@0.25"] <= codes["ent@0.5"]
+    assert codes["ceil-sphere"] == codes["ceil-cont"] == 16
     for name, point in points.items():
-        k = 3 if name.startswith("dqfq3") else 2 if name.startswith(("f16k2", "dqfq")) else 1
+        k = 3 if name.startswith("dqfq3") else 2 if name.startswith(("f16k2", "dqfq")) else 0 if name.startswith(
+            "ceil") else 1
         assert len(point["usage"]) == k and all(0 < u <= 1 for u in point["usage"])
         assert point["psnr"]["n"] == 2 and math.isfinite(point["psnr"]["mean"]) and point["psnr"]["std"] >= 0
         assert 0 <= point["retrieval"]["mean"] <= 1
@@ -63,7 +66,11 @@ def test_study_writes_consistent_json_table_and_plots(study):
     assert figures["steps"] == 2
     assert set(figures["train_seconds"]) == {s.name for s in quality.SPECS + quality.EXTRA_SPECS}
 
+    for name in ("ceil-sphere", "ceil-cont"):   # the ceilings are margins over the reference, not targets
+        gap = [r["points"][name]["psnr"] - r["points"]["ref"]["psnr"] for r in figures["per_seed"]]
+        assert figures["margins_db"][f"{name}_minus_ref"]["mean"] == pytest.approx(sum(gap) / 2, abs=1e-3)
     targets = record["targets"]
+    assert not any("ceil" in key for key in targets)
     gaps = [r["points"]["f8"]["psnr"] - r["points"]["ref"]["psnr"] for r in figures["per_seed"]]
     assert targets["varitok_f8_k1_minus_reference_db"]["value"] == pytest.approx(sum(gaps) / 2, abs=1e-3)
     claim2 = targets["claim2_k2_minus_k1_mean_minus_2std_db"]
@@ -89,8 +96,8 @@ def test_study_writes_consistent_json_table_and_plots(study):
     assert all(f"| {name} |" in table for name in targets)
 
     with Image.open(out / "quality_examples.png") as grid:
-        # 3 held-out rows, original + 18 non-random points as columns, each 32px with a 2px pad on both sides
-        assert grid.size == (19 * 36, 3 * 36)
+        # 3 held-out rows, original + 20 non-random points as columns, each 32px with a 2px pad on both sides
+        assert grid.size == (21 * 36, 3 * 36)
     with Image.open(out / "quality_psnr_vs_codes.png") as plot:
         assert plot.size[0] > 300
 
@@ -104,6 +111,28 @@ def test_default_models_are_the_study_without_the_ablations():
         s.name for s in quality.SPECS if not s.teachers]
     with pytest.raises(SystemExit):
         quality.parse_args(["--images", "x", "--models", "nope"])
+
+
+def test_ceiling_reference_decodes_its_latents_unsnapped():
+    from models.tokenizer.reference import ReferenceVQ
+
+    torch.manual_seed(0)
+    args = quality.parse_args(["--images", "x", "--image-size", "32", "--width", "8", "--z-channels", "16"])
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    vq = quality.build_reference(args)
+    raw = vq.quant_conv(vq.encoder(images)[0])
+    for latent, expected in (("sphere", torch.nn.functional.normalize(raw, dim=1)), ("continuous", raw)):
+        model = quality.build_reference(args, latent=latent)
+        model.load_state_dict(vq.state_dict())
+        q, indices, losses = model.quantize(images)
+        torch.testing.assert_close(q, expected)
+        assert losses == {} and indices.shape == (2, 4, 4) and not indices.any()
+    snapped, indices, losses = vq.quantize(images)    # the reference itself: every latent is its codebook row
+    codes = torch.nn.functional.normalize(vq.codebook, dim=-1)
+    torch.testing.assert_close(snapped.permute(0, 2, 3, 1), codes[indices])
+    assert set(losses) == {"codebook", "commitment"}
+    with pytest.raises(ValueError, match="latent must be one of"):
+        ReferenceVQ(None, None, 16, 8, 32, latent="fsq")
 
 
 def test_identity_retrieval_and_psnr_by_hand():

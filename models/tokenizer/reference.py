@@ -4,7 +4,9 @@
 (so widths and depth match the tokenizer it is compared with), then LlamaGen's recipe: a 1x1 conv to the code
 dim, l2-normalised inputs and codes, one codebook initialised ``U(-1/V, 1/V)``, nearest code by cosine,
 straight-through estimator, codebook loss ``mean ||q - sg(u)||^2`` + ``beta * mean ||sg(q) - u||^2``, no entropy
-term, no router, no adapters.
+term, no router, no adapters. ``latent="sphere"`` / ``"continuous"`` drop the quantizer (the l2-normalised
+latents, or the raw ones, go to the decoder unsnapped, no VQ losses): the ceiling a cosine-codebook tokenizer, or
+the autoencoder itself, reaches at the same widths, data and steps.
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ from torch import nn
 from models.tokenizer.decoder import Decoder, DecoderConfig
 from models.tokenizer.encoder import Encoder, EncoderConfig
 
-__all__ = ["ReferenceVQ", "identity_retrieval", "psnr_per_image"]
+__all__ = ["LATENTS", "ReferenceVQ", "identity_retrieval", "psnr_per_image"]
+
+LATENTS = ("vq", "sphere", "continuous")   # snapped to the codebook | unit-norm, unsnapped | raw
 
 
 class ReferenceVQ(nn.Module):
@@ -23,8 +27,11 @@ class ReferenceVQ(nn.Module):
     like :meth:`Tokenizer.forward` (losses ``codebook`` and ``commitment``, already weighted)."""
 
     def __init__(self, encoder: EncoderConfig, decoder: DecoderConfig, z_channels: int, factor: int,
-                 codebook_size: int, code_dim: int = 8, beta: float = 0.25) -> None:
+                 codebook_size: int, code_dim: int = 8, beta: float = 0.25, latent: str = "vq") -> None:
         super().__init__()
+        if latent not in LATENTS:
+            raise ValueError(f"latent must be one of {LATENTS}, got {latent!r}")
+        self.latent = latent
         self.encoder = Encoder(encoder, [factor], z_channels)
         self.quant_conv = nn.Conv2d(z_channels, code_dim, 1)
         self.codebook = nn.Parameter(torch.empty(codebook_size, code_dim).uniform_(-1 / codebook_size,
@@ -33,9 +40,13 @@ class ReferenceVQ(nn.Module):
         self.beta = beta
 
     def quantize(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """-> (q B x D x h x w straight-through, indices B x h x w, losses)."""
+        """-> (q B x D x h x w straight-through, indices B x h x w, losses); without a quantizer (``latent``
+        sphere / continuous) the latents themselves, indices all 0 and no losses."""
         u = self.quant_conv(self.encoder(images)[0]).float()
         batch, dim, height, width = u.shape
+        if self.latent != "vq":
+            q = F.normalize(u, dim=1) if self.latent == "sphere" else u
+            return q, torch.zeros(batch, height, width, dtype=torch.long, device=u.device), {}
         u = F.normalize(u.permute(0, 2, 3, 1).reshape(-1, dim), dim=-1)
         codes = F.normalize(self.codebook.float(), dim=-1)
         with torch.no_grad():
