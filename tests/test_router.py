@@ -317,3 +317,17 @@ def test_entropy_prior_adds_level_times_region_entropy_to_the_learned_logits():
     two.eval()
     grain = two([torch.randn(4, 4, 4, 4), torch.randn(4, 4, 8, 8)], images).grain
     assert torch.equal(grain, (entropy > median).long())       # the higher-entropy half coded fine
+    # the same under bf16 autocast (a GPU run's precision, run on the CPU): the prior and the decision stay fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grain = two([torch.randn(4, 4, 4, 4), torch.randn(4, 4, 8, 8)], images).grain
+    assert torch.equal(grain, (entropy > median).long())
+    two.train()
+    features = [torch.randn(4, 4, 4, 4, requires_grad=True), torch.randn(4, 4, 8, 8, requires_grad=True)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = two.logits(features, images)
+        out = two(features, images)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits[:, 1] - logits[:, 0], 2.0 * entropy)   # silent MLP: the prior exactly
+    out.budget.backward()
+    grads = [p.grad for p in two.mlp.parameters()]
+    assert all(g is not None and g.isfinite().all() for g in grads) and any(g.abs().sum() > 0 for g in grads)

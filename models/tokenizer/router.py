@@ -201,7 +201,8 @@ class Router(nn.Module):
             self.tau = cfg.tau_end + 0.5 * (cfg.tau - cfg.tau_end) * (1 + math.cos(math.pi * progress))
 
     def logits(self, features: list[torch.Tensor], images: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Learned mode: B x G x Hs x Ws logits (without the eval offsets). With ``entropy_prior`` level g's logit
+        """Learned mode: B x G x Hs x Ws fp32 logits (without the eval offsets; fp32 under autocast too, so that
+        the prior and the decision are not rounded to bf16). With ``entropy_prior`` level g's logit
         also gets ``entropy_prior * g * H``, H the region's image entropy in nats (:func:`region_entropy` of
         ``images``, B x 3 x H x W): the router starts out ranking regions as the entropy router does, and the MLP
         learns the correction (a fixed weight: a learnable one would be pulled by the budget, not the ranking)."""
@@ -209,7 +210,7 @@ class Router(nn.Module):
             features = [z.detach() for z in features]
         pooled = [F.avg_pool2d(norm(z), 1 << g) if g else norm(z)
                   for g, (norm, z) in enumerate(zip(self.norms, features))]
-        logits = self.mlp(torch.cat(pooled, dim=1))
+        logits = self.mlp(torch.cat(pooled, dim=1)).float()
         if self.config.entropy_prior > 0:
             if images is None:
                 raise ValueError("a learned router with model.router.entropy_prior > 0 needs the images")
@@ -263,7 +264,7 @@ class Router(nn.Module):
             return self._impose(self._check_grain(grain, (batch, height, width)).to(coarse.device))
         mode = self.config.mode
         if mode == "learned":
-            logits = self.logits(features, images).float()
+            logits = self.logits(features, images)
             eval_shares = None
             if self.training:
                 gates = F.gumbel_softmax(logits, tau=self.tau, hard=True, dim=1)
